@@ -1,0 +1,102 @@
+"""One settings class for every process; environment prefix CLIPSEARCH_, validated at start-up."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from retrieval.errors import ConfigError
+
+ENV_PREFIX = "CLIPSEARCH_"
+IndexKindName = Literal["auto", "flat", "hnsw", "ivf", "ivfpq"]
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "clipsearch"
+
+
+class Settings(BaseSettings):
+    """All configuration. CLI flags are passed as keyword arguments and win over the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    database_url: str | None = None
+    index_dir: Path | None = None
+    model: str = "ViT-B-32"
+    pretrained: str = "laion2b_s34b_b79k"
+    model_config_dir: Path | None = None
+    model_cache_dir: Path | None = None
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    batch_size: int = Field(default=64, ge=1, le=8192)
+    workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=0, le=64)
+    roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    index_kind: IndexKindName = "auto"
+    shard_size: int = Field(default=100_000, ge=1)
+    retire_grace_seconds: float = Field(default=600.0, ge=0)
+    max_image_pixels: int = Field(default=100_000_000, ge=1)
+    hnsw_ef_search: int = Field(default=128, ge=1)
+    ivf_nprobe: int = Field(default=32, ge=1)
+
+    @field_validator("roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        # Accept a JSON list or the shell-friendly "dir1:dir2" (os.pathsep) form.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part for part in text.split(os.pathsep) if part]
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if value.startswith("postgresql://") or value.startswith("postgres://"):
+            # SQLAlchemy would pick psycopg2 for a bare scheme; we ship psycopg 3.
+            return "postgresql+psycopg://" + value.split("://", 1)[1]
+        if not (value.startswith("sqlite") or value.startswith("postgresql+")):
+            raise ValueError("must be a sqlite:/// or postgresql:// URL")
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'catalog.db'}"
+
+    @property
+    def resolved_index_dir(self) -> Path:
+        return self.index_dir or self.data_dir / "index"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment plus explicit overrides (None means "not given").
+
+    Raises ConfigError naming the environment variable of the first bad value.
+    """
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        setting = ENV_PREFIX + field.upper()
+        raise ConfigError(setting, f"{first['msg']} (got {first.get('input')!r})") from None

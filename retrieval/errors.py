@@ -1,0 +1,89 @@
+"""Domain exceptions. Each carries fields, so the API and CLI can map them in one place."""
+
+from __future__ import annotations
+
+
+class ClipsearchError(Exception):
+    """Base class: every error the core raises on purpose."""
+
+    code = "error"
+
+
+class ConfigError(ClipsearchError):
+    """A setting has a bad value; `setting` names the environment variable."""
+
+    code = "bad_setting"
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"Invalid setting {setting}: {message}")
+        self.setting = setting
+
+
+class ImageError(ClipsearchError):
+    """An image could not be decoded safely.
+
+    `reason` is a stable code: truncated, not_an_image, too_large, unsupported_format,
+    empty, unreadable, decode_failed.
+    """
+
+    code = "bad_image"
+
+    def __init__(self, reason: str, detail: str, path: str | None = None) -> None:
+        where = f"{path}: " if path else ""
+        super().__init__(f"{where}{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.path = path
+
+
+class WeightsUnavailable(ClipsearchError):
+    """The model weights are neither cached nor downloadable; the message says what to do."""
+
+    code = "weights_unavailable"
+
+
+class ModelMismatch(ClipsearchError):
+    """The configured model is not the one the index was built with."""
+
+    code = "model_mismatch"
+
+    def __init__(self, configured: str, indexed: str) -> None:
+        super().__init__(
+            f"The configured model ({configured}) differs from the model the index was "
+            f"built with ({indexed}). Configure the index's model, or re-index into a new "
+            "index directory and database to switch models."
+        )
+        self.configured = configured
+        self.indexed = indexed
+
+
+class IndexLocked(ClipsearchError):
+    """Another indexer holds the single-writer lock."""
+
+    code = "index_locked"
+
+    def __init__(self, lock_path: str, holder: str) -> None:
+        super().__init__(
+            f"Another indexer is already running ({holder}); lock file {lock_path}. "
+            "Wait for it to finish; the lock is released automatically when it exits."
+        )
+        self.lock_path = lock_path
+        self.holder = holder
+
+
+class NotFound(ClipsearchError):
+    """A thing that was asked for by id or name does not exist."""
+
+    code = "not_found"
+
+
+class CorruptShard(ClipsearchError):
+    """A shard's files do not match its shard.json (size, checksum or count)."""
+
+    code = "corrupt_shard"
+
+
+class EmptyIndex(ClipsearchError):
+    """A search was asked of an index that has no vectors yet."""
+
+    code = "empty_index"
