@@ -87,3 +87,9 @@ class EmptyIndex(ClipsearchError):
     """A search was asked of an index that has no vectors yet."""
 
     code = "empty_index"
+
+
+class BadQuery(ClipsearchError):
+    """A query the service refuses: empty text, k out of range, and so on."""
+
+    code = "bad_query"

@@ -1,0 +1,528 @@
+"""The metadata catalog (SQLite or Postgres). Its transaction is the single commit point."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from retrieval.errors import NotFound
+
+ACTIVE, DELETED, ERROR = "active", "deleted", "error"
+# SQLite caps bound parameters per statement; chunk large id lists below it.
+_CHUNK = 5000
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ShardRow(Base):
+    __tablename__ = "shards"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    count: Mapped[int] = mapped_column(Integer)
+    dim: Mapped[int] = mapped_column(Integer)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    model_key: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    generation: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=ACTIVE, index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    retired_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+
+    # Ids are assigned by the (single) writer, not by a sequence: a Postgres sequence
+    # is not rolled back with a killed transaction, and a re-run after a crash must
+    # give exactly the ids a clean run would have given.
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    format: Mapped[str | None] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    error_reason: Mapped[str | None] = mapped_column(String(32))
+    error_detail: Mapped[str | None] = mapped_column(Text)
+    shard_id: Mapped[str | None] = mapped_column(ForeignKey("shards.id"), index=True)
+    indexed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        # One live row per path; deleted rows (tombstones) keep their old path.
+        Index(
+            "ix_images_live_path",
+            "path",
+            unique=True,
+            sqlite_where=text("status != 'deleted'"),
+            postgresql_where=text("status != 'deleted'"),
+        ),
+    )
+
+
+class IndexJobRow(Base):
+    __tablename__ = "index_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    pid: Mapped[int] = mapped_column(Integer)
+    host: Mapped[str] = mapped_column(String(255))
+    roots: Mapped[list[str]] = mapped_column(JSON, default=list)
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    generation: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class IndexStateRow(Base):
+    __tablename__ = "index_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    model: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    model_key: Mapped[str | None] = mapped_column(String(32))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One catalog row as plain data."""
+
+    id: int
+    path: str
+    sha256: str | None
+    size: int
+    mtime_ns: int
+    status: str
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    error_reason: str | None = None
+    error_detail: str | None = None
+    shard_id: str | None = None
+    indexed_at: dt.datetime | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "path": self.path,
+            "sha256": self.sha256,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "status": self.status,
+            "width": self.width,
+            "height": self.height,
+            "format": self.format,
+            "error_reason": self.error_reason,
+            "error_detail": self.error_detail,
+            "shard_id": self.shard_id,
+            "indexed_at": self.indexed_at or utcnow(),
+        }
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    id: str
+    kind: str
+    count: int
+    dim: int
+    params: dict[str, Any]
+    model_key: str
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class IndexState:
+    generation: int
+    model: dict[str, Any] | None
+
+
+@dataclass
+class GenerationCommit:
+    """Everything one commit changes; applied in one transaction by Catalog.commit.
+
+    Order inside the transaction matters for the live-path unique index: tombstones
+    first, then moves, then new rows.
+    """
+
+    model: dict[str, Any]
+    new_shards: list[ShardRecord] = field(default_factory=list)
+    tombstones: list[int] = field(default_factory=list)
+    moves: list[tuple[int, str, int, int]] = field(default_factory=list)  # id, path, size, mtime
+    touches: list[tuple[int, int, int]] = field(default_factory=list)  # id, size, mtime_ns
+    upserts: list[ImageRecord] = field(default_factory=list)
+    reassign: list[tuple[int, str]] = field(default_factory=list)  # id -> shard (compaction)
+    retire_shards: list[str] = field(default_factory=list)
+    purge_ids: list[int] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (
+            self.new_shards
+            or self.tombstones
+            or self.moves
+            or self.touches
+            or self.upserts
+            or self.reassign
+            or self.retire_shards
+            or self.purge_ids
+        )
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _like_prefix(root: str) -> str:
+    escaped = root.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.rstrip("/") + "/%"
+
+
+def _record(row: ImageRow) -> ImageRecord:
+    return ImageRecord(
+        id=row.id,
+        path=row.path,
+        sha256=row.sha256,
+        size=row.size,
+        mtime_ns=row.mtime_ns,
+        status=row.status,
+        width=row.width,
+        height=row.height,
+        format=row.format,
+        error_reason=row.error_reason,
+        error_detail=row.error_detail,
+        shard_id=row.shard_id,
+        indexed_at=row.indexed_at,
+    )
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            # WAL lets the API read while the indexer writes; the busy timeout makes a
+            # writer wait for a lock instead of failing at once.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Catalog:
+    """Typed access to the catalog tables. One instance per process, built in a factory."""
+
+    def __init__(self, url: str, engine: Engine | None = None) -> None:
+        self.url = url
+        self.engine = engine or make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def upgrade(self) -> None:
+        """Bring the schema to the newest migration (idempotent)."""
+        from retrieval.migrate import upgrade_database
+
+        upgrade_database(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # --- state -------------------------------------------------------------------
+    def state(self) -> IndexState:
+        with self.session() as session:
+            row = session.get(IndexStateRow, 1)
+            if row is None:
+                return IndexState(generation=0, model=None)
+            return IndexState(generation=row.generation, model=row.model)
+
+    def generation(self) -> int:
+        with self.engine.connect() as conn:
+            value = conn.execute(select(IndexStateRow.generation).where(IndexStateRow.id == 1))
+            return int(value.scalar() or 0)
+
+    def max_image_id(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.max(ImageRow.id))).scalar() or 0)
+
+    # --- shards ------------------------------------------------------------------
+    def shards(self, status: str | None = ACTIVE) -> list[ShardRow]:
+        with self.session() as session:
+            query = select(ShardRow).order_by(ShardRow.created_at, ShardRow.id)
+            if status is not None:
+                query = query.where(ShardRow.status == status)
+            return list(session.scalars(query))
+
+    def known_shard_ids(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return set(conn.execute(select(ShardRow.id)).scalars())
+
+    def retired_before(self, cutoff: dt.datetime) -> list[str]:
+        with self.session() as session:
+            rows = session.scalars(
+                select(ShardRow.id).where(
+                    ShardRow.status == "retired", ShardRow.retired_at <= cutoff
+                )
+            )
+            return list(rows)
+
+    def forget_shards(self, shard_ids: Iterable[str]) -> None:
+        """Drop rows of retired shards whose files are gone."""
+        ids = list(shard_ids)
+        with self.session() as session:
+            for chunk in _chunks(ids):
+                session.execute(
+                    delete(ShardRow).where(ShardRow.id.in_(chunk), ShardRow.status == "retired")
+                )
+
+    def tombstoned_ids(self) -> np.ndarray:
+        """Ids whose vectors still sit in an active shard but must never be returned."""
+        with self.engine.connect() as conn:
+            ids = conn.execute(
+                select(ImageRow.id).where(ImageRow.status == DELETED, ImageRow.shard_id.is_not(None))
+            ).scalars()
+            return np.fromiter(ids, dtype=np.int64)
+
+    def tombstones_by_shard(self) -> dict[str, np.ndarray]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(ImageRow.shard_id, ImageRow.id).where(
+                    ImageRow.status == DELETED, ImageRow.shard_id.is_not(None)
+                )
+            )
+            grouped: dict[str, list[int]] = {}
+            for shard_id, image_id in rows:
+                grouped.setdefault(shard_id, []).append(image_id)
+        return {key: np.array(sorted(v), dtype=np.int64) for key, v in grouped.items()}
+
+    # --- images ------------------------------------------------------------------
+    def records_under(self, roots: Sequence[str]) -> dict[str, ImageRecord]:
+        """Live (active or error) rows whose path lies under one of the roots, by path."""
+        found: dict[str, ImageRecord] = {}
+        with self.session() as session:
+            for root in roots:
+                query = select(ImageRow).where(
+                    ImageRow.status != DELETED,
+                    ImageRow.path.like(_like_prefix(root), escape="\\"),
+                )
+                for row in session.scalars(query):
+                    found[row.path] = _record(row)
+        return found
+
+    def records_by_sha(self, shas: Iterable[str]) -> dict[str, list[ImageRecord]]:
+        """Rows that still own a stored vector (active, or tombstoned in an active shard)."""
+        wanted = sorted(set(shas))
+        result: dict[str, list[ImageRecord]] = {}
+        with self.session() as session:
+            for chunk in _chunks(wanted):
+                query = (
+                    select(ImageRow)
+                    .where(ImageRow.sha256.in_(chunk), ImageRow.shard_id.is_not(None))
+                    .order_by(ImageRow.id)
+                )
+                for row in session.scalars(query):
+                    result.setdefault(row.sha256 or "", []).append(_record(row))
+        return result
+
+    def records(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
+        wanted = sorted({int(i) for i in ids})
+        result: dict[int, ImageRecord] = {}
+        with self.session() as session:
+            for chunk in _chunks(wanted):
+                for row in session.scalars(select(ImageRow).where(ImageRow.id.in_(chunk))):
+                    result[row.id] = _record(row)
+        return result
+
+    def record(self, image_id: int) -> ImageRecord:
+        found = self.records([image_id])
+        if image_id not in found:
+            raise NotFound(f"No image with id {image_id}.")
+        return found[image_id]
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status))
+            return {status: int(count) for status, count in rows}
+
+    def errors(self, limit: int = 1000) -> list[ImageRecord]:
+        with self.session() as session:
+            query = (
+                select(ImageRow).where(ImageRow.status == ERROR).order_by(ImageRow.path).limit(limit)
+            )
+            return [_record(row) for row in session.scalars(query)]
+
+    # --- the commit point ----------------------------------------------------------
+    def commit(self, change: GenerationCommit) -> int:
+        """Apply one generation in ONE transaction and return the new generation number.
+
+        The shard files named in `change.new_shards` must already be written and fsynced:
+        from the moment this transaction commits, readers may open them.
+        """
+        now = utcnow()
+        with self.session() as session:
+            state = session.get(IndexStateRow, 1, with_for_update=True)
+            if state is None:
+                state = IndexStateRow(id=1, generation=0, updated_at=now)
+                session.add(state)
+                session.flush()
+            generation = state.generation + 1
+            for shard in change.new_shards:
+                session.add(
+                    ShardRow(
+                        id=shard.id,
+                        kind=shard.kind,
+                        count=shard.count,
+                        dim=shard.dim,
+                        params=shard.params,
+                        model_key=shard.model_key,
+                        bytes=shard.bytes,
+                        generation=generation,
+                        status=ACTIVE,
+                        created_at=now,
+                    )
+                )
+            session.flush()
+            for chunk in _chunks(change.tombstones):
+                session.execute(
+                    update(ImageRow)
+                    .where(ImageRow.id.in_(chunk))
+                    .values(status=DELETED, deleted_at=now)
+                )
+            if change.moves:
+                session.execute(
+                    update(ImageRow),
+                    [
+                        {"id": i, "path": p, "size": s, "mtime_ns": m, "indexed_at": now}
+                        for i, p, s, m in change.moves
+                    ],
+                )
+            if change.touches:
+                session.execute(
+                    update(ImageRow),
+                    [{"id": i, "size": s, "mtime_ns": m} for i, s, m in change.touches],
+                )
+            if change.upserts:
+                existing: set[int] = set()
+                upsert_ids = [record.id for record in change.upserts]
+                for chunk in _chunks(upsert_ids):
+                    existing.update(
+                        session.execute(select(ImageRow.id).where(ImageRow.id.in_(chunk))).scalars()
+                    )
+                fresh = [r.to_row() for r in change.upserts if r.id not in existing]
+                again = [r.to_row() for r in change.upserts if r.id in existing]
+                if again:
+                    session.execute(update(ImageRow), again)
+                if fresh:
+                    session.execute(insert(ImageRow), fresh)
+            if change.reassign:
+                session.execute(
+                    update(ImageRow), [{"id": i, "shard_id": s} for i, s in change.reassign]
+                )
+            for chunk in _chunks(change.purge_ids):
+                session.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
+            for chunk in _chunks(change.retire_shards):
+                session.execute(
+                    update(ShardRow)
+                    .where(ShardRow.id.in_(chunk))
+                    .values(status="retired", retired_at=now)
+                )
+            state.generation = generation
+            state.model = change.model
+            state.model_key = change.model.get("key")
+            state.updated_at = now
+        return generation
+
+    # --- jobs --------------------------------------------------------------------
+    def start_job(self, kind: str, roots: Sequence[str]) -> int:
+        now = utcnow()
+        with self.session() as session:
+            # We hold the single-writer lock, so any job still "running" died.
+            session.execute(
+                update(IndexJobRow)
+                .where(IndexJobRow.status == "running")
+                .values(status="killed", finished_at=now)
+            )
+            job = IndexJobRow(
+                kind=kind,
+                status="running",
+                pid=os.getpid(),
+                host=os.uname().nodename,
+                roots=list(roots),
+                stats={},
+                started_at=now,
+            )
+            session.add(job)
+            session.flush()
+            return int(job.id)
+
+    def finish_job(
+        self, job_id: int, status: str, stats: dict[str, Any], generation: int | None, error: str | None = None
+    ) -> None:
+        with self.session() as session:
+            session.execute(
+                update(IndexJobRow)
+                .where(IndexJobRow.id == job_id)
+                .values(
+                    status=status,
+                    stats=stats,
+                    generation=generation,
+                    error=error,
+                    finished_at=utcnow(),
+                )
+            )
+
+    def jobs(self, limit: int = 20) -> list[IndexJobRow]:
+        with self.session() as session:
+            return list(
+                session.scalars(select(IndexJobRow).order_by(IndexJobRow.id.desc()).limit(limit))
+            )

@@ -1,0 +1,230 @@
+"""Query the index: text, image and "more like this", with catalog metadata on each hit."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval.catalog import Catalog
+from retrieval.encoder import Encoder, ModelIdentity
+from retrieval.errors import BadQuery, NotFound
+from retrieval.images import decode_image
+from retrieval.shards import ShardSet
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    path: str
+    score: float
+    width: int | None
+    height: int | None
+    format: str | None
+    indexed_at: dt.datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "path": self.path,
+            "score": round(self.score, 6),
+            "width": self.width,
+            "height": self.height,
+            "format": self.format,
+            "indexed_at": self.indexed_at.isoformat() if self.indexed_at else None,
+        }
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    generation: int
+    model: str
+    took_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "results": [hit.to_dict() for hit in self.hits],
+            "generation": self.generation,
+            "model": self.model,
+            "took_ms": {key: round(value, 3) for key, value in self.took_ms.items()},
+        }
+
+
+@dataclass(frozen=True)
+class IndexSnapshot:
+    """One servable generation: its shards and tombstones, fixed at load time."""
+
+    generation: int
+    shards: ShardSet
+    model: dict[str, Any] | None
+
+    @property
+    def model_name(self) -> str:
+        return str(self.model["name"]) if self.model else "none"
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    max_k: int = 1000
+    max_query_chars: int = 1000
+    ef_search: int = 128
+    nprobe: int = 32
+
+
+class Searcher:
+    """Holds the current snapshot; `refresh` swaps in a new generation atomically."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        index_dir: Path,
+        encoder: Encoder | None,
+        options: SearchOptions | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.index_dir = Path(index_dir)
+        self.encoder = encoder
+        self.options = options or SearchOptions()
+        self._lock = threading.Lock()
+        self._snapshot: IndexSnapshot | None = None
+        self._previous: IndexSnapshot | None = None
+
+    def snapshot(self) -> IndexSnapshot:
+        current = self._snapshot
+        if current is None:
+            self.refresh()
+            current = self._snapshot
+        assert current is not None
+        return current
+
+    def refresh(self, force: bool = False) -> bool:
+        """Load the catalog's current generation if it is newer. Returns True if swapped."""
+        with self._lock:
+            state = self.catalog.state()
+            if (
+                not force
+                and self._snapshot is not None
+                and self._snapshot.generation == state.generation
+            ):
+                return False
+            if self.encoder is not None and state.model:
+                self.encoder.identity.require_same(ModelIdentity.from_dict(state.model))
+            shard_ids = [row.id for row in self.catalog.shards()]
+            shards = ShardSet.open(
+                self.index_dir, shard_ids, deleted_ids=self.catalog.tombstoned_ids()
+            )
+            # Queries in flight keep using the old set; it is closed one swap later.
+            if self._previous is not None:
+                self._previous.shards.close()
+            self._previous = self._snapshot
+            self._snapshot = IndexSnapshot(state.generation, shards, state.model)
+            return True
+
+    def close(self) -> None:
+        for snap in (self._snapshot, self._previous):
+            if snap is not None:
+                snap.shards.close()
+
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.options.max_k:
+            raise BadQuery(f"k must be between 1 and {self.options.max_k} (got {k}).")
+
+    def _require_encoder(self) -> Encoder:
+        if self.encoder is None:
+            raise BadQuery("This searcher was built without an encoder.")
+        return self.encoder
+
+    def search_vector(
+        self,
+        vector: np.ndarray,
+        k: int,
+        *,
+        allowed_ids: np.ndarray | None = None,
+        exclude_id: int | None = None,
+        took: dict[str, float] | None = None,
+    ) -> SearchResult:
+        self._check_k(k)
+        took = dict(took or {})
+        snap = self.snapshot()
+        started = time.perf_counter()
+        want = k + (1 if exclude_id is not None else 0)
+        scores, ids = snap.shards.search(
+            vector.reshape(1, -1).astype(np.float32),
+            want,
+            allowed_ids=allowed_ids,
+            ef_search=self.options.ef_search,
+            nprobe=self.options.nprobe,
+        )
+        took["search"] = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        pairs = [
+            (int(i), float(s))
+            for i, s in zip(ids[0], scores[0], strict=True)
+            if i >= 0 and int(i) != exclude_id
+        ][:k]
+        records = self.catalog.records(i for i, _ in pairs)
+        hits = [
+            Hit(
+                id=i,
+                path=records[i].path,
+                score=s,
+                width=records[i].width,
+                height=records[i].height,
+                format=records[i].format,
+                indexed_at=records[i].indexed_at,
+            )
+            for i, s in pairs
+            if i in records
+        ]
+        took["metadata"] = (time.perf_counter() - started) * 1000
+        took["total"] = sum(v for key, v in took.items() if key != "total")
+        return SearchResult(hits, snap.generation, snap.model_name, took)
+
+    def search_text(
+        self, query: str, k: int = 10, *, allowed_ids: np.ndarray | None = None
+    ) -> SearchResult:
+        text = query.strip()
+        if not text:
+            raise BadQuery("The query is empty.")
+        if len(text) > self.options.max_query_chars:
+            raise BadQuery(
+                f"The query is {len(text)} characters; the limit is {self.options.max_query_chars}."
+            )
+        self._check_k(k)
+        started = time.perf_counter()
+        vector = self._require_encoder().encode_texts([text])[0]
+        took = {"encode": (time.perf_counter() - started) * 1000}
+        return self.search_vector(vector, k, allowed_ids=allowed_ids, took=took)
+
+    def search_image(
+        self,
+        source: bytes | str | Path,
+        k: int = 10,
+        *,
+        max_pixels: int = 100_000_000,
+        allowed_ids: np.ndarray | None = None,
+    ) -> SearchResult:
+        self._check_k(k)
+        started = time.perf_counter()
+        decoded = decode_image(
+            source if isinstance(source, bytes) else str(source), max_pixels=max_pixels
+        )
+        vector = self._require_encoder().encode_images([decoded.image])[0]
+        took = {"encode": (time.perf_counter() - started) * 1000}
+        return self.search_vector(vector, k, allowed_ids=allowed_ids, took=took)
+
+    def similar(
+        self, image_id: int, k: int = 10, *, allowed_ids: np.ndarray | None = None
+    ) -> SearchResult:
+        """More like this: the stored vector of an indexed image, no re-encoding."""
+        snap = self.snapshot()
+        found_ids, vectors = snap.shards.vectors(np.array([image_id], dtype=np.int64))
+        if len(found_ids) == 0 or snap.shards.is_deleted(image_id):
+            raise NotFound(f"No indexed image with id {image_id}.")
+        return self.search_vector(vectors[0], k, allowed_ids=allowed_ids, exclude_id=image_id)

@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny open_clip model loaded through the real loader, and both databases."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import create_engine, text
+
+from retrieval.catalog import Catalog
+from retrieval.config import Settings, load_settings
+from retrieval.encoder import Encoder, ModelSpec, load_encoder, register_model_configs
+
+TINY = "clipsearch-tiny"
+PG_URL = os.environ.get("CLIPSEARCH_TEST_DATABASE_URL")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random init with a fixed seed, saved like any user checkpoint."""
+    import open_clip
+
+    register_model_configs()
+    torch.manual_seed(1234)
+    model = open_clip.create_model(TINY, pretrained=None)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def encoder(tiny_checkpoint: Path) -> Encoder:
+    return load_encoder(ModelSpec(TINY, str(tiny_checkpoint), device="cpu"))
+
+
+def _pg_schema_url(schema: str) -> str:
+    assert PG_URL is not None
+    sep = "&" if "?" in PG_URL else "?"
+    return f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param(
+            "postgres",
+            marks=[
+                pytest.mark.postgres,
+                pytest.mark.skipif(
+                    PG_URL is None, reason="set CLIPSEARCH_TEST_DATABASE_URL to test Postgres"
+                ),
+            ],
+        ),
+    ]
+)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty catalog database: a SQLite file, or a private Postgres schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'catalog.db'}"
+        return
+    assert PG_URL is not None
+    schema = "t_" + uuid.uuid4().hex[:12]
+    admin = create_engine(PG_URL)
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+        conn.commit()
+    try:
+        yield _pg_schema_url(schema)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+            conn.commit()
+        admin.dispose()
+
+
+@pytest.fixture
+def catalog(db_url: str) -> Iterator[Catalog]:
+    cat = Catalog(db_url)
+    cat.upgrade()
+    yield cat
+    cat.dispose()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str, tiny_checkpoint: Path) -> Settings:
+    return load_settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        model=TINY,
+        pretrained=str(tiny_checkpoint),
+        device="cpu",
+        workers=0,
+        batch_size=16,
+        retire_grace_seconds=0,
+    )
