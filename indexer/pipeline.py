@@ -174,6 +174,19 @@ def iterate_decoded(
     yield from loader
 
 
+def _split_after_vectors(
+    pending: list[tuple[_Item, np.ndarray | None, tuple[Any, ...]]], count: int
+) -> tuple[list[Any], list[Any]]:
+    """Cut the pending list just after its `count`-th item that has a vector."""
+    seen = 0
+    for position, (_, vector, _) in enumerate(pending):
+        if vector is not None:
+            seen += 1
+            if seen == count:
+                return pending[: position + 1], pending[position + 1 :]
+    return pending, []
+
+
 class IndexJob:
     """One run of `clipsearch index`. Collaborators are passed in (tests pass their own)."""
 
@@ -355,8 +368,8 @@ class IndexJob:
     ) -> None:
         reused = self._reused_vectors(items)
         shard_size = self.settings.shard_size
-        # Items are committed in chunks of at most shard_size vectors: a job killed after
-        # hours of encoding keeps every chunk it committed.
+        # Items are committed in chunks of shard_size vectors: a job killed after hours of
+        # encoding keeps every chunk it committed.
         pending: list[tuple[_Item, np.ndarray | None, tuple[Any, ...]]] = []
         to_encode = [item for item in items if item.id not in reused]
         reused_items = [item for item in items if item.id in reused]
@@ -399,9 +412,10 @@ class IndexJob:
                 batches += 1
                 if batches == 1:
                     crash_point("during_encode")
-                if pending_vectors >= shard_size:
-                    self._flush(pending, identity, report)
-                    pending, pending_vectors = [], 0
+                while pending_vectors >= shard_size:
+                    head, pending = _split_after_vectors(pending, shard_size)
+                    self._flush(head, identity, report)
+                    pending_vectors -= shard_size
         report.encode_seconds = time.monotonic() - encode_started
         bar.close()
         if pending:

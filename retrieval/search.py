@@ -225,6 +225,6 @@ class Searcher:
         """More like this: the stored vector of an indexed image, no re-encoding."""
         snap = self.snapshot()
         found_ids, vectors = snap.shards.vectors(np.array([image_id], dtype=np.int64))
-        if len(found_ids) == 0 or snap.shards.is_deleted(image_id):
+        if len(found_ids) == 0:  # unknown, or tombstoned
             raise NotFound(f"No indexed image with id {image_id}.")
         return self.search_vector(vectors[0], k, allowed_ids=allowed_ids, exclude_id=image_id)

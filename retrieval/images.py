@@ -1,0 +1,334 @@
+"""Safe image decoding: the only way the product turns bytes into pixels.
+
+Real corpora hold truncated, huge, hostile and mislabelled files, so every failure becomes an
+`ImageError` with a stable `reason`, and the pixel cap is checked from the header before any
+pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from retrieval.errors import ImageError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+)
+# MPO is what phones write for multi-picture JPEGs; Pillow reports it instead of JPEG.
+ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+
+# A file is read into memory whole, so its size needs a bound of its own; no legitimate
+# photo comes near this, while /dev/zero or a mislabelled video would.
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
+_EXIF_ORIENTATION_TAG = 0x0112
+# EXIF orientation value -> the transpose that shows the picture upright.
+_ORIENTATION_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = frozenset({5, 6, 7, 8})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+Source = str | os.PathLike[str] | bytes
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A fully loaded RGB image, upright per its EXIF orientation."""
+
+    image: Image.Image
+    width: int
+    height: int
+    format: str
+
+
+def decode_image(source: Source, *, max_pixels: int, name: str | None = None) -> DecodedImage:
+    """Decode the first frame of `source` (a path, or the file's bytes) to upright RGB.
+
+    Raises `ImageError` for every failure. The effective pixel cap is the smaller of
+    `max_pixels` and Pillow's own decompression-bomb limit (2 * Image.MAX_IMAGE_PIXELS),
+    because Pillow refuses larger images while opening them and we leave its globals alone.
+    """
+    label = _label(source, name)
+    data = _read_source(source, label)
+    with _pillow_warnings_silenced():
+        opened = _open_allowed(data, label)
+        with opened:
+            fmt = opened.format or "unknown"
+            _check_pixels(opened.size, max_pixels, label)
+            try:
+                opened.load()
+                # Read orientation after load: a PNG may keep its eXIf chunk after the pixels.
+                rgb = _to_rgb(_upright(opened, _orientation(opened)))
+            except Exception as exc:  # Pillow raises almost anything on bad data
+                raise _classify(exc, data, label) from exc
+            if rgb is opened:
+                # The opened image is closed on leaving the block; return an independent copy.
+                rgb = rgb.copy()
+    return DecodedImage(image=rgb, width=rgb.width, height=rgb.height, format=fmt)
+
+
+def read_header(
+    source: Source, *, max_pixels: int, name: str | None = None
+) -> tuple[str, int, int]:
+    """Return (format, width, height) without decoding pixels; width and height are upright.
+
+    Runs every check of `decode_image` except those that need the pixel data (truncation,
+    a broken stream). Orientation stored after the pixels (rare, PNG only) is not seen.
+    """
+    label = _label(source, name)
+    data = _read_source(source, label)
+    with _pillow_warnings_silenced():
+        opened = _open_allowed(data, label)
+        with opened:
+            fmt = opened.format or "unknown"
+            _check_pixels(opened.size, max_pixels, label)
+            width, height = _stored_size(opened)
+            if _orientation(opened, header_only=True) in _SWAPS_AXES:
+                width, height = height, width
+    return fmt, width, height
+
+
+def _label(source: Source, name: str | None) -> str | None:
+    if name is not None:
+        return name
+    if isinstance(source, bytes):
+        return None
+    return os.fspath(source)
+
+
+def _read_source(source: Source, label: str | None) -> bytes:
+    if isinstance(source, bytes):
+        data = source
+    else:
+        data = _read_file(os.fspath(source), label)
+    if not data:
+        raise ImageError("empty", "the file has zero bytes", label)
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError("too_large", _too_many_bytes(len(data)), label)
+    return data
+
+
+def _read_file(path: str, label: str | None) -> bytes:
+    # O_NONBLOCK keeps a FIFO in the corpus from hanging the open; fstat then turns away
+    # anything that is not a regular file (directories, devices) before we read it.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ImageError("unreadable", f"cannot open the file ({_os_reason(exc)})", label) from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError("unreadable", "not a regular file", label)
+        if info.st_size > MAX_FILE_BYTES:
+            raise ImageError("too_large", _too_many_bytes(info.st_size), label)
+        with os.fdopen(fd, "rb", closefd=False) as stream:
+            # One byte past the cap, so a file that grew after fstat is still caught.
+            return stream.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ImageError("unreadable", f"cannot read the file ({_os_reason(exc)})", label) from exc
+    finally:
+        os.close(fd)
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def _too_many_bytes(size: int) -> str:
+    return f"the file has {size} bytes, more than the {MAX_FILE_BYTES} allowed"
+
+
+@contextmanager
+def _pillow_warnings_silenced() -> Iterator[None]:
+    # Pillow warns on corrupt EXIF, odd palettes and near-bomb sizes; those are normal input
+    # here and must not reach stderr. The filters are narrow on purpose: catch_warnings is not
+    # thread-safe before Python 3.14, and if concurrent decodes restore the filter list out of
+    # order, the filter that outlives them hides only Pillow's warnings, nothing else.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+        yield
+
+
+def _allowed_openers() -> tuple[str, ...]:
+    # MPO has no opener of its own (the JPEG opener returns MPO images), and naming a format
+    # Pillow has no opener for makes Image.open raise KeyError on non-matching input.
+    Image.init()
+    return tuple(sorted(f for f in ALLOWED_FORMATS if f in Image.OPEN))
+
+
+def _open_allowed(data: bytes, label: str | None) -> ImageFile.ImageFile:
+    """Identify `data` among the allowed formats only; no other plugin sees the bytes first."""
+    try:
+        return Image.open(io.BytesIO(data), formats=_allowed_openers())
+    except UnidentifiedImageError:
+        pass
+    except Exception as exc:  # a plugin recognised the header, then failed
+        raise _classify(exc, data, label) from exc
+    raise _unidentified(data, label)
+
+
+def _unidentified(data: bytes, label: str | None) -> ImageError:
+    """Tell an unsupported image format from bytes that are no image at all."""
+    others = tuple(f for f in Image.ID if f not in ALLOWED_FORMATS)
+    try:
+        # Header parsing only; the pixels of an unsupported format are never decoded.
+        with Image.open(io.BytesIO(data), formats=others) as other:
+            found = other.format
+    except Exception:  # any failure here just means "not an image"
+        return ImageError("not_an_image", "the data is not an image Pillow can identify", label)
+    allowed = ", ".join(sorted(ALLOWED_FORMATS))
+    return ImageError(
+        "unsupported_format", f"{found} images are not supported (allowed: {allowed})", label
+    )
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int, label: str | None) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ImageError("decode_failed", f"the image declares no pixels ({width}x{height})", label)
+    if width * height > max_pixels:
+        raise ImageError(
+            "too_large",
+            f"{width}x{height} is {width * height} pixels, more than the {max_pixels} allowed",
+            label,
+        )
+
+
+def _classify(exc: BaseException, data: bytes, label: str | None) -> ImageError:
+    """Map whatever Pillow raised to the reason that best explains it."""
+    if isinstance(exc, ImageError):
+        return exc
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageError(
+            "too_large",
+            "the header declares more pixels than Pillow's decompression-bomb limit",
+            label,
+        )
+    message = str(exc)
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and "out of memory" in message):
+        return ImageError("too_large", "not enough memory to decode the image", label)
+    if (
+        isinstance(exc, EOFError)
+        or (isinstance(exc, OSError) and _says_truncated(message))
+        or _riff_is_short(data)
+    ):
+        return ImageError("truncated", "the data ends before the image does", label)
+    if isinstance(exc, ValueError) and "too large" in message.lower():
+        # PNG text chunks that decompress past Pillow's limit land here.
+        return ImageError("too_large", _short(message), label)
+    return ImageError("decode_failed", _short(f"{type(exc).__name__}: {message}"), label)
+
+
+def _says_truncated(message: str) -> bool:
+    # "broken data stream" is Pillow's codec status for a stream that stops making sense
+    # (a zlib or Huffman error); a cut-off or overwritten tail is its usual cause.
+    lowered = message.lower()
+    return "truncated" in lowered or "broken data stream" in lowered
+
+
+def _riff_is_short(data: bytes) -> bool:
+    # libwebp only says "could not create decoder object" about a cut-off file, but the RIFF
+    # header states the full length, so a short file gives itself away.
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return False
+    return int.from_bytes(data[4:8], "little") + 8 > len(data)
+
+
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _orientation(image: Image.Image, *, header_only: bool = False) -> int:
+    """The EXIF orientation (1 = upright); unreadable EXIF counts as upright."""
+    if header_only and image.format == "PNG" and "exif" not in image.info:
+        # PngImageFile.getexif() loads the pixels to look for a late eXIf chunk.
+        return 1
+    try:
+        value = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # broken EXIF must not cost an otherwise good picture
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def _stored_size(image: ImageFile.ImageFile) -> tuple[int, int]:
+    """Width and height as stored, before any orientation."""
+    if image.format == "TIFF":
+        # Recent Pillow reports a TIFF's size already turned upright (and turns the pixels on
+        # load), older Pillow does not; the raw tags are the same in both.
+        tags = getattr(image, "tag_v2", {})
+        width, height = tags.get(256), tags.get(257)  # ImageWidth, ImageLength
+        if isinstance(width, int) and isinstance(height, int):
+            return width, height
+    return image.size
+
+
+def _upright(image: Image.Image, orientation: int) -> Image.Image:
+    # ImageOps.exif_transpose does the same, but it also re-serialises the EXIF block, which
+    # can fail on corrupt EXIF; we need only the pixels, and read_header must agree with us.
+    method = _ORIENTATION_TRANSPOSE.get(orientation)
+    return image if method is None else image.transpose(method)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _WIDE_GREY_MODES:
+        image = _grey_to_8bit(image)
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        # Transparent pixels often hold black; show them on white, as a viewer would.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    if image.mode == "RGB":
+        return image
+    return image.convert("RGB")
+
+
+def _grey_to_8bit(image: Image.Image) -> Image.Image:
+    # Pillow's convert("L") clips 16-bit values at 255, which turns most of a 16-bit image
+    # white; scale by the value range instead.
+    values = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        scaled = values.astype(np.float32) / 257.0
+    elif image.mode == "F":
+        finite = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(finite.min()), float(finite.max())
+        in_unit_range = low >= 0.0 and high <= 1.0
+        scaled = finite * 255.0 if in_unit_range else _stretch(finite, low, high)
+    else:
+        # 32-bit integers: use the smallest usual depth that holds the values; anything
+        # wider or negative (depth maps, scientific data) is stretched to its own range.
+        low, high = int(values.min()), int(values.max())
+        if low >= 0 and high <= 255:
+            scaled = values.astype(np.float32)
+        elif low >= 0 and high <= 65535:
+            scaled = values.astype(np.float32) / 257.0
+        else:
+            scaled = _stretch(values.astype(np.float64), low, high)
+    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey)
+
+
+def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    if high <= low:
+        return np.zeros_like(values, dtype=np.float32)
+    return ((values - low) * (255.0 / (high - low))).astype(np.float32)
