@@ -102,8 +102,8 @@ def test_killed_job_leaves_previous_generation_and_rerun_converges(
         pytest.skip("Postgres runs the two points around the commit; SQLite runs all")
     settings = settings.model_copy(update={"data_dir": tmp_path / "data", "shard_size": 16, "batch_size": 8})
     first, _ = _layout(tmp_path)
-    done = _cli(settings, "index", str(first), "--no-progress", "--workers", "2")
-    assert done.returncode == 0, done.stderr
+    # Only the killed run needs its own process (each start costs seconds of imports).
+    IndexJob(settings, catalog, lambda: encoder, progress=False).run([first])
     before = catalog.state().generation
     before_ids = sorted(r.id for r in catalog.records_under([str(first)]).values())
 
@@ -126,8 +126,8 @@ def test_killed_job_leaves_previous_generation_and_rerun_converges(
     finally:
         searcher.close()
 
-    rerun = _cli(settings, "index", str(first.parent), "--no-progress", "--workers", "2")
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = IndexJob(settings.model_copy(update={"workers": 2}), catalog, lambda: encoder, progress=False)
+    rerun.run([first.parent])
     known = {s.id for s in catalog.shards()}
     assert set(list_shard_dirs(settings.resolved_index_dir)) == known, "orphan shard left behind"
     assert _state(settings, catalog, encoder) == reference
@@ -144,5 +144,5 @@ def test_second_indexer_refuses_clearly(settings: Settings, tmp_path: Path) -> N
     assert f"pid {os.getpid()}" in second.stderr
     assert "Traceback" not in second.stderr
     # and once the first one is gone, the lock is free again
-    third = _cli(settings, "index", str(root), "--no-progress")
-    assert third.returncode == 0, third.stderr
+    with IndexLock(settings.resolved_index_dir):
+        pass
