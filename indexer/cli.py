@@ -121,7 +121,8 @@ def index(
         int | None, typer.Option(help="CLIPSEARCH_SHARD_SIZE: vectors per shard and commit.")
     ] = None,
     progress: Annotated[
-        bool | None, typer.Option("--progress/--no-progress", help="Progress bars (default: on a terminal).")
+        bool | None,
+        typer.Option("--progress/--no-progress", help="Progress bars (default: on a terminal)."),
     ] = None,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
@@ -231,7 +232,11 @@ def search(
         catalog,
         settings.resolved_index_dir,
         _encoder_factory(settings)(),
-        SearchOptions(ef_search=settings.hnsw_ef_search, nprobe=settings.ivf_nprobe),
+        SearchOptions(
+            ef_search=settings.hnsw_ef_search,
+            nprobe=settings.ivf_nprobe,
+            jpeg_draft=settings.jpeg_draft,
+        ),
     )
     try:
         if image is not None:

@@ -197,9 +197,7 @@ def compact_index(
                 commit.reassign.extend((int(i), shard_id) for i in chunk_ids)
                 report.written.append(shard_id)
             merged = {row.id for row in candidates}
-            commit.purge_ids = [
-                int(i) for shard_id in merged for i in by_shard.get(shard_id, [])
-            ]
+            commit.purge_ids = [int(i) for shard_id in merged for i in by_shard.get(shard_id, [])]
             commit.retire_shards = sorted(merged)
             report.merged = sorted(merged)
             report.generation = catalog.commit(commit)
@@ -211,4 +209,3 @@ def compact_index(
             catalog.finish_job(job_id, "failed", report.to_dict(), None, str(exc))
             raise
     return report
-

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from indexer.jobs import IndexLock, cleanup_index_dir
-from indexer.scan import FileStat, ScanDiff, diff_scan, hash_files, normalise_root, scan_roots
+from indexer.scan import FileStat, diff_scan, hash_files, normalise_root, scan_roots
 from retrieval.catalog import (
     ACTIVE,
     ERROR,
@@ -111,10 +111,17 @@ def new_shard_id() -> str:
 class _DecodeDataset:
     """Decodes and preprocesses in DataLoader workers, so decoding overlaps encoding."""
 
-    def __init__(self, paths: Sequence[str], preprocess: Callable[[Any], Any], max_pixels: int):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        preprocess: Callable[[Any], Any],
+        max_pixels: int,
+        min_side: int | None,
+    ):
         self.paths = list(paths)
         self.preprocess = preprocess
         self.max_pixels = max_pixels
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -123,7 +130,9 @@ class _DecodeDataset:
         from retrieval.errors import ImageError
 
         try:
-            decoded = decode_image(self.paths[index], max_pixels=self.max_pixels)
+            decoded = decode_image(
+                self.paths[index], max_pixels=self.max_pixels, min_side=self.min_side
+            )
             tensor = self.preprocess(decoded.image)
             return index, tensor, (decoded.width, decoded.height, decoded.format)
         except ImageError as exc:
@@ -156,11 +165,12 @@ def iterate_decoded(
     batch_size: int,
     workers: int,
     max_pixels: int,
+    min_side: int | None = None,
 ) -> Any:
     """Yield (indices, tensor batch | None, metas, failures) in order."""
     from torch.utils.data import DataLoader
 
-    dataset = _DecodeDataset(paths, preprocess, max_pixels)
+    dataset = _DecodeDataset(paths, preprocess, max_pixels, min_side)
     loader = DataLoader(
         dataset,  # type: ignore[arg-type]
         batch_size=batch_size,
@@ -332,9 +342,7 @@ class IndexJob:
         for rec in errors_now:
             report.failed.append(Failure(rec.path, "unreadable", rec.error_detail or ""))
         meta.tombstones += [
-            old.id
-            for _, old in diff.unhashable
-            if old is not None and old.status != ERROR
+            old.id for _, old in diff.unhashable if old is not None and old.status != ERROR
         ]
         if not meta.is_empty:
             report.generation = self.catalog.commit(meta)
@@ -393,6 +401,7 @@ class IndexJob:
                 batch_size=self.settings.batch_size,
                 workers=self.settings.workers,
                 max_pixels=self.settings.max_image_pixels,
+                min_side=self.encoder.identity.image_size if self.settings.jpeg_draft else None,
             ):
                 vectors = (
                     self.encoder.encode_image_tensors(tensors) if tensors is not None else None
@@ -460,7 +469,9 @@ class IndexJob:
                 )
             )
             report.shards_written.append(shard_id)
-        copied_meta = self._source_meta([item for item, vec, meta in pending if meta[0] == "reused"])
+        copied_meta = self._source_meta(
+            [item for item, vec, meta in pending if meta[0] == "reused"]
+        )
         for item, vec, meta in pending:
             if item.replaces is not None and item.replaces.status != ERROR:
                 commit.tombstones.append(item.replaces.id)

@@ -329,7 +329,9 @@ class Catalog:
         """Ids whose vectors still sit in an active shard but must never be returned."""
         with self.engine.connect() as conn:
             ids = conn.execute(
-                select(ImageRow.id).where(ImageRow.status == DELETED, ImageRow.shard_id.is_not(None))
+                select(ImageRow.id).where(
+                    ImageRow.status == DELETED, ImageRow.shard_id.is_not(None)
+                )
             ).scalars()
             return np.fromiter(ids, dtype=np.int64)
 
@@ -397,7 +399,10 @@ class Catalog:
     def errors(self, limit: int = 1000) -> list[ImageRecord]:
         with self.session() as session:
             query = (
-                select(ImageRow).where(ImageRow.status == ERROR).order_by(ImageRow.path).limit(limit)
+                select(ImageRow)
+                .where(ImageRow.status == ERROR)
+                .order_by(ImageRow.path)
+                .limit(limit)
             )
             return [_record(row) for row in session.scalars(query)]
 
@@ -506,7 +511,12 @@ class Catalog:
             return int(job.id)
 
     def finish_job(
-        self, job_id: int, status: str, stats: dict[str, Any], generation: int | None, error: str | None = None
+        self,
+        job_id: int,
+        status: str,
+        stats: dict[str, Any],
+        generation: int | None,
+        error: str | None = None,
     ) -> None:
         with self.session() as session:
             session.execute(

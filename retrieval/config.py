@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     shard_size: int = Field(default=100_000, ge=1)
     retire_grace_seconds: float = Field(default=600.0, ge=0)
     max_image_pixels: int = Field(default=100_000_000, ge=1)
+    # Decode JPEGs at a reduced DCT scale that still covers the model's input size.
+    jpeg_draft: bool = True
     hnsw_ef_search: int = Field(default=128, ge=1)
     ivf_nprobe: int = Field(default=32, ge=1)
 

@@ -67,7 +67,9 @@ class ModelIdentity:
         return hashlib.sha256(material.encode()).hexdigest()[:16]
 
     def describe(self) -> str:
-        return f"{self.name} / {self.pretrained} (weights {self.weights_sha256[:12]}, dim {self.dim})"
+        return (
+            f"{self.name} / {self.pretrained} (weights {self.weights_sha256[:12]}, dim {self.dim})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -233,9 +235,7 @@ def _resolve_weights(spec: ModelSpec) -> tuple[str | None, dict[str, Any]]:
     cached = _cached_tag_file(cfg, spec.cache_dir)
     if cached:
         return cached, overrides
-    source = (
-        f"https://huggingface.co/{cfg['hf_hub']}" if cfg.get("hf_hub") else cfg.get("url", "")
-    )
+    source = f"https://huggingface.co/{cfg['hf_hub']}" if cfg.get("hf_hub") else cfg.get("url", "")
     if not source or not _host_resolves(source):
         raise WeightsUnavailable(
             _weights_help(spec, "they are not in the local cache and the hub is unreachable.")

@@ -58,8 +58,15 @@ class DecodedImage:
     format: str
 
 
-def decode_image(source: Source, *, max_pixels: int, name: str | None = None) -> DecodedImage:
+def decode_image(
+    source: Source, *, max_pixels: int, name: str | None = None, min_side: int | None = None
+) -> DecodedImage:
     """Decode the first frame of `source` (a path, or the file's bytes) to upright RGB.
+
+    With `min_side`, a JPEG may be decoded at a reduced scale (1/2, 1/4 or 1/8, done in the
+    DCT by libjpeg) as long as both sides stay >= min_side: a 1024x768 photo headed for a
+    224-px model decodes at 512x384, about 3x faster. `width`/`height` still report the
+    full upright size.
 
     Raises `ImageError` for every failure. The effective pixel cap is the smaller of
     `max_pixels` and Pillow's own decompression-bomb limit (2 * Image.MAX_IMAGE_PIXELS),
@@ -72,6 +79,13 @@ def decode_image(source: Source, *, max_pixels: int, name: str | None = None) ->
         with opened:
             fmt = opened.format or "unknown"
             _check_pixels(opened.size, max_pixels, label)
+            full_size: tuple[int, int] | None = None
+            if min_side and fmt in ("JPEG", "MPO"):
+                width, height = opened.size
+                if _orientation(opened, header_only=True) in _SWAPS_AXES:
+                    width, height = height, width
+                full_size = (width, height)
+                opened.draft("RGB", (min_side, min_side))
             try:
                 opened.load()
                 # Read orientation after load: a PNG may keep its eXIf chunk after the pixels.
@@ -81,7 +95,8 @@ def decode_image(source: Source, *, max_pixels: int, name: str | None = None) ->
             if rgb is opened:
                 # The opened image is closed on leaving the block; return an independent copy.
                 rgb = rgb.copy()
-    return DecodedImage(image=rgb, width=rgb.width, height=rgb.height, format=fmt)
+    width, height = full_size or (rgb.width, rgb.height)
+    return DecodedImage(image=rgb, width=width, height=height, format=fmt)
 
 
 def read_header(

@@ -75,6 +75,9 @@ class SearchOptions:
     max_query_chars: int = 1000
     ef_search: int = 128
     nprobe: int = 32
+    # Same JPEG decoding as the indexer, so an indexed file uploaded as a query gets
+    # exactly its stored vector.
+    jpeg_draft: bool = True
 
 
 class Searcher:
@@ -212,10 +215,13 @@ class Searcher:
     ) -> SearchResult:
         self._check_k(k)
         started = time.perf_counter()
+        encoder = self._require_encoder()
         decoded = decode_image(
-            source if isinstance(source, bytes) else str(source), max_pixels=max_pixels
+            source if isinstance(source, bytes) else str(source),
+            max_pixels=max_pixels,
+            min_side=encoder.identity.image_size if self.options.jpeg_draft else None,
         )
-        vector = self._require_encoder().encode_images([decoded.image])[0]
+        vector = encoder.encode_images([decoded.image])[0]
         took = {"encode": (time.perf_counter() - started) * 1000}
         return self.search_vector(vector, k, allowed_ids=allowed_ids, took=took)
 

@@ -48,7 +48,10 @@ def test_help_names_every_command(
 
 
 def test_index_search_status_roundtrip(
-    env: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    env: Settings,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     samples = generate_shapes(tmp_path / "pics", 12, seed=4)
     code, out, err = run_cli(["index", str(tmp_path / "pics"), "--json"], capsys, monkeypatch)
@@ -64,7 +67,9 @@ def test_index_search_status_roundtrip(
     scores = [r["score"] for r in result["results"]]
     assert scores == sorted(scores, reverse=True)
 
-    code, out, err = run_cli(["search", "--image", str(samples[3].path), "-k", "1"], capsys, monkeypatch)
+    code, out, err = run_cli(
+        ["search", "--image", str(samples[3].path), "-k", "1"], capsys, monkeypatch
+    )
     assert code == 0, err
     assert str(samples[3].path) in out  # an indexed image finds itself first
 
@@ -75,7 +80,10 @@ def test_index_search_status_roundtrip(
 
 
 def test_bad_setting_exits_2_naming_the_variable(
-    env: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    env: Settings,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     monkeypatch.setenv("CLIPSEARCH_BATCH_SIZE", "0")
     code, _, err = run_cli(["index", str(tmp_path)], capsys, monkeypatch)
@@ -84,7 +92,10 @@ def test_bad_setting_exits_2_naming_the_variable(
 
 
 def test_bad_image_query_exits_2(
-    env: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    env: Settings,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"not an image at all")
@@ -101,7 +112,10 @@ def test_search_needs_exactly_one_query(
 
 
 def test_model_mismatch_exits_4(
-    env: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    env: Settings,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     generate_shapes(tmp_path / "pics", 4, seed=4)
     assert run_cli(["index", str(tmp_path / "pics")], capsys, monkeypatch)[0] == 0

@@ -24,7 +24,9 @@ QUERIES = ["a red circle", "a blue square", "a green star"]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _cli(settings: Settings, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(
+    settings: Settings, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     full_env = {
         **os.environ,
         "CLIPSEARCH_DATA_DIR": str(settings.data_dir),
@@ -70,12 +72,19 @@ def _layout(base: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def reference(tmp_path_factory: pytest.TempPathFactory, settings: Settings, encoder: Encoder) -> dict[str, object]:
+def reference(
+    tmp_path_factory: pytest.TempPathFactory, settings: Settings, encoder: Encoder
+) -> dict[str, object]:
     """A clean two-step run (folder a, then a+b) in its own place, never killed."""
     base = tmp_path_factory.mktemp("clean")
     first, _ = _layout(base)
     clean = settings.model_copy(
-        update={"data_dir": base / "data", "database_url": f"sqlite:///{base / 'c.db'}", "shard_size": 16, "batch_size": 8}
+        update={
+            "data_dir": base / "data",
+            "database_url": f"sqlite:///{base / 'c.db'}",
+            "shard_size": 16,
+            "batch_size": 8,
+        }
     )
     catalog = Catalog(clean.resolved_database_url)
     IndexJob(clean, catalog, lambda: encoder, progress=False).run([first])
@@ -87,7 +96,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory, settings: Settings, enco
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "point", ["during_encode", "before_shard_write", "after_shard_write", "before_commit", "after_commit"]
+    "point",
+    ["during_encode", "before_shard_write", "after_shard_write", "before_commit", "after_commit"],
 )
 def test_killed_job_leaves_previous_generation_and_rerun_converges(
     point: str,
@@ -100,7 +110,9 @@ def test_killed_job_leaves_previous_generation_and_rerun_converges(
 ) -> None:
     if not db_url.startswith("sqlite") and point not in ("after_shard_write", "before_commit"):
         pytest.skip("Postgres runs the two points around the commit; SQLite runs all")
-    settings = settings.model_copy(update={"data_dir": tmp_path / "data", "shard_size": 16, "batch_size": 8})
+    settings = settings.model_copy(
+        update={"data_dir": tmp_path / "data", "shard_size": 16, "batch_size": 8}
+    )
     first, _ = _layout(tmp_path)
     # Only the killed run needs its own process (each start costs seconds of imports).
     IndexJob(settings, catalog, lambda: encoder, progress=False).run([first])
@@ -108,7 +120,12 @@ def test_killed_job_leaves_previous_generation_and_rerun_converges(
     before_ids = sorted(r.id for r in catalog.records_under([str(first)]).values())
 
     killed = _cli(
-        settings, "index", str(first.parent), "--no-progress", "--workers", "2",
+        settings,
+        "index",
+        str(first.parent),
+        "--no-progress",
+        "--workers",
+        "2",
         env={CRASH_ENV: point},
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -126,7 +143,9 @@ def test_killed_job_leaves_previous_generation_and_rerun_converges(
     finally:
         searcher.close()
 
-    rerun = IndexJob(settings.model_copy(update={"workers": 2}), catalog, lambda: encoder, progress=False)
+    rerun = IndexJob(
+        settings.model_copy(update={"workers": 2}), catalog, lambda: encoder, progress=False
+    )
     rerun.run([first.parent])
     known = {s.id for s in catalog.shards()}
     assert set(list_shard_dirs(settings.resolved_index_dir)) == known, "orphan shard left behind"

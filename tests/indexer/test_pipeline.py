@@ -60,7 +60,11 @@ def _searcher(settings: Settings, catalog: Catalog, encoder: Encoder) -> Searche
 
 
 def _live(catalog: Catalog, root: Path) -> dict[str, int]:
-    return {path: rec.id for path, rec in catalog.records_under([str(root)]).items() if rec.status == ACTIVE}
+    return {
+        path: rec.id
+        for path, rec in catalog.records_under([str(root)]).items()
+        if rec.status == ACTIVE
+    }
 
 
 def _stored_vector(searcher: Searcher, image_id: int) -> np.ndarray:
@@ -71,8 +75,12 @@ def _stored_vector(searcher: Searcher, image_id: int) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
 def test_every_image_finds_itself_first(
-    kind: str, run: Callable[..., tuple[IndexReport, CountingFactory]], photos: Path,
-    settings: Settings, catalog: Catalog, encoder: Encoder,
+    kind: str,
+    run: Callable[..., tuple[IndexReport, CountingFactory]],
+    photos: Path,
+    settings: Settings,
+    catalog: Catalog,
+    encoder: Encoder,
 ) -> None:
     report, _ = run(photos, index_kind=kind)
     assert report.new == 30 and report.encoded == 30 and not report.failed
@@ -112,8 +120,11 @@ def test_added_files_are_indexed_on_rerun(
 
 
 def test_modified_file_gets_a_new_vector(
-    run: Callable[..., tuple[IndexReport, CountingFactory]], photos: Path,
-    settings: Settings, catalog: Catalog, encoder: Encoder,
+    run: Callable[..., tuple[IndexReport, CountingFactory]],
+    photos: Path,
+    settings: Settings,
+    catalog: Catalog,
+    encoder: Encoder,
 ) -> None:
     run(photos)
     target = sorted(photos.rglob("*.jpg"))[0]
@@ -146,8 +157,11 @@ def test_touched_file_is_not_reencoded(
 
 
 def test_moved_file_keeps_its_id_and_vector(
-    run: Callable[..., tuple[IndexReport, CountingFactory]], photos: Path,
-    settings: Settings, catalog: Catalog, encoder: Encoder,
+    run: Callable[..., tuple[IndexReport, CountingFactory]],
+    photos: Path,
+    settings: Settings,
+    catalog: Catalog,
+    encoder: Encoder,
 ) -> None:
     run(photos)
     source = sorted(photos.rglob("*.jpg"))[2]
@@ -168,8 +182,11 @@ def test_moved_file_keeps_its_id_and_vector(
 
 
 def test_copied_file_reuses_the_stored_vector(
-    run: Callable[..., tuple[IndexReport, CountingFactory]], photos: Path,
-    settings: Settings, catalog: Catalog, encoder: Encoder,
+    run: Callable[..., tuple[IndexReport, CountingFactory]],
+    photos: Path,
+    settings: Settings,
+    catalog: Catalog,
+    encoder: Encoder,
 ) -> None:
     run(photos)
     source = sorted(photos.rglob("*.jpg"))[4]
@@ -189,8 +206,11 @@ def test_copied_file_reuses_the_stored_vector(
 
 
 def test_deleted_file_is_excluded_at_once_and_gone_after_compact(
-    run: Callable[..., tuple[IndexReport, CountingFactory]], photos: Path,
-    settings: Settings, catalog: Catalog, encoder: Encoder,
+    run: Callable[..., tuple[IndexReport, CountingFactory]],
+    photos: Path,
+    settings: Settings,
+    catalog: Catalog,
+    encoder: Encoder,
 ) -> None:
     run(photos)
     victim = sorted(photos.rglob("*.jpg"))[5]
@@ -207,7 +227,9 @@ def test_deleted_file_is_excluded_at_once_and_gone_after_compact(
         assert victim_id not in ids and len(ids) == 29
     finally:
         searcher.close()
-    compacted = compact_index(catalog, settings.resolved_index_dir, shard_size=settings.shard_size, grace_seconds=0)
+    compacted = compact_index(
+        catalog, settings.resolved_index_dir, shard_size=settings.shard_size, grace_seconds=0
+    )
     assert compacted.dropped_vectors == 1 and compacted.live_vectors == 29
     all_ids = np.concatenate(
         [Shard.open(settings.resolved_index_dir, s.id).ids for s in catalog.shards()]
@@ -221,15 +243,20 @@ def test_deleted_file_is_excluded_at_once_and_gone_after_compact(
 
 
 def test_compact_merges_small_shards_without_reencoding(
-    run: Callable[..., tuple[IndexReport, CountingFactory]], photos: Path,
-    settings: Settings, catalog: Catalog, encoder: Encoder,
+    run: Callable[..., tuple[IndexReport, CountingFactory]],
+    photos: Path,
+    settings: Settings,
+    catalog: Catalog,
+    encoder: Encoder,
 ) -> None:
     report, _ = run(photos, shard_size=8)
     assert len(report.shards_written) == 4  # 30 images, about 8 per shard
     searcher = _searcher(settings, catalog, encoder)
     before = {i: _stored_vector(searcher, i) for i in _live(catalog, photos).values()}
     searcher.close()
-    compacted = compact_index(catalog, settings.resolved_index_dir, shard_size=1000, grace_seconds=0)
+    compacted = compact_index(
+        catalog, settings.resolved_index_dir, shard_size=1000, grace_seconds=0
+    )
     assert compacted.shards_before == 4 and compacted.shards_after == 1
     searcher = _searcher(settings, catalog, encoder)
     try:
@@ -268,7 +295,9 @@ def test_bad_files_are_recorded_and_good_ones_indexed(
     assert catalog.counts()[ERROR] == len(expected) - 1
 
 
-def test_missing_root_is_a_clear_error(settings: Settings, catalog: Catalog, encoder: Encoder, tmp_path: Path) -> None:
+def test_missing_root_is_a_clear_error(
+    settings: Settings, catalog: Catalog, encoder: Encoder, tmp_path: Path
+) -> None:
     from retrieval.errors import ConfigError
 
     with pytest.raises(ConfigError, match="not a directory"):

@@ -75,7 +75,9 @@ def test_commit_bumps_generation_and_stores_rows(catalog: Catalog) -> None:
 
 
 def test_tombstone_then_same_path_again(catalog: Catalog) -> None:
-    catalog.commit(GenerationCommit(model=MODEL, new_shards=[_shard()], upserts=[_rec(1, "/r/a.png")]))
+    catalog.commit(
+        GenerationCommit(model=MODEL, new_shards=[_shard()], upserts=[_rec(1, "/r/a.png")])
+    )
     # A changed file: the old row is tombstoned and a new row takes the path, in one commit.
     catalog.commit(
         GenerationCommit(
@@ -92,9 +94,13 @@ def test_tombstone_then_same_path_again(catalog: Catalog) -> None:
 
 
 def test_two_live_rows_for_one_path_are_refused(catalog: Catalog) -> None:
-    catalog.commit(GenerationCommit(model=MODEL, new_shards=[_shard()], upserts=[_rec(1, "/r/a.png")]))
+    catalog.commit(
+        GenerationCommit(model=MODEL, new_shards=[_shard()], upserts=[_rec(1, "/r/a.png")])
+    )
     with pytest.raises(IntegrityError):
-        catalog.commit(GenerationCommit(model=MODEL, upserts=[_rec(2, "/r/a.png", shard=None, status=ERROR)]))
+        catalog.commit(
+            GenerationCommit(model=MODEL, upserts=[_rec(2, "/r/a.png", shard=None, status=ERROR)])
+        )
     # the failed transaction changed nothing
     assert catalog.state().generation == 1
     assert catalog.max_image_id() == 1
@@ -112,7 +118,9 @@ def test_like_prefix_escapes_wildcards(catalog: Catalog) -> None:
 
 
 def test_moves_touches_and_reassign(catalog: Catalog) -> None:
-    catalog.commit(GenerationCommit(model=MODEL, new_shards=[_shard()], upserts=[_rec(1, "/r/a.png")]))
+    catalog.commit(
+        GenerationCommit(model=MODEL, new_shards=[_shard()], upserts=[_rec(1, "/r/a.png")])
+    )
     catalog.commit(GenerationCommit(model=MODEL, moves=[(1, "/r/z.png", 11, 5)]))
     moved = catalog.record(1)
     assert (moved.path, moved.size, moved.mtime_ns) == ("/r/z.png", 11, 5)

@@ -19,10 +19,7 @@ TEXTS = ["a red circle", "a photo of a blue square on a wooden table", "x", "a b
 def _images(n: int = 5) -> list[Image.Image]:
     rng = np.random.default_rng(0)
     sizes = [(64, 64), (120, 80), (33, 200), (300, 301), (64, 48)]
-    return [
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-        for w, h in sizes[:n]
-    ]
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes[:n]]
 
 
 def test_image_embeddings_match_open_clip_reference(
@@ -42,9 +39,7 @@ def test_image_embeddings_match_open_clip_reference(
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
-def test_text_embeddings_match_open_clip_reference(
-    encoder: Encoder, tiny_checkpoint: Path
-) -> None:
+def test_text_embeddings_match_open_clip_reference(encoder: Encoder, tiny_checkpoint: Path) -> None:
     model = open_clip.create_model("clipsearch-tiny", pretrained=str(tiny_checkpoint))
     model.eval()
     tokenizer = open_clip.get_tokenizer("clipsearch-tiny")
@@ -123,4 +118,6 @@ def test_uncached_tag_offline_fails_fast_with_instructions(
 
 def test_fp16_on_cpu_is_refused_clearly(tiny_checkpoint: Path) -> None:
     with pytest.raises(WeightsUnavailable, match="fp16"):
-        load_encoder(ModelSpec("clipsearch-tiny", str(tiny_checkpoint), device="cpu", precision="fp16"))
+        load_encoder(
+            ModelSpec("clipsearch-tiny", str(tiny_checkpoint), device="cpu", precision="fp16")
+        )

@@ -363,3 +363,17 @@ def test_fuzzed_bytes_only_ever_raise_image_error(fmt: str) -> None:
         "too_large",
         "decode_failed",
     }
+
+
+def test_jpeg_draft_decodes_smaller_but_reports_full_size(tmp_path: Path) -> None:
+    path = tmp_path / "big.jpg"
+    Image.effect_noise((1024, 768), 40).convert("RGB").save(path, "JPEG")
+    full = decode_image(path, max_pixels=DEFAULT_MAX_PIXELS)
+    drafted = decode_image(path, max_pixels=DEFAULT_MAX_PIXELS, min_side=224)
+    assert full.image.size == (1024, 768)
+    assert drafted.image.size == (512, 384)  # the largest DCT reduction keeping both sides >= 224
+    assert (drafted.width, drafted.height) == (1024, 768)
+    # PNGs have no DCT scaling: min_side changes nothing
+    png = tmp_path / "big.png"
+    Image.effect_noise((300, 300), 40).convert("RGB").save(png)
+    assert decode_image(png, max_pixels=DEFAULT_MAX_PIXELS, min_side=64).image.size == (300, 300)
