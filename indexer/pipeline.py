@@ -171,7 +171,7 @@ def iterate_decoded(
     from torch.utils.data import DataLoader
 
     dataset = _DecodeDataset(paths, preprocess, max_pixels, min_side)
-    loader = DataLoader(
+    loader: Any = DataLoader(
         dataset,  # type: ignore[arg-type]
         batch_size=batch_size,
         shuffle=False,
@@ -297,17 +297,19 @@ class IndexJob:
             work.append((stat, digest, source, old, 0))
         for stat, digest, source in diff.copied:
             work.append((stat, digest, source, None, 0))
-        for stat, maybe_digest, old in diff.retry:
-            work.append((stat, maybe_digest, None, None, old.id))
+        for stat, maybe_digest, failed_row in diff.retry:
+            work.append((stat, maybe_digest, None, None, failed_row.id))
         for stat, old_rec in diff.unhashable:
-            work.append((stat, None, None, old_rec, 0))
+            # An error row keeps its id (it owns no vector); a live row is tombstoned.
+            keep = old_rec.id if old_rec is not None and old_rec.status == ERROR else 0
+            work.append((stat, None, None, old_rec, keep))
         work.sort(key=lambda w: w[0].path)
-        for stat, digest, source, old, keep_id in work:
+        for stat, item_digest, item_source, item_old, keep_id in work:
             if keep_id:
                 image_id = keep_id
             else:
                 image_id, next_id = next_id, next_id + 1
-            if digest is None:
+            if item_digest is None:
                 errors_now.append(
                     ImageRecord(
                         id=image_id,
@@ -320,10 +322,10 @@ class IndexJob:
                         error_detail="the file could not be read",
                     )
                 )
-                if old is not None and old.status != ERROR:
+                if item_old is not None and item_old.status != ERROR:
                     report.changed += 1
                 continue
-            items.append(_Item(image_id, stat, digest, source=source, replaces=old))
+            items.append(_Item(image_id, stat, item_digest, source=item_source, replaces=item_old))
 
         report.new = len(diff.new)
         report.changed += len(diff.changed)

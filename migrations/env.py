@@ -6,6 +6,7 @@ import os
 
 from alembic import context
 from sqlalchemy import create_engine
+from sqlalchemy.engine import Connection
 
 from retrieval.catalog import Base
 
@@ -32,7 +33,7 @@ def run_migrations_online() -> None:
         conn.commit()
 
 
-def _run(connection) -> None:  # type: ignore[no-untyped-def]
+def _run(connection: Connection) -> None:
     # batch mode lets later migrations ALTER tables on SQLite too.
     context.configure(
         connection=connection,

@@ -344,7 +344,7 @@ class Catalog:
             )
             grouped: dict[str, list[int]] = {}
             for shard_id, image_id in rows:
-                grouped.setdefault(shard_id, []).append(image_id)
+                grouped.setdefault(str(shard_id), []).append(image_id)
         return {key: np.array(sorted(v), dtype=np.int64) for key, v in grouped.items()}
 
     # --- images ------------------------------------------------------------------

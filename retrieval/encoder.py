@@ -182,7 +182,9 @@ def _cached_tag_file(cfg: dict[str, Any], cache_dir: Path | None) -> str | None:
     if hub:
         model_id, filename = os.path.split(hub)
         filename = filename or "open_clip_pytorch_model.bin"
-        alternatives = getattr(oc_pretrained, "_get_safe_alternatives", lambda name: [])
+        alternatives: Callable[[str], list[str]] = getattr(
+            oc_pretrained, "_get_safe_alternatives", lambda name: []
+        )
         for candidate in [*alternatives(filename), filename]:
             try:
                 return str(
@@ -391,13 +393,13 @@ def load_encoder(spec: ModelSpec) -> Encoder:
     model.eval()
     tokenizer = open_clip.get_tokenizer(spec.name)
     weights_sha = sha256_file(checkpoint) if checkpoint else "random-init-seed0"
-    visual: Any = model.visual  # type: ignore[union-attr]
+    visual: Any = model.visual
     image_size = visual.image_size
     size = int(image_size[0] if isinstance(image_size, tuple | list) else image_size)
     mean = tuple(float(v) for v in getattr(visual, "image_mean", None) or OPENAI_MEAN)
     std = tuple(float(v) for v in getattr(visual, "image_std", None) or OPENAI_STD)
     with torch.inference_mode():
-        probe = model.encode_text(tokenizer(["probe"]).to(device))  # type: ignore[operator]
+        probe = model.encode_text(tokenizer(["probe"]).to(device))
     identity = ModelIdentity(
         name=spec.name,
         pretrained=spec.pretrained,
