@@ -7,7 +7,7 @@ import fcntl
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -95,16 +95,7 @@ class CompactReport:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "shards_before": self.shards_before,
-            "shards_after": self.shards_after,
-            "merged": self.merged,
-            "written": self.written,
-            "dropped_vectors": self.dropped_vectors,
-            "live_vectors": self.live_vectors,
-            "generation": self.generation,
-            "seconds": round(self.seconds, 3),
-        }
+        return {**asdict(self), "seconds": round(self.seconds, 3)}
 
 
 def compact_index(

@@ -8,7 +8,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,22 +75,11 @@ class IndexReport:
         return self.encoded / self.encode_seconds if self.encode_seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "new": self.new,
-            "changed": self.changed,
-            "moved": self.moved,
-            "copied": self.copied,
-            "touched": self.touched,
-            "deleted": self.deleted,
-            "unchanged": self.unchanged,
-            "encoded": self.encoded,
-            "decoded": self.decoded,
-            "failed": [vars(f) for f in self.failed],
-            "shards_written": self.shards_written,
-            "generation": self.generation,
-            "seconds": round(self.seconds, 3),
-            "images_per_second": round(self.images_per_second, 2),
-        }
+        data = asdict(self)
+        data.pop("encode_seconds")
+        data["seconds"] = round(self.seconds, 3)
+        data["images_per_second"] = round(self.images_per_second, 2)
+        return data
 
 
 @dataclass
@@ -102,6 +91,17 @@ class _Item:
     sha256: str
     source: ImageRecord | None = None
     replaces: ImageRecord | None = None  # the old row of a changed file, tombstoned with us
+
+
+def _row(image_id: int, stat: FileStat, sha256: str | None, **fields: Any) -> ImageRecord:
+    return ImageRecord(
+        id=image_id,
+        path=stat.path,
+        sha256=sha256,
+        size=stat.size,
+        mtime_ns=stat.mtime_ns,
+        **fields,
+    )
 
 
 def new_shard_id() -> str:
@@ -311,12 +311,10 @@ class IndexJob:
                 image_id, next_id = next_id, next_id + 1
             if item_digest is None:
                 errors_now.append(
-                    ImageRecord(
-                        id=image_id,
-                        path=stat.path,
-                        sha256=None,
-                        size=stat.size,
-                        mtime_ns=stat.mtime_ns,
+                    _row(
+                        image_id,
+                        stat,
+                        None,
                         status=ERROR,
                         error_reason="unreadable",
                         error_detail="the file could not be read",
@@ -482,12 +480,10 @@ class IndexJob:
                     width, height, fmt = meta[1], meta[2], meta[3]
                 else:
                     width, height, fmt = copied_meta.get(item.id, (None, None, None))
-                record = ImageRecord(
-                    id=item.id,
-                    path=item.stat.path,
-                    sha256=item.sha256,
-                    size=item.stat.size,
-                    mtime_ns=item.stat.mtime_ns,
+                record = _row(
+                    item.id,
+                    item.stat,
+                    item.sha256,
                     status=ACTIVE,
                     width=width,
                     height=height,
@@ -497,12 +493,10 @@ class IndexJob:
             else:
                 reason, detail = meta[1], meta[2]
                 report.failed.append(Failure(item.stat.path, reason, detail))
-                record = ImageRecord(
-                    id=item.id,
-                    path=item.stat.path,
-                    sha256=item.sha256,
-                    size=item.stat.size,
-                    mtime_ns=item.stat.mtime_ns,
+                record = _row(
+                    item.id,
+                    item.stat,
+                    item.sha256,
                     status=ERROR,
                     error_reason=reason,
                     error_detail=detail,
