@@ -289,6 +289,29 @@ def status(
     )
 
 
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="CLIPSEARCH_HOST: address to bind.")] = None,
+    port: Annotated[int | None, typer.Option(help="CLIPSEARCH_PORT: port to bind.")] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", help="uvicorn worker processes (each loads the model).")
+    ] = 1,
+) -> None:
+    """Run the HTTP API (uvicorn, factory api.app:create_app); settings come from CLIPSEARCH_*."""
+    import uvicorn
+
+    settings = _settings(host=host, port=port)  # validates the environment before forking
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=workers,
+        log_level="info",
+        timeout_graceful_shutdown=10,
+    )
+
+
 @db_app.command("upgrade")
 def db_upgrade(data_dir: DataDirOpt = None, database_url: DbOpt = None) -> None:
     """Create or migrate the catalog schema to the newest version (safe to repeat)."""

@@ -47,6 +47,22 @@ class Settings(BaseSettings):
     jpeg_draft: bool = True
     hnsw_ef_search: int = Field(default=128, ge=1)
     ivf_nprobe: int = Field(default=32, ge=1)
+    # --- the HTTP API (`clipsearch serve`) ---
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    # Comma-separated keys. Admin keys also have read access. No keys at all: auth is off.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_k: int = Field(default=1000, ge=1, le=100_000)
+    max_query_chars: int = Field(default=1000, ge=1, le=100_000)
+    reload_interval_seconds: float = Field(default=5.0, ge=0)  # 0: only POST /admin/reload
+    query_cache_size: int = Field(default=4096, ge=0)  # text embeddings kept; 0 disables
+    microbatch: bool = True
+    microbatch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
+    microbatch_max_size: int = Field(default=32, ge=1, le=1024)
+    thumbnail_max_side: int = Field(default=512, ge=16, le=2048)
 
     @field_validator("roots", mode="before")
     @classmethod
@@ -59,6 +75,18 @@ class Settings(BaseSettings):
 
                 return json.loads(text)
             return [part for part in text.split(os.pathsep) if part]
+        return value
+
+    @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
     @field_validator("device")

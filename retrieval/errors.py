@@ -93,3 +93,14 @@ class BadQuery(ClipsearchError):
     """A query the service refuses: empty text, k out of range, and so on."""
 
     code = "bad_query"
+
+
+class PathNotAllowed(ClipsearchError):
+    """A catalog path resolves outside every configured image root (a moved root, a symlink)."""
+
+    code = "path_not_allowed"
+
+    def __init__(self, image_id: int, path: str) -> None:
+        super().__init__(f"The file of image {image_id} lies outside the configured roots.")
+        self.image_id = image_id
+        self.path = path

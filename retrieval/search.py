@@ -189,9 +189,12 @@ class Searcher:
         took["total"] = sum(v for key, v in took.items() if key != "total")
         return SearchResult(hits, snap.generation, snap.model_name, took)
 
-    def search_text(
-        self, query: str, k: int = 10, *, allowed_ids: np.ndarray | None = None
-    ) -> SearchResult:
+    def check_k(self, k: int) -> None:
+        """Raise BadQuery unless 1 <= k <= max_k."""
+        self._check_k(k)
+
+    def clean_query(self, query: str) -> str:
+        """The query text as it is encoded; BadQuery when empty or over the length limit."""
         text = query.strip()
         if not text:
             raise BadQuery("The query is empty.")
@@ -199,6 +202,12 @@ class Searcher:
             raise BadQuery(
                 f"The query is {len(text)} characters; the limit is {self.options.max_query_chars}."
             )
+        return text
+
+    def search_text(
+        self, query: str, k: int = 10, *, allowed_ids: np.ndarray | None = None
+    ) -> SearchResult:
+        text = self.clean_query(query)
         self._check_k(k)
         started = time.perf_counter()
         vector = self._require_encoder().encode_texts([text])[0]

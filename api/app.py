@@ -1,0 +1,182 @@
+"""The FastAPI application factory (`uvicorn --factory api.app:create_app`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.concurrency import run_in_threadpool
+
+from api.batching import MicroBatcher
+from api.errors import install_error_handlers
+from api.limits import BodySizeLimit
+from api.metrics import Metrics, RequestMetrics
+from api.query_cache import EmbeddingCache
+from api.routes import images, search, system
+from api.security import KeyRing
+from api.services import Services
+from api.text_queries import TextQueryEncoder
+from retrieval.catalog import Catalog
+from retrieval.config import Settings, load_settings
+from retrieval.encoder import Encoder, ModelSpec, load_encoder
+from retrieval.search import Searcher, SearchOptions
+
+log = logging.getLogger("clipsearch.api")
+
+DESCRIPTION = """Search indexed images by text, by example image, or by similarity.
+
+Send an API key as `Authorization: Bearer KEY` or `X-API-Key: KEY` when keys are configured.
+Every error is JSON `{"code": "...", "message": "..."}` with a stable code.
+"""
+
+
+def _load_encoder(settings: Settings) -> Encoder:
+    return load_encoder(
+        ModelSpec(
+            name=settings.model,
+            pretrained=settings.pretrained,
+            device=settings.device,
+            precision=settings.precision,
+            config_dir=settings.model_config_dir,
+            cache_dir=settings.model_cache_dir,
+        )
+    )
+
+
+def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> Services:
+    catalog = Catalog(settings.resolved_database_url)
+    catalog.upgrade()
+    searcher = Searcher(
+        catalog,
+        settings.resolved_index_dir,
+        encoder,
+        SearchOptions(
+            max_k=settings.max_k,
+            max_query_chars=settings.max_query_chars,
+            ef_search=settings.hnsw_ef_search,
+            nprobe=settings.ivf_nprobe,
+            jpeg_draft=settings.jpeg_draft,
+        ),
+    )
+    searcher.refresh()  # fail at start-up (model mismatch, corrupt shard), not on a query
+    text_encoder = TextQueryEncoder(encoder, EmbeddingCache(settings.query_cache_size), None)
+    services = Services(
+        settings=settings,
+        catalog=catalog,
+        encoder=encoder,
+        searcher=searcher,
+        text_encoder=text_encoder,
+        metrics=metrics,
+        keys=KeyRing.build(settings.api_keys, settings.admin_keys),
+    )
+    metrics.gauge(
+        "clipsearch_index_generation",
+        "Index generation being served.",
+        lambda: searcher.snapshot().generation,
+    )
+    metrics.gauge(
+        "clipsearch_index_vectors",
+        "Live vectors being served.",
+        lambda: searcher.snapshot().shards.live_count,
+    )
+    metrics.gauge(
+        "clipsearch_index_shards",
+        "Shards being served.",
+        lambda: len(searcher.snapshot().shards.shards),
+    )
+    metrics.gauge(
+        "clipsearch_query_cache_entries",
+        "Text embeddings in the LRU cache.",
+        lambda: len(text_encoder.cache),
+    )
+    return services
+
+
+def _warn_about_auth(keys: KeyRing) -> None:
+    if keys.enabled:
+        log.warning(
+            "API keys required: %d read key(s), %d admin key(s)",
+            len(keys.read_keys),
+            len(keys.admin_keys),
+        )
+    else:
+        log.warning(
+            "!!! AUTHENTICATION IS OFF: no CLIPSEARCH_API_KEYS or CLIPSEARCH_ADMIN_KEYS set; "
+            "anyone who can reach this port can search, fetch files and reload the index !!!"
+        )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    encoder_factory: Callable[[Settings], Encoder] | None = None,
+) -> FastAPI:
+    """Build the app. With no arguments (uvicorn's factory call) settings come from the env."""
+    settings = settings or load_settings()
+    build_encoder = encoder_factory or _load_encoder
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        encoder = await run_in_threadpool(build_encoder, settings)
+        services = await run_in_threadpool(_build_services, settings, encoder, metrics)
+        batcher: MicroBatcher | None = None
+        if settings.microbatch:
+            batcher = MicroBatcher(
+                services.text_encoder.encode_batch,
+                max_wait_s=settings.microbatch_wait_ms / 1000,
+                max_batch=settings.microbatch_max_size,
+            )
+            services.text_encoder.batcher = batcher
+        _warn_about_auth(services.keys)
+        services.ready = True
+        app.state.services = services
+        poller: asyncio.Task[None] | None = None
+        if settings.reload_interval_seconds > 0:
+            poller = asyncio.create_task(
+                services.poll_generations(settings.reload_interval_seconds)
+            )
+        log.warning(
+            "serving generation %d (%s)",
+            services.searcher.snapshot().generation,
+            encoder.identity.describe(),
+        )
+        try:
+            yield
+        finally:
+            # Graceful: stop polling, let batched queries finish, then release files and DB.
+            services.ready = False
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+            if batcher is not None:
+                await batcher.close()
+            services.searcher.close()
+            services.catalog.dispose()
+
+    app = FastAPI(
+        title="clipsearch",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(system.router)
+    app.include_router(search.router)
+    app.include_router(images.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+        )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app

@@ -1,0 +1,127 @@
+"""The one place where exceptions become HTTP responses: always JSON {"code", "message"}."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from retrieval.errors import (
+    BadQuery,
+    ClipsearchError,
+    ConfigError,
+    CorruptShard,
+    EmptyIndex,
+    ImageError,
+    ModelMismatch,
+    NotFound,
+    PathNotAllowed,
+    WeightsUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+# Domain exception -> HTTP status. The first matching class wins (subclasses first).
+STATUS: list[tuple[type[ClipsearchError], int]] = [
+    (BadQuery, 400),
+    (ImageError, 422),
+    (NotFound, 404),
+    (PathNotAllowed, 403),
+    (EmptyIndex, 503),
+    (ModelMismatch, 503),
+    (CorruptShard, 503),
+    (WeightsUnavailable, 503),
+    (ConfigError, 500),
+]
+# ImageError reasons that mean "the upload is too big", not "the upload is broken".
+_TOO_LARGE_REASONS = frozenset({"too_large"})
+
+_HTTP_CODES = {
+    400: "invalid_body",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An HTTP-level refusal raised by the API itself (auth, limits, readiness)."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def error_body(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "message": message}
+
+
+def _json(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+def domain_status(exc: ClipsearchError) -> tuple[int, str]:
+    if isinstance(exc, ImageError):
+        # The reason is the stable, more useful code for clients ("truncated", ...).
+        return (413 if exc.reason in _TOO_LARGE_REASONS else 422), f"image_{exc.reason}"
+    status = next((s for cls, s in STATUS if isinstance(exc, cls)), 500)
+    return status, exc.code
+
+
+async def _domain(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ClipsearchError)
+    status, code = domain_status(exc)
+    if status >= 500:
+        log.error("service error: %s", exc)
+    message = f"{exc.reason}: {exc.detail}" if isinstance(exc, ImageError) else str(exc)
+    return _json(status, code, message)
+
+
+async def _api(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return _json(exc.status, exc.code, exc.message, exc.headers)
+
+
+async def _http(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return _json(exc.status_code, code, message, getattr(exc, "headers", None))
+
+
+async def _validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return _json(422, "validation_error", "; ".join(parts) or "invalid request")
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return _json(500, "internal_error", "Internal server error; see the server log.")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ClipsearchError, _domain)
+    app.add_exception_handler(ApiError, _api)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(Exception, _unexpected)

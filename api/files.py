@@ -1,0 +1,57 @@
+"""Serving indexed files safely: only paths that resolve inside a configured root."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable
+
+from PIL import Image
+
+from retrieval.catalog import ImageRecord
+from retrieval.errors import ImageError, NotFound, PathNotAllowed
+from retrieval.images import decode_image
+
+MEDIA_TYPES = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+}
+
+
+def resolve_inside(record: ImageRecord, roots: Iterable[str]) -> str:
+    """The real path of the record's file; PathNotAllowed unless it lies under a real root.
+
+    Both sides are resolved with realpath, so `..` components and symlinks (the file's or a
+    parent's) are judged by where they lead, not by how the path is spelled.
+    """
+    if not os.path.isabs(record.path) or "\x00" in record.path:
+        raise PathNotAllowed(record.id, record.path)
+    real = os.path.realpath(record.path)
+    for root in roots:
+        real_root = os.path.realpath(root)
+        try:
+            if os.path.commonpath([real, real_root]) == real_root:
+                if not os.path.isfile(real):
+                    raise NotFound(f"The file of image {record.id} is missing.")
+                return real
+        except ValueError:  # different drives, or mixed absolute and relative paths
+            continue
+    raise PathNotAllowed(record.id, record.path)
+
+
+def make_thumbnail(path: str, *, side: int, max_pixels: int) -> bytes:
+    """A JPEG no larger than side x side, from the product's safe decoder."""
+    decoded = decode_image(path, max_pixels=max_pixels, min_side=side)
+    image: Image.Image = decoded.image
+    image.thumbnail((side, side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    try:
+        image.save(out, "JPEG", quality=85)
+    except OSError as exc:
+        raise ImageError("decode_failed", str(exc), path) from exc
+    return out.getvalue()

@@ -1,0 +1,89 @@
+"""Liveness, readiness, metrics, index description, and the admin reload."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import AdminAccess, ReadAccess, ServicesDep
+from api.schemas import ERROR_RESPONSES, Health, IndexInfo, Readiness, ReloadResponse
+from api.services import Services
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/health", response_model=Health, summary="Liveness: the process answers")
+async def health() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    summary="Readiness: model and index loaded",
+    responses={503: {"model": Readiness}},
+)
+async def ready(request: Request) -> JSONResponse:
+    services: Services | None = getattr(request.app.state, "services", None)
+    is_ready = services is not None and services.ready
+    generation = services.searcher.snapshot().generation if is_ready and services else None
+    body = Readiness(
+        ready=is_ready,
+        model_loaded=services is not None,
+        index_loaded=is_ready,
+        generation=generation,
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if is_ready else 503)
+
+
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    summary="Prometheus metrics (text format)",
+    dependencies=[ReadAccess],
+    responses=ERROR_RESPONSES,
+)
+async def metrics(services: ServicesDep) -> PlainTextResponse:
+    return PlainTextResponse(
+        services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )
+
+
+def _index_info(services: Services) -> IndexInfo:
+    snap = services.searcher.snapshot()
+    kinds = Counter(shard.kind for shard in snap.shards.shards)
+    return IndexInfo(
+        generation=snap.generation,
+        shard_count=len(snap.shards.shards),
+        vector_count=snap.shards.count,
+        live_vector_count=snap.shards.live_count,
+        index_kinds=dict(kinds),
+        model=snap.model,
+        images=services.catalog.counts(),
+    )
+
+
+@router.get(
+    "/index",
+    response_model=IndexInfo,
+    summary="The generation being served",
+    dependencies=[ReadAccess],
+    responses=ERROR_RESPONSES,
+)
+async def index_info(services: ServicesDep) -> IndexInfo:
+    return await run_in_threadpool(_index_info, services)
+
+
+@router.post(
+    "/admin/reload",
+    response_model=ReloadResponse,
+    summary="Swap in the newest index generation now",
+    dependencies=[AdminAccess],
+    responses=ERROR_RESPONSES,
+)
+async def reload(services: ServicesDep) -> ReloadResponse:
+    swapped = await services.reload()
+    return ReloadResponse(swapped=swapped, generation=services.searcher.snapshot().generation)

@@ -1,0 +1,69 @@
+"""The heavy objects one API process holds, built once in the lifespan and kept on app.state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from starlette.concurrency import run_in_threadpool
+
+from api.metrics import Metrics
+from api.security import KeyRing
+from api.text_queries import TextQueryEncoder
+from retrieval.catalog import Catalog
+from retrieval.config import Settings
+from retrieval.encoder import Encoder
+from retrieval.search import Searcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    catalog: Catalog
+    encoder: Encoder
+    searcher: Searcher
+    text_encoder: TextQueryEncoder
+    metrics: Metrics
+    keys: KeyRing
+    ready: bool = False
+    last_reload_error: str | None = None
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def allowed_roots(self) -> list[str]:
+        """Configured roots plus every root an index job has recorded."""
+        roots = {str(r) for r in self.settings.roots}
+        for job in self.catalog.jobs(limit=1000):
+            roots.update(str(r) for r in (job.roots or []))
+        return sorted(roots)
+
+    async def reload(self, force: bool = False) -> bool:
+        """Swap in the catalog's newest generation (off the event loop). True if swapped."""
+        async with self._reload_lock:
+            started = time.perf_counter()
+            swapped = await run_in_threadpool(self.searcher.refresh, force)
+            if swapped:
+                self.metrics.inc("clipsearch_reloads_total", "Index generations swapped in.")
+                self.metrics.observe(
+                    "clipsearch_reload_duration_seconds",
+                    "Time to open a new generation's shards.",
+                    time.perf_counter() - started,
+                )
+                log.info("serving index generation %d", self.searcher.snapshot().generation)
+            return swapped
+
+    async def poll_generations(self, interval: float) -> None:
+        """Background task: follow the catalog's generation until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.reload()
+                self.last_reload_error = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep serving the current generation
+                self.last_reload_error = str(exc)
+                log.warning("index reload failed; still serving the previous generation: %s", exc)

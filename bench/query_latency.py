@@ -1,0 +1,198 @@
+"""Query latency: text encoding (full context vs trimmed) and end-to-end POST /search/text.
+
+ViT-B-32 with random weights (pretrained="none"), 100k synthetic stored vectors in one flat
+shard plus catalog rows, uvicorn in a subprocess on loopback; concurrency 1 and 16, with
+micro-batching on and off. Prints ONE JSON line. Usage: python bench/query_latency.py [N]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from retrieval.catalog import ACTIVE, Catalog, GenerationCommit, ImageRecord, ShardRecord
+from retrieval.encoder import ModelSpec, load_encoder
+from retrieval.shards import IndexParams, write_shard
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "red blue green dog cat beach car tree house mountain river city night snow".split()
+
+
+def _query(i: int) -> str:
+    rng = np.random.default_rng(i)
+    return "a photo of " + " ".join(rng.choice(WORDS, size=int(rng.integers(2, 7))))
+
+
+def _pct(values: list[float]) -> dict[str, float]:
+    arr = np.array(values)
+    return {
+        "p50": round(float(np.percentile(arr, 50)), 2),
+        "p99": round(float(np.percentile(arr, 99)), 2),
+    }
+
+
+def _build_corpus(tmp: Path, n: int) -> dict[str, str]:
+    encoder = load_encoder(ModelSpec("ViT-B-32", "none", device="cpu"))
+    identity = encoder.identity
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((n, identity.dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    model = identity.to_dict()
+    manifest = write_shard(
+        tmp / "index",
+        "s0",
+        ids=ids,
+        embeddings=vectors,
+        params=IndexParams(kind="flat"),
+        model=model,
+    )
+    url = f"sqlite:///{tmp / 'catalog.db'}"
+    catalog = Catalog(url)
+    catalog.upgrade()
+    catalog.commit(
+        GenerationCommit(
+            model=model,
+            new_shards=[
+                ShardRecord(
+                    id="s0",
+                    kind=manifest.kind,
+                    count=n,
+                    dim=identity.dim,
+                    params=manifest.params,
+                    model_key=identity.key,
+                )
+            ],
+            upserts=[
+                ImageRecord(
+                    id=int(i),
+                    path=f"/bench/img_{i}.jpg",
+                    sha256=None,
+                    size=1,
+                    mtime_ns=1,
+                    status=ACTIVE,
+                    width=640,
+                    height=480,
+                    format="JPEG",
+                    shard_id="s0",
+                )
+                for i in ids
+            ],
+        )
+    )
+    catalog.dispose()
+    return {
+        "CLIPSEARCH_DATABASE_URL": url,
+        "CLIPSEARCH_INDEX_DIR": str(tmp / "index"),
+        "CLIPSEARCH_DATA_DIR": str(tmp),
+        "CLIPSEARCH_MODEL": "ViT-B-32",
+        "CLIPSEARCH_PRETRAINED": "none",
+        "CLIPSEARCH_DEVICE": "cpu",
+    }
+
+
+def _encode_times(reps: int) -> dict[str, dict[str, float]]:
+    encoder = load_encoder(ModelSpec("ViT-B-32", "none", device="cpu"))
+    out: dict[str, list[float]] = {"full": [], "trimmed": []}
+    for i in range(reps):
+        for mode, trim in (("full", False), ("trimmed", True)):
+            t = time.perf_counter()
+            encoder.encode_texts([_query(10_000 + i)], trim=trim)
+            out[mode].append((time.perf_counter() - t) * 1000)
+    return {k: _pct(v) for k, v in out.items()}
+
+
+async def _load(base: str, concurrency: int, total: int, offset: int) -> dict[str, float]:
+    latencies: list[float] = []
+    counter = iter(range(total))
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+
+        async def worker() -> None:
+            for i in counter:
+                t = time.perf_counter()
+                r = await client.post("/search/text", json={"query": _query(offset + i), "k": 10})
+                r.raise_for_status()
+                latencies.append((time.perf_counter() - t) * 1000)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return {**_pct(latencies), "qps": round(total / wall, 1)}
+
+
+def _serve(env: dict[str, str], microbatch: bool, requests: int) -> dict[str, object]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    full_env = {
+        **os.environ,
+        **env,
+        "CLIPSEARCH_MICROBATCH": str(microbatch).lower(),
+        "CLIPSEARCH_QUERY_CACHE_SIZE": "0",
+        "CLIPSEARCH_RELOAD_INTERVAL_SECONDS": "0",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "indexer", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(base + "/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.5)
+        asyncio.run(_load(base, 1, 5, 900_000))  # warm-up
+        return {
+            "c1": asyncio.run(_load(base, 1, requests, 0)),
+            "c16": asyncio.run(_load(base, 16, requests * 2, 500_000 if microbatch else 600_000)),
+        }
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    requests = int(os.environ.get("BENCH_REQUESTS", "64"))
+    with tempfile.TemporaryDirectory() as tmp:
+        env = _build_corpus(Path(tmp), n)
+        result: dict[str, object] = {
+            "bench": "query_latency",
+            "model": "ViT-B-32/none",
+            "vectors": n,
+            "cpu_count": os.cpu_count(),
+            "text_encode_ms": _encode_times(30),
+        }
+        http = {
+            "microbatch_on": _serve(env, True, requests),
+            "microbatch_off": _serve(env, False, requests),
+        }
+        result["search_text_http_ms"] = http
+        on: Any = http["microbatch_on"]["c16"]
+        off: Any = http["microbatch_off"]["c16"]
+        result["c16_throughput_ratio_on_vs_off"] = round(on["qps"] / off["qps"], 2)
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

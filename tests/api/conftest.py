@@ -1,0 +1,66 @@
+"""An indexed corpus of generated shapes and a TestClient on the app built around it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from indexer.pipeline import IndexJob
+from retrieval.catalog import Catalog
+from retrieval.config import Settings
+from retrieval.demo import generate_shapes
+from retrieval.encoder import Encoder
+from tests.fixtures.bad_images import write_good_images
+
+CORPUS_SIZE = 36
+READ_KEY = "read-key-123"
+ADMIN_KEY = "admin-key-456"
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    root = tmp_path / "photos"
+    generate_shapes(root, 24, seed=5)
+    (root / "captions.csv").unlink()
+    write_good_images(root / "mixed", 12, seed=2)  # six formats, several sizes
+    return root
+
+
+@pytest.fixture
+def indexed(settings: Settings, catalog: Catalog, encoder: Encoder, photos: Path) -> Path:
+    IndexJob(settings, catalog, lambda: encoder, progress=False).run([str(photos)])
+    return photos
+
+
+@pytest.fixture
+def make_client(
+    settings: Settings, encoder: Encoder, indexed: Path
+) -> Iterator[Callable[..., TestClient]]:
+    clients: list[TestClient] = []
+
+    def build(**overrides: object) -> TestClient:
+        app_settings = settings.model_copy(
+            update={"reload_interval_seconds": 0, "microbatch_wait_ms": 1.0, **overrides}
+        )
+        client = TestClient(create_app(app_settings, encoder_factory=lambda _: encoder))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield build
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()
+
+
+@pytest.fixture
+def auth_client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client(api_keys=[READ_KEY], admin_keys=[ADMIN_KEY])

@@ -1,0 +1,65 @@
+"""Filtered search is the exact top-k among the allowed ids (checked by brute force)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from retrieval.catalog import Catalog
+from retrieval.encoder import Encoder
+from retrieval.filters import SearchFilters, allowed_ids
+
+
+def _expected(
+    client: TestClient, catalog: Catalog, encoder: Encoder, query: str, ids: np.ndarray, k: int
+) -> list[int]:
+    searcher = client.app.state.services.searcher  # type: ignore[attr-defined]
+    found, vectors = searcher.snapshot().shards.vectors(ids)
+    q = encoder.encode_texts([query])[0]
+    scores = vectors @ q
+    order = np.lexsort((found, -scores))
+    return [int(found[i]) for i in order[:k]]
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"formats": ["png"]},
+        {"min_width": 60},
+        {"max_width": 60, "max_height": 60},
+        {"path_prefix": "PREFIX"},
+        {"indexed_after": "2000-01-01T00:00:00Z", "indexed_before": "2100-01-01T00:00:00"},
+    ],
+)
+def test_filtered_search_is_exact_top_k(
+    client: TestClient, catalog: Catalog, encoder: Encoder, filters: dict[str, object]
+) -> None:
+    records = catalog.records(range(1, 1000))
+    if filters.get("path_prefix") == "PREFIX":
+        first = sorted(r.path for r in records.values())[0]
+        filters = {"path_prefix": first[: first.rfind("/") + 1] + first.rsplit("/", 1)[1][:4]}
+    query = "a yellow star"
+    from api.schemas import Filters
+
+    ids = allowed_ids(catalog, Filters.model_validate(filters).to_domain())
+    assert ids is not None and 0 < len(ids) <= len(records)
+    k = 5
+    response = client.post("/search/text", json={"query": query, "k": k, "filters": filters})
+    assert response.status_code == 200, response.text
+    got = [h["id"] for h in response.json()["results"]]
+    want = _expected(client, catalog, encoder, query, ids, k)
+    assert len(got) == min(k, len(ids))
+    assert got == want
+
+
+def test_filter_matching_nothing_gives_no_results(client: TestClient) -> None:
+    body = client.post(
+        "/search/text", json={"query": "a", "filters": {"path_prefix": "/nowhere/"}}
+    ).json()
+    assert body["results"] == []
+
+
+def test_no_filters_means_no_id_set(catalog: Catalog) -> None:
+    assert allowed_ids(catalog, None) is None
+    assert allowed_ids(catalog, SearchFilters()) is None
