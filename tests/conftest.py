@@ -43,23 +43,23 @@ def _pg_schema_url(schema: str) -> str:
     return f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
 
 
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param(
-            "postgres",
-            marks=[
-                pytest.mark.postgres,
-                pytest.mark.skipif(
-                    PG_URL is None, reason="set CLIPSEARCH_TEST_DATABASE_URL to test Postgres"
-                ),
-            ],
-        ),
-    ]
-)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+BOTH_DATABASES = [
+    "sqlite",
+    pytest.param(
+        "postgres",
+        marks=[
+            pytest.mark.postgres,
+            pytest.mark.skipif(
+                PG_URL is None, reason="set CLIPSEARCH_TEST_DATABASE_URL to test Postgres"
+            ),
+        ],
+    ),
+]
+
+
+def fresh_database(kind: str, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty catalog database: a SQLite file, or a private Postgres schema."""
-    if request.param == "sqlite":
+    if kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'catalog.db'}"
         return
     assert PG_URL is not None
@@ -75,6 +75,11 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
             conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
             conn.commit()
         admin.dispose()
+
+
+@pytest.fixture(params=BOTH_DATABASES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    yield from fresh_database(request.param, tmp_path)
 
 
 @pytest.fixture

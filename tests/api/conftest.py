@@ -14,11 +14,19 @@ from retrieval.catalog import Catalog
 from retrieval.config import Settings
 from retrieval.demo import generate_shapes
 from retrieval.encoder import Encoder
+from tests.conftest import fresh_database
 from tests.fixtures.bad_images import write_good_images
 
 CORPUS_SIZE = 36
 READ_KEY = "read-key-123"
 ADMIN_KEY = "admin-key-456"
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> Iterator[str]:
+    """HTTP behaviour does not depend on the database: SQLite here. The catalog, pipeline
+    and filter tests run on both databases."""
+    yield from fresh_database("sqlite", tmp_path)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -55,7 +55,7 @@ def test_oversized_body_is_refused_while_streaming(
     assert response.status_code == 413
     assert response.json()["code"] == "payload_too_large"
 
-    def chunks() -> object:  # no Content-Length: only the streaming count can catch it
+    def chunks() -> Iterator[bytes]:  # no Content-Length: only the streaming count can catch it
         for _ in range(20):
             yield b"x" * 16 * 1024
 

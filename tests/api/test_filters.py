@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -9,6 +12,13 @@ from fastapi.testclient import TestClient
 from retrieval.catalog import Catalog
 from retrieval.encoder import Encoder
 from retrieval.filters import SearchFilters, allowed_ids
+from tests.conftest import BOTH_DATABASES, fresh_database
+
+
+@pytest.fixture(params=BOTH_DATABASES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Filters are SQL: run them on both databases."""
+    yield from fresh_database(request.param, tmp_path)
 
 
 def _expected(
