@@ -212,9 +212,13 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]
         yield items[start : start + size]
 
 
+def escape_like(text: str) -> str:
+    """Escape LIKE wildcards (use with escape="\\")."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def _like_prefix(root: str) -> str:
-    escaped = root.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped.rstrip("/") + "/%"
+    return escape_like(root).rstrip("/") + "/%"
 
 
 def _record(row: ImageRow) -> ImageRecord:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import ColumnElement, func, select
 
-from retrieval.catalog import ACTIVE, Catalog, ImageRow
+from retrieval.catalog import ACTIVE, Catalog, ImageRow, escape_like
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,7 @@ class SearchFilters:
 
 
 def _like_prefix(prefix: str) -> str:
-    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + "%"
+    return escape_like(prefix) + "%"
 
 
 def _conditions(filters: SearchFilters) -> list[ColumnElement[bool]]:
