@@ -13,7 +13,11 @@ EncodeBatch = Callable[[Sequence[str]], np.ndarray]
 
 class MicroBatcher:
     """Collects texts for at most `max_wait_s` (or until `max_batch` are waiting), then encodes
-    them together in a worker thread. The first text of a batch waits at most `max_wait_s`.
+    them together in a worker thread.
+
+    Only one batch is encoded at a time. Texts that arrive while it runs wait for it and
+    then go together in the next batch, at once: under load the batches grow by themselves
+    (continuous batching), instead of many small batches queueing for the same model.
 
     One instance per event loop (it is built in the app lifespan).
     """
@@ -27,6 +31,7 @@ class MicroBatcher:
         self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._busy = False
         self.batches = 0
         self.batched_texts = 0
 
@@ -34,19 +39,22 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
         self._pending.append((text, future))
-        if len(self._pending) >= self.max_batch:
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self.max_wait_s, self._flush)
+        if not self._busy:
+            if len(self._pending) >= self.max_batch:
+                self._flush()
+            elif self._timer is None:
+                self._timer = loop.call_later(self.max_wait_s, self._flush)
         return await future
 
     def _flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch, self._pending = self._pending, []
-        if not batch:
+        if self._busy or not self._pending:
             return
+        batch = self._pending[: self.max_batch]
+        self._pending = self._pending[self.max_batch :]
+        self._busy = True
         task = asyncio.get_running_loop().create_task(self._run(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -63,11 +71,16 @@ class MicroBatcher:
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            self._busy = False
+            # Whatever queued up meanwhile has waited long enough: encode it now.
+            if self._pending:
+                self._flush()
         for row, (_, future) in enumerate(batch):
             if not future.done():
                 future.set_result(vectors[row])
 
     async def close(self) -> None:
         self._flush()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
