@@ -20,6 +20,7 @@ from retrieval.errors import (
     IndexLocked,
     ModelMismatch,
     NotFound,
+    TrainingDataError,
     WeightsUnavailable,
 )
 
@@ -27,6 +28,7 @@ EXIT_CODES: dict[type[ClipsearchError], int] = {
     ConfigError: 2,
     BadQuery: 2,
     ImageError: 2,
+    TrainingDataError: 2,
     IndexLocked: 3,
     ModelMismatch: 4,
     WeightsUnavailable: 5,
@@ -321,6 +323,358 @@ def db_upgrade(data_dir: DataDirOpt = None, database_url: DbOpt = None) -> None:
     catalog = _catalog(settings)
     catalog.upgrade()
     typer.echo(f"catalog at revision {current_revision(catalog.engine)}")
+
+
+# --------------------------------------------------------------------------------------------
+# finetune and eval
+
+
+def _print_warnings(warnings: list[str], limit: int = 20) -> None:
+    for warning in warnings[:limit]:
+        typer.echo(f"  skipped: {warning}", err=True)
+    if len(warnings) > limit:
+        typer.echo(f"  ... and {len(warnings) - limit} more (see the report)", err=True)
+
+
+@app.command()
+def finetune(
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Training data: a .csv/.jsonl of image,caption pairs (paths relative to the "
+            "file; optional label column), a class folder root/<class>/*.jpg, or a folder of "
+            "labelme .json files (each rectangle becomes a crop of its label)."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Checkpoint to write (.pt); <name>.report.json is written beside it. Use it "
+            "anywhere as --pretrained PATH (or CLIPSEARCH_PRETRAINED).",
+        ),
+    ],
+    data_format: Annotated[
+        str, typer.Option("--format", help="auto, csv, jsonl, folder or labelme.")
+    ] = "auto",
+    templates: Annotated[
+        str,
+        typer.Option(
+            help="Captions for class folders and labelme labels: a set (openai, simple, photo), "
+            "a file with one template per line, or literal templates with {} joined by '|'. "
+            "Each use of a sample draws one."
+        ),
+    ] = "photo",
+    epochs: Annotated[float, typer.Option(help="Passes over the training split.")] = 1.0,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps; overrides --epochs.")] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Contrastive batch: the pairs that see each other as negatives.")
+    ] = 64,
+    accum: Annotated[
+        int,
+        typer.Option(
+            help="Gradient accumulation: micro-batches per optimizer step (each micro-batch "
+            "keeps its own negatives)."
+        ),
+    ] = 1,
+    lr: Annotated[
+        float,
+        typer.Option(help="Peak learning rate: ~1e-5 for a pretrained model, ~1e-3 from scratch."),
+    ] = 1e-5,
+    warmup: Annotated[
+        float, typer.Option(help="Fraction of steps with linear warmup; cosine decay after.")
+    ] = 0.1,
+    weight_decay: Annotated[float, typer.Option(help="AdamW decay on weight matrices.")] = 0.1,
+    loss: Annotated[
+        str,
+        typer.Option(
+            help="clip: open_clip's ClipLoss. class-aware: each image against the batch's "
+            "distinct captions, same class (or same caption) counted as one positive. auto: "
+            "class-aware when captions or classes repeat in the training data, else clip."
+        ),
+    ] = "auto",
+    freeze: Annotated[
+        str, typer.Option(help="Keep one tower as loaded: none, image or text.")
+    ] = "none",
+    val_fraction: Annotated[
+        float, typer.Option(help="Held-out fraction (stratified by class) for the report.")
+    ] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seeds init (random), split, order and captions.")] = 0,
+    amp: Annotated[
+        bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (no-op on CPU).")
+    ] = True,
+    patch_dropout: Annotated[
+        float, typer.Option(help="Fraction of ViT patches dropped while training (FLIP).")
+    ] = 0.0,
+    progress: Annotated[
+        bool | None,
+        typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal)."),
+    ] = None,
+    model: ModelOpt = None,
+    pretrained: Annotated[
+        str | None,
+        typer.Option(
+            "--pretrained",
+            help="Starting weights: a tag, a checkpoint path, or none for random init "
+            "(default CLIPSEARCH_PRETRAINED).",
+        ),
+    ] = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune the CLIP model contrastively and write a checkpoint plus a JSON report."""
+    from retrieval.finetune import FinetuneConfig
+    from retrieval.finetune import finetune as run_finetune
+    from retrieval.prompts import resolve_templates
+
+    settings = _settings(model=model, pretrained=pretrained, device=device)
+    config = FinetuneConfig(
+        data=data,
+        out=out,
+        model=settings.model,
+        pretrained=settings.pretrained,
+        data_format=data_format,
+        templates=resolve_templates(templates, "--templates"),
+        epochs=epochs,
+        steps=steps,
+        batch_size=batch_size,
+        accum_steps=accum,
+        lr=lr,
+        warmup=warmup,
+        weight_decay=weight_decay,
+        loss=loss,
+        freeze=freeze,
+        val_fraction=val_fraction,
+        seed=seed,
+        device=settings.device,
+        amp=amp,
+        patch_dropout=patch_dropout,
+        max_pixels=settings.max_image_pixels,
+        workers=max(1, settings.workers),
+        config_dir=settings.model_config_dir,
+        cache_dir=settings.model_cache_dir,
+    )
+    result = run_finetune(config, progress=progress)
+    if as_json:
+        _print_json(result.report)
+        return
+    report = result.report
+    zero_shot = report["val_zero_shot"]
+    typer.echo(
+        f"wrote {result.checkpoint} ({report['steps']} steps, {report['epochs']} epochs, "
+        f"{report['loss']} loss, {report['seconds']:.1f}s)"
+    )
+    typer.echo(
+        f"  train loss {report['final_train_loss']}, val loss {report['val_loss']}"
+        + (f", val zero-shot top-1 {zero_shot['top1']:.3f}" if zero_shot else "")
+    )
+    typer.echo(f"  report {result.report_path}")
+    if result.warnings:
+        typer.echo(f"{len(result.warnings)} samples or annotations skipped:", err=True)
+        _print_warnings(result.warnings)
+
+
+def _echo_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for number, row in enumerate(rows):
+        typer.echo(
+            "  ".join(
+                cell.rjust(w) if i else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+        )
+        if number == 0:
+            typer.echo("  ".join("-" * w for w in widths))
+
+
+def _echo_eval(results: dict[str, Any]) -> None:
+    if "retrieval" in results:
+        r = results["retrieval"]
+        typer.echo(f"retrieval on {r['data']} ({r['images']} images, {r['captions']} captions)")
+        rows = [["direction", "R@1", "R@5", "R@10", "mean rank", "median rank"]]
+        for name in ("text_to_image", "image_to_text"):
+            d = r["metrics"][name]
+            rows.append(
+                [
+                    name.replace("_", " "),
+                    *(f"{d[f'R@{k}']:.3f}" for k in (1, 5, 10)),
+                    f"{d['mean_rank']:.2f}",
+                    f"{d['median_rank']:g}",
+                ]
+            )
+        _echo_table(rows)
+        m = r["metrics"]
+        if m["class_queries"]:
+            typer.echo(
+                f"  captions with >= 5 images: {m['class_queries']}; top-5 all relevant "
+                f"{m['all_relevant@5']:.3f}, precision@5 {m['precision@5']:.3f}"
+            )
+    if "zero_shot" in results:
+        z = results["zero_shot"]
+        report = z["metrics"]
+        typer.echo(
+            f"zero-shot on {z['data']} ({report['single_prompt']['images']} images, "
+            f"{report['single_prompt']['classes']} classes)"
+        )
+        rows = [["prompts", "top-1", "top-5"]]
+        for label, key in (
+            (f"single: {report['prompt']}", "single_prompt"),
+            (f"ensemble of {report['templates']} templates", "template_ensemble"),
+        ):
+            rows.append([label, f"{report[key]['top1']:.3f}", f"{report[key]['top5']:.3f}"])
+        _echo_table(rows)
+    if "ann" in results:
+        a = results["ann"]
+        typer.echo(
+            f"ANN quality of the live index: {a['vectors']} vectors, {a['queries']} held-out "
+            f"queries, recall@{a['k']} against exact search (efSearch {a['ef_search']}, "
+            f"nprobe {a['nprobe']})"
+        )
+        rows = [["kind", "built as", f"recall@{a['k']}", "p50 ms", "p95 ms", "build s"]]
+        for kind in a["kinds"]:
+            rows.append(
+                [
+                    kind["kind"],
+                    kind["built"],
+                    f"{kind['recall']:.3f}",
+                    f"{kind['latency_ms_p50']:.3f}",
+                    f"{kind['latency_ms_p95']:.3f}",
+                    f"{kind['build_seconds']:.2f}",
+                ]
+            )
+        _echo_table(rows)
+
+
+@app.command("eval")
+def evaluate(
+    retrieval_set: Annotated[
+        Path | None,
+        typer.Option(
+            "--retrieval",
+            help="Captioned set (.csv/.jsonl, class folder or labelme): text->image and "
+            "image->text R@1/5/10 and mean rank.",
+        ),
+    ] = None,
+    zero_shot_set: Annotated[
+        Path | None,
+        typer.Option(
+            "--zero-shot",
+            help="Set with classes (class folder, labelme, or a table with a label column): "
+            "top-1/top-5 accuracy, single prompt and template ensemble side by side.",
+        ),
+    ] = None,
+    ann: Annotated[
+        bool,
+        typer.Option(
+            "--ann",
+            help="Recall@k of each index kind (flat, hnsw, ivf, ivfpq), built from the live "
+            "index's stored embeddings, against exact search; with query latency.",
+        ),
+    ] = False,
+    prompt: Annotated[
+        str,
+        typer.Option(
+            help="The single zero-shot prompt, {} being the class name; also the caption of "
+            "class-folder and labelme images in --retrieval."
+        ),
+    ] = "a photo of a {}.",
+    templates: Annotated[
+        str,
+        typer.Option(
+            help="The zero-shot ensemble: openai, simple, photo, a file, or 'a {}|the {}'."
+        ),
+    ] = "openai",
+    data_format: Annotated[
+        str, typer.Option("--format", help="auto, csv, jsonl, folder or labelme.")
+    ] = "auto",
+    k: Annotated[int, typer.Option("-k", help="k for ANN recall.")] = 10,
+    ann_queries: Annotated[int, typer.Option(help="Stored vectors held out as ANN queries.")] = 200,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    index_dir: IndexDirOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure retrieval, zero-shot accuracy and ANN recall; a table, or --json."""
+    from retrieval import evaluate as ev
+    from retrieval.prompts import resolve_templates
+    from retrieval.training_data import load_training_set
+
+    if retrieval_set is None and zero_shot_set is None and not ann:
+        raise ConfigError("eval", "give --retrieval PATH, --zero-shot PATH and/or --ann")
+    settings = _settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        index_dir=index_dir,
+        model=model,
+        pretrained=pretrained,
+        device=device,
+    )
+    ensemble = resolve_templates(templates, "--templates")
+    single = resolve_templates(prompt, "--prompt")[0]
+    results: dict[str, Any] = {}
+    warnings: list[str] = []
+    if retrieval_set is not None or zero_shot_set is not None:
+        encoder = _encoder_factory(settings)()
+        results["model"] = encoder.identity.to_dict()
+        embedded: dict[Path, Any] = {}
+        sets = {}
+        for path in (retrieval_set, zero_shot_set):
+            if path is not None and path not in sets:
+                # Class folders get --prompt captions for retrieval; zero-shot passes its
+                # templates itself.
+                sets[path] = load_training_set(
+                    path, fmt=data_format, templates=(single,), max_pixels=settings.max_image_pixels
+                )
+                warnings += sets[path].warnings
+                embedded[path] = ev.embed_set_images(
+                    encoder, sets[path], max_pixels=settings.max_image_pixels
+                )
+                warnings += embedded[path].warnings
+        if retrieval_set is not None:
+            metrics, used = ev.evaluate_retrieval(
+                encoder, sets[retrieval_set], embedded=embedded[retrieval_set]
+            )
+            results["retrieval"] = {
+                "data": str(retrieval_set),
+                "images": len(used.sample_indices),
+                "captions": len(
+                    {sets[retrieval_set].samples[i].caption for i in used.sample_indices}
+                ),
+                "metrics": metrics.to_dict(),
+            }
+        if zero_shot_set is not None:
+            zero_shot, _ = ev.evaluate_zero_shot(
+                encoder,
+                sets[zero_shot_set],
+                prompt=single,
+                templates=ensemble,
+                embedded=embedded[zero_shot_set],
+            )
+            results["zero_shot"] = {"data": str(zero_shot_set), "metrics": zero_shot.to_dict()}
+    if ann:
+        catalog = _catalog(settings)
+        catalog.upgrade()
+        vectors = ev.live_embeddings(catalog, settings.resolved_index_dir)
+        report = ev.ann_quality(
+            vectors,
+            k=k,
+            queries=ann_queries,
+            ef_search=settings.hnsw_ef_search,
+            nprobe=settings.ivf_nprobe,
+        )
+        results["ann"] = report.to_dict()
+    results["warnings"] = warnings
+    if as_json:
+        _print_json(results)
+        return
+    _echo_eval(results)
+    if warnings:
+        typer.echo(f"{len(warnings)} samples skipped:", err=True)
+        _print_warnings(warnings)
 
 
 @app.command()

@@ -104,3 +104,14 @@ class PathNotAllowed(ClipsearchError):
         super().__init__(f"The file of image {image_id} lies outside the configured roots.")
         self.image_id = image_id
         self.path = path
+
+
+class TrainingDataError(ClipsearchError):
+    """A training or evaluation set cannot be used at all (bad layout, no usable samples)."""
+
+    code = "bad_training_data"
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.detail = message

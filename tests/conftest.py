@@ -102,3 +102,38 @@ def settings(tmp_path: Path, db_url: str, tiny_checkpoint: Path) -> Settings:
         batch_size=16,
         retire_grace_seconds=0,
     )
+
+
+def _semantic_cache_key() -> str:
+    """Digest of everything that decides the semantic model: code, configs and library versions."""
+    import hashlib
+
+    import open_clip
+
+    root = Path(__file__).resolve().parents[1] / "retrieval"
+    digest = hashlib.sha256(f"{torch.__version__} {open_clip.__version__}".encode())
+    for path in sorted([*root.glob("*.py"), *(root / "model_configs").glob("*.json")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def semantic_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model trained on generated shapes by the product's own finetune, once a session.
+
+    Set CLIPSEARCH_TEST_MODEL_CACHE to a directory to keep it between sessions (CI can cache
+    that directory); the file name holds a digest of retrieval/ and the library versions, so
+    any change to the code that makes it trains a new one.
+    """
+    from retrieval.shapes_model import TEST_STEPS, cached_shapes_model, train_shapes_model
+
+    cache = os.environ.get("CLIPSEARCH_TEST_MODEL_CACHE")
+    if cache:
+        out = Path(cache) / f"shapes-tiny-{_semantic_cache_key()}.pt"
+        if cached_shapes_model(out, min_steps=TEST_STEPS) is not None:
+            return out
+    else:
+        out = tmp_path_factory.mktemp("semantic-model") / "shapes-tiny.pt"
+    work = tmp_path_factory.mktemp("semantic-data")
+    result = train_shapes_model(work, out, steps=TEST_STEPS, device="cpu", progress=False)
+    return result.checkpoint

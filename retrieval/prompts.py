@@ -1,0 +1,88 @@
+"""Prompt templates: class names become captions, for zero-shot labels and class-folder training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.errors import ConfigError
+
+PLACEHOLDER = "{}"
+# CLIP's single-prompt baseline ("A photo of a {label}." in the CLIP paper).
+DEFAULT_PROMPT = "a photo of a {}."
+
+
+def _open_clip_templates(name: str) -> tuple[str, ...]:
+    from open_clip import zero_shot_metadata
+
+    # open_clip keeps its templates as lambdas; applied to the placeholder they give the
+    # template text back, which can be stored, printed and compared.
+    return tuple(template(PLACEHOLDER) for template in getattr(zero_shot_metadata, name))
+
+
+TEMPLATE_SET_SOURCES: dict[str, Callable[[], tuple[str, ...]]] = {
+    "openai": lambda: _open_clip_templates("OPENAI_IMAGENET_TEMPLATES"),  # 80 prompts
+    "simple": lambda: _open_clip_templates("SIMPLE_IMAGENET_TEMPLATES"),  # 7 of them
+    "photo": lambda: (DEFAULT_PROMPT,),
+}
+
+
+def render(template: str, class_name: str) -> str:
+    # str.format would trip over braces in a class name or a template's other text.
+    return template.replace(PLACEHOLDER, class_name)
+
+
+def class_name_from_folder(folder: str) -> str:
+    """`red_circle` -> `red circle`: folder names cannot hold spaces comfortably, captions can."""
+    return " ".join(folder.replace("_", " ").split())
+
+
+def resolve_templates(spec: str | Sequence[str], setting: str = "templates") -> tuple[str, ...]:
+    """Templates from a set name (openai, simple, photo), a file (one per line), or literals.
+
+    A string holding the placeholder is taken literally; several literals are separated by
+    `|` (`"a {}|a photo of a {}."`). Every template must contain `{}` exactly once.
+    """
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text in TEMPLATE_SET_SOURCES:
+            templates: Sequence[str] = TEMPLATE_SET_SOURCES[text]()
+        elif PLACEHOLDER in text:
+            templates = [part.strip() for part in text.split("|")]
+        elif Path(text).is_file():
+            lines = Path(text).read_text(encoding="utf-8").splitlines()
+            templates = [line.strip() for line in lines if line.strip()]
+        else:
+            known = ", ".join(TEMPLATE_SET_SOURCES)
+            raise ConfigError(
+                setting,
+                f"{spec!r} is not a template set ({known}), a file, or a template with {{}}",
+            )
+    else:
+        templates = [str(part).strip() for part in spec]
+    if not templates:
+        raise ConfigError(setting, "no templates given")
+    for template in templates:
+        if template.count(PLACEHOLDER) != 1:
+            raise ConfigError(setting, f"template {template!r} must contain {{}} exactly once")
+    return tuple(templates)
+
+
+def class_text_embeddings(
+    encode_texts: Callable[[list[str]], np.ndarray],
+    class_names: Sequence[str],
+    templates: Sequence[str],
+) -> np.ndarray:
+    """One unit vector per class: the mean of its template embeddings, renormalised.
+
+    `encode_texts` returns L2-normalised rows (as `Encoder.encode_texts` does).
+    """
+    if not class_names:
+        raise ValueError("no class names")
+    prompts = [render(t, name) for name in class_names for t in templates]
+    vectors = encode_texts(prompts).astype(np.float32, copy=False)
+    vectors = vectors.reshape(len(class_names), len(templates), -1).mean(axis=1)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)

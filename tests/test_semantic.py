@@ -1,0 +1,133 @@
+"""End to end with meaning: the tiny model trained on shapes finds the right pictures.
+
+`semantic_checkpoint` (conftest) is trained once per session by the product's own finetune.
+Everything here runs on pictures generated with another seed than its training pictures.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from indexer.demo import MODEL_FILE, run_demo
+from indexer.pipeline import IndexJob
+from retrieval import evaluate as ev
+from retrieval.catalog import Catalog
+from retrieval.config import load_settings
+from retrieval.demo import COLOURS, SHAPES, draw_shape, generate_shapes
+from retrieval.encoder import Encoder, ModelSpec, load_encoder
+from retrieval.finetune import report_path_for
+from retrieval.search import Searcher
+from retrieval.shapes_model import SHAPES_MODEL, SHAPES_TEMPLATES
+from retrieval.training_data import load_training_set
+
+pytestmark = pytest.mark.slow  # trains the semantic model once per session
+
+HELDOUT_SEED = 1
+HELDOUT_IMAGES = 240  # 10 per class: enough for "all of the top 5 are right"
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("heldout")
+    generate_shapes(root, HELDOUT_IMAGES, seed=HELDOUT_SEED)
+    return root
+
+
+@pytest.fixture(scope="module")
+def semantic_encoder(semantic_checkpoint: Path) -> Encoder:
+    return load_encoder(ModelSpec(SHAPES_MODEL, str(semantic_checkpoint), device="cpu"))
+
+
+def test_zero_shot_and_class_queries_on_heldout_shapes(
+    semantic_encoder: Encoder, heldout: Path
+) -> None:
+    classes = load_training_set(heldout, templates=SHAPES_TEMPLATES)
+    zero_shot, _ = ev.evaluate_zero_shot(
+        semantic_encoder, classes, prompt="a {}", templates=SHAPES_TEMPLATES
+    )
+    assert zero_shot.single.classes == len(COLOURS) * len(SHAPES) == 24
+    assert zero_shot.single.images == HELDOUT_IMAGES
+    assert zero_shot.single.top1 >= 0.9
+
+    retrieval, _ = ev.evaluate_retrieval(
+        semantic_encoder, load_training_set(heldout / "captions.csv")
+    )
+    assert retrieval.class_queries == 24
+    # For each of the 24 captions ("a red circle"), are all of its top 5 pictures that class?
+    assert retrieval.all_relevant_at[5] >= 0.9
+    assert retrieval.text_to_image.recall[5] >= 0.9
+
+
+def test_the_random_model_fails_the_same_bar(encoder: Encoder, heldout: Path) -> None:
+    # The bar above means something: the same measurement on the untrained model is near chance.
+    zero_shot, _ = ev.evaluate_zero_shot(
+        encoder, load_training_set(heldout), prompt="a {}", templates=SHAPES_TEMPLATES
+    )
+    assert zero_shot.single.top1 < 0.3
+
+
+@pytest.fixture(scope="module")
+def indexed(
+    semantic_checkpoint: Path,
+    semantic_encoder: Encoder,
+    heldout: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Searcher]:
+    settings = load_settings(
+        data_dir=tmp_path_factory.mktemp("semantic-index"),
+        model=SHAPES_MODEL,
+        pretrained=str(semantic_checkpoint),
+        device="cpu",
+        workers=0,
+        retire_grace_seconds=0,
+    )
+    catalog = Catalog(settings.resolved_database_url)
+    report = IndexJob(settings, catalog, lambda: semantic_encoder).run([heldout])
+    assert report.new == HELDOUT_IMAGES and not report.failed
+    searcher = Searcher(catalog, settings.resolved_index_dir, semantic_encoder)
+    yield searcher
+    searcher.close()
+    catalog.dispose()
+
+
+def classes_of(paths: list[str]) -> list[str]:
+    return [Path(path).parent.name for path in paths]
+
+
+def test_text_search_for_a_blue_square_returns_blue_squares(indexed: Searcher) -> None:
+    result = indexed.search_text("a blue square", k=5)
+    assert classes_of([hit.path for hit in result.hits]) == ["blue_square"] * 5
+
+
+def test_image_search_with_a_new_green_triangle_finds_green_triangles(
+    indexed: Searcher, tmp_path: Path
+) -> None:
+    query = tmp_path / "query.png"
+    draw_shape("green", "triangle", random.Random("a picture nobody indexed")).save(query)
+    result = indexed.search_image(query, k=5)
+    assert classes_of([hit.path for hit in result.hits]) == ["green_triangle"] * 5
+
+
+def test_demo_reuses_a_trained_model_and_its_searches_mean_something(
+    semantic_checkpoint: Path, tmp_path: Path
+) -> None:
+    # Put the session's model where the demo caches its own, so the demo skips training.
+    model_dir = tmp_path / "demo" / "model"
+    model_dir.mkdir(parents=True)
+    shutil.copy(semantic_checkpoint, model_dir / MODEL_FILE)
+    shutil.copy(report_path_for(semantic_checkpoint), report_path_for(model_dir / MODEL_FILE))
+    lines: list[str] = []
+    base = load_settings(
+        model=SHAPES_MODEL, pretrained=str(tmp_path / "absent.pt"), device="cpu", workers=0
+    )
+    run_demo(tmp_path / "demo", 48, base=base, echo=lines.append)
+    text = "\n".join(lines)
+    assert "not available offline" in text and "using the tiny model trained earlier" in text
+    assert "training" not in text
+    top = lines.index('top 3 for "a red circle":')
+    assert all("red_circle/" in line for line in lines[top + 1 : top + 4])
