@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -13,6 +15,33 @@ from retrieval.errors import ConfigError
 
 ENV_PREFIX = "CLIPSEARCH_"
 IndexKindName = Literal["auto", "flat", "hnsw", "ivf", "ivfpq"]
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds from `24h`, `90m`, `1h30m`, `45s`, `2d`, or a plain number of seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    text = value.strip().lower().replace(" ", "")
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise ValueError("must be a duration such as 24h, 30m, 1h30m, 45s or 2d")
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+
+
+def parse_time_of_day(value: str) -> dt.time:
+    """`HH:MM` (24-hour clock) as a time."""
+    match = re.fullmatch(r"(\d{1,2}):(\d{2})", value.strip())
+    if not match or int(match.group(1)) > 23 or int(match.group(2)) > 59:
+        raise ValueError("must be a time of day HH:MM, such as 03:00")
+    return dt.time(int(match.group(1)), int(match.group(2)))
 
 
 def _default_data_dir() -> Path:
@@ -63,6 +92,9 @@ class Settings(BaseSettings):
     microbatch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
     microbatch_max_size: int = Field(default=32, ge=1, le=1024)
     thumbnail_max_side: int = Field(default=512, ge=16, le=2048)
+    # --- scheduled indexing (`clipsearch schedule`) ---
+    index_every: float = Field(default=86_400.0, gt=0)  # seconds; also 24h, 30m, 1h30m
+    index_at: str | None = None  # HH:MM local time the runs are aligned to
 
     @field_validator("roots", mode="before")
     @classmethod
@@ -88,6 +120,18 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+    @field_validator("index_every", mode="before")
+    @classmethod
+    def _parse_every(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @field_validator("index_at")
+    @classmethod
+    def _check_at(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return parse_time_of_day(value).strftime("%H:%M")
 
     @field_validator("device")
     @classmethod
