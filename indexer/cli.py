@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +15,7 @@ import typer
 from retrieval.config import Settings, load_settings
 from retrieval.errors import (
     BadQuery,
+    CatalogNotEmpty,
     ClipsearchError,
     ConfigError,
     CorruptShard,
@@ -27,6 +30,7 @@ from retrieval.errors import (
 EXIT_CODES: dict[type[ClipsearchError], int] = {
     ConfigError: 2,
     BadQuery: 2,
+    CatalogNotEmpty: 2,
     ImageError: 2,
     TrainingDataError: 2,
     IndexLocked: 3,
@@ -47,7 +51,10 @@ environment variable (flags win). Exit codes: 0 ok (bad images are reported, not
 """
 
 app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False)
-db_app = typer.Typer(help="Catalog database: migrations.", no_args_is_help=True)
+db_app = typer.Typer(
+    help="Catalog database: migrations, and copying it to another database.",
+    no_args_is_help=True,
+)
 app.add_typer(db_app, name="db")
 
 DataDirOpt = Annotated[
@@ -105,6 +112,38 @@ def _print_json(data: Any) -> None:
     typer.echo(json.dumps(data, default=str))
 
 
+def _index_summary(report: Any) -> str:
+    return (
+        f"generation {report.generation}: {report.new} new, {report.changed} changed, "
+        f"{report.moved} moved, {report.copied} copied, {report.deleted} deleted, "
+        f"{report.unchanged} unchanged, {len(report.failed)} failed "
+        f"in {report.seconds:.1f}s"
+        + (f" ({report.images_per_second:.1f} images/s encoded)" if report.encoded else "")
+    )
+
+
+def _utc_text(moment: dt.datetime) -> str:
+    # SQLite hands back naive UTC, Postgres aware values in the session's zone.
+    aware = moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment
+    return aware.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _previous_index_run(catalog: Any) -> dict[str, Any] | None:
+    """The newest finished `index` job in the catalog, as plain data."""
+    catalog.upgrade()
+    for job in catalog.jobs(limit=100):
+        if job.kind == "index" and job.status != "running":
+            return {
+                "job": job.id,
+                "status": job.status,
+                "started_at": job.started_at,
+                "finished_at": job.finished_at,
+                "generation": job.generation,
+                "roots": job.roots,
+            }
+    return None
+
+
 @app.command()
 def index(
     roots: Annotated[
@@ -126,6 +165,16 @@ def index(
         bool | None,
         typer.Option("--progress/--no-progress", help="Progress bars (default: on a terminal)."),
     ] = None,
+    since_last_run: Annotated[
+        bool,
+        typer.Option(
+            "--since-last-run",
+            help="For nightly jobs: require a previous index run in this catalog and report "
+            "the changes since it. Every run is incremental anyway (it diffs the files against "
+            "the catalog); this refuses an empty catalog (exit 2), so a job pointed at the "
+            "wrong database or a lost volume does not silently re-encode everything.",
+        ),
+    ] = False,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
     index_dir: IndexDirOpt = None,
@@ -150,20 +199,212 @@ def index(
         shard_size=shard_size,
     )
     chosen_roots = [str(r) for r in (roots or settings.roots)]
-    job = IndexJob(settings, _catalog(settings), _encoder_factory(settings), progress=progress)
+    catalog = _catalog(settings)
+    previous = _previous_index_run(catalog) if since_last_run else None
+    if since_last_run and previous is None:
+        raise typer.BadParameter(
+            f"the catalog {settings.resolved_database_url} has no previous index run. Check "
+            "CLIPSEARCH_DATABASE_URL; for the very first run, leave this flag out (a first "
+            "run encodes every image).",
+            param_hint="'--since-last-run'",
+        )
+    job = IndexJob(settings, catalog, _encoder_factory(settings), progress=progress)
     report = job.run(chosen_roots)
     if as_json:
-        _print_json(report.to_dict())
+        _print_json({**report.to_dict(), **({"since": previous} if since_last_run else {})})
         return
-    typer.echo(
-        f"generation {report.generation}: {report.new} new, {report.changed} changed, "
-        f"{report.moved} moved, {report.copied} copied, {report.deleted} deleted, "
-        f"{report.unchanged} unchanged, {len(report.failed)} failed "
-        f"in {report.seconds:.1f}s"
-        + (f" ({report.images_per_second:.1f} images/s encoded)" if report.encoded else "")
-    )
+    if previous is not None:
+        typer.echo(
+            f"since job {previous['job']} ({previous['status']}, started "
+            f"{_utc_text(previous['started_at'])}):"
+        )
+    typer.echo(_index_summary(report))
     for failure in report.failed:
         typer.echo(f"  failed  {failure.reason:<18} {failure.path}  ({failure.detail})")
+
+
+def _local_text(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
+
+
+def _duration_text(seconds: float) -> str:
+    """24h, 1h30m, 5m, 2s: the units --every accepts, largest first, zeros left out."""
+    rest = max(0, round(seconds))
+    parts = []
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        count, rest = divmod(rest, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts[:2]) or "0s"
+
+
+SCHEDULE_HELP = (
+    "Run `index` now and then on a schedule (default nightly) until SIGTERM or Ctrl-C.\n\n"
+    "Each run is an ordinary incremental index job under the single-writer lock. A failed run "
+    "is reported and the schedule goes on. A stop signal ends the wait at once, or interrupts "
+    "a run in progress (what it committed is kept) and exits 0. With --max-runs the exit code "
+    "is that of the last run."
+)
+
+
+@app.command(help=SCHEDULE_HELP)
+def schedule(
+    roots: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Image folders to index (default: CLIPSEARCH_ROOTS)."),
+    ] = None,
+    every: Annotated[
+        str | None,
+        typer.Option(
+            "--every",
+            help="CLIPSEARCH_INDEX_EVERY: time between run starts, e.g. 24h, 6h, 30m, 1h30m "
+            "(default 24h). A run that overruns skips the slots it covered.",
+        ),
+    ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            "--at",
+            help="CLIPSEARCH_INDEX_AT: align runs to this local time, HH:MM (e.g. 03:00); "
+            "runs then start at HH:MM plus whole multiples of --every.",
+        ),
+    ] = None,
+    run_at_start: Annotated[
+        bool,
+        typer.Option(
+            "--run-at-start/--wait-for-slot",
+            help="Run once at start-up (cheap when nothing changed), or wait for the first slot.",
+        ),
+    ] = True,
+    max_runs: Annotated[
+        int | None, typer.Option(min=1, help="Stop after this many runs (default: never).")
+    ] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option(help="CLIPSEARCH_INDEX_KIND for new shards: auto, flat, hnsw, ivf, ivfpq."),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="CLIPSEARCH_BATCH_SIZE.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="CLIPSEARCH_WORKERS: decoder processes (0 = inline).")
+    ] = None,
+    shard_size: Annotated[
+        int | None, typer.Option(help="CLIPSEARCH_SHARD_SIZE: vectors per shard and commit.")
+    ] = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option("--progress/--no-progress", help="Progress bars (default: on a terminal)."),
+    ] = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    index_dir: IndexDirOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per run on stdout; notes on stderr.")
+    ] = False,
+) -> None:
+    """Run `index` now and then on a schedule (default nightly) until SIGTERM or Ctrl-C."""
+    from indexer.pipeline import IndexJob, IndexReport
+    from indexer.schedule import (
+        ScheduleConfig,
+        ScheduledRun,
+        Scheduler,
+        stop_on_signals,
+    )
+    from retrieval.config import parse_time_of_day
+
+    settings = _settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        index_dir=index_dir,
+        model=model,
+        pretrained=pretrained,
+        device=device,
+        index_kind=kind,
+        batch_size=batch_size,
+        workers=workers,
+        shard_size=shard_size,
+        index_every=every,
+        index_at=at,
+    )
+    chosen_roots = [str(r) for r in (roots or settings.roots)]
+    if not chosen_roots:
+        raise ConfigError(
+            "CLIPSEARCH_ROOTS", "no image folders given (pass ROOT arguments or set it)"
+        )
+    config = ScheduleConfig(
+        every_seconds=settings.index_every,
+        at=parse_time_of_day(settings.index_at) if settings.index_at else None,
+        max_runs=max_runs,
+        run_at_start=run_at_start,
+    )
+    catalog = _catalog(settings)
+
+    def run_job() -> IndexReport:
+        # The model loads only when a run has something to encode, and is dropped after.
+        job = IndexJob(settings, catalog, _encoder_factory(settings), progress=progress)
+        return job.run(chosen_roots)
+
+    def on_run(run: ScheduledRun) -> None:
+        stamp = run.started_at.isoformat(timespec="seconds")
+        if as_json:
+            _print_json(
+                {
+                    "run": run.number,
+                    "started_at": stamp,
+                    "seconds": round(run.seconds, 3),
+                    "ok": run.ok,
+                    "report": run.report.to_dict() if run.report else None,
+                    "error": str(run.error) if run.error else None,
+                }
+            )
+        elif run.report is not None:
+            typer.echo(f"{stamp} run {run.number}: {_index_summary(run.report)}")
+            for failure in run.report.failed:
+                typer.echo(f"  failed  {failure.reason:<18} {failure.path}  ({failure.detail})")
+        if run.error is not None:
+            what = "" if isinstance(run.error, ClipsearchError) else f"{type(run.error).__name__}: "
+            typer.echo(
+                f"{stamp} run {run.number} failed after {run.seconds:.1f}s: {what}{run.error}"
+                + ("" if run.number == max_runs else "; the schedule goes on"),
+                err=True,
+            )
+
+    def on_wait(slot: float, skipped: int) -> None:
+        note = f" (the last run overran the interval: {skipped} skipped)" if skipped else ""
+        typer.echo(
+            f"next run at {_local_text(slot)} (in {_duration_text(slot - time.time())}){note}",
+            err=as_json,
+        )
+
+    typer.echo(
+        f"indexing {', '.join(chosen_roots)} every {_duration_text(config.every_seconds)}"
+        + (f" aligned to {settings.index_at} local time" if settings.index_at else "")
+        + "; SIGTERM or Ctrl-C stops",
+        err=as_json,
+    )
+    scheduler = Scheduler(run_job, config, on_run=on_run, on_wait=on_wait)
+    with stop_on_signals(scheduler):
+        summary = scheduler.run()
+    catalog.dispose()
+    if summary.stopped_by is not None:
+        during = (
+            f" during run {summary.runs + 1} (what it committed is kept)"
+            if summary.interrupted_run
+            else ""
+        )
+        typer.echo(
+            f"stopped by {summary.stopped_by}{during} after {summary.runs} runs "
+            f"({summary.failed} failed)",
+            err=True,
+        )
+        return
+    last = summary.last
+    if last is not None and last.error is not None:
+        error = last.error
+        code = next((c for t, c in EXIT_CODES.items() if isinstance(error, t)), 1)
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -323,6 +564,104 @@ def db_upgrade(data_dir: DataDirOpt = None, database_url: DbOpt = None) -> None:
     catalog = _catalog(settings)
     catalog.upgrade()
     typer.echo(f"catalog at revision {current_revision(catalog.engine)}")
+
+
+MIGRATE_TO_HELP = (
+    "Copy the whole catalog into another database (SQLite to Postgres), ids kept.\n\n"
+    "The target is migrated to the newest schema first and must be empty (or --force). "
+    "Every table is copied, parents first, in batches, in one target transaction; row counts "
+    "are verified before it commits, and Postgres sequences are moved past the copied ids. "
+    "The indexer lock is held meanwhile. The FAISS shard files are not copied: the index dir "
+    "stays where it is and serves the new database as it served the old one."
+)
+
+
+@db_app.command("migrate-to", help=MIGRATE_TO_HELP)
+def db_migrate_to(
+    target_url: Annotated[
+        str,
+        typer.Argument(
+            metavar="URL",
+            help="Target database, e.g. postgresql://user:password@host/clipsearch (or "
+            "sqlite:///path). Migrated to the newest schema first; must be empty.",
+        ),
+    ],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Replace the rows a non-empty target holds (default: refuse)."
+        ),
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per insert batch.")] = 5000,
+    progress: Annotated[
+        bool | None,
+        typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal)."),
+    ] = None,
+    data_dir: DataDirOpt = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url", help="The source catalog (default CLIPSEARCH_DATABASE_URL)."
+        ),
+    ] = None,
+    index_dir: IndexDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy the whole catalog into another database (SQLite to Postgres), ids kept."""
+    from tqdm import tqdm
+
+    from indexer.jobs import IndexLock
+    from retrieval.catalog_copy import copy_catalog, display_url
+    from retrieval.config import normalise_database_url
+
+    settings = _settings(data_dir=data_dir, database_url=database_url, index_dir=index_dir)
+    try:
+        target = normalise_database_url(target_url)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="URL") from None
+    source_catalog = _catalog(settings)
+    target_catalog = _catalog(settings.model_copy(update={"database_url": target}))
+    bar = tqdm(desc="copy", unit=" rows", disable=None if progress is None else not progress)
+
+    def on_progress(table: str, rows: int, total: int) -> None:
+        bar.total = total
+        bar.set_postfix(table=table, refresh=False)
+        bar.update(rows)
+
+    try:
+        # No indexer may commit to the source while it is copied.
+        with IndexLock(settings.resolved_index_dir):
+            report = copy_catalog(
+                source_catalog,
+                target_catalog,
+                force=force,
+                batch_size=batch_size,
+                on_progress=on_progress,
+            )
+    finally:
+        bar.close()
+        source_catalog.dispose()
+        target_catalog.dispose()
+    if as_json:
+        _print_json({**report.to_dict(), "index_dir": str(settings.resolved_index_dir)})
+        return
+    typer.echo(
+        f"copied {report.rows} rows in {len(report.tables)} tables from {report.source} to "
+        f"{report.target} in {report.seconds:.1f}s; row counts verified"
+        + (
+            f"; replaced {report.replaced_rows} rows the target held"
+            if report.replaced_rows
+            else ""
+        )
+    )
+    _echo_table([["table", "rows"], *([t.name, str(t.rows)] for t in report.tables)])
+    if report.sequences_reset:
+        typer.echo(f"sequences moved past the copied ids: {', '.join(report.sequences_reset)}")
+    typer.echo(
+        f"next: set CLIPSEARCH_DATABASE_URL={display_url(target)} for every clipsearch process "
+        f"and keep CLIPSEARCH_INDEX_DIR={settings.resolved_index_dir} (shard files are shared, "
+        "not copied); the source catalog is left as it was."
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,16 @@ def parse_time_of_day(value: str) -> dt.time:
     return dt.time(int(match.group(1)), int(match.group(2)))
 
 
+def normalise_database_url(value: str) -> str:
+    """A catalog URL as SQLAlchemy needs it; ValueError unless it is SQLite or Postgres."""
+    if value.startswith("postgresql://") or value.startswith("postgres://"):
+        # SQLAlchemy would pick psycopg2 for a bare scheme; we ship psycopg 3.
+        return "postgresql+psycopg://" + value.split("://", 1)[1]
+    if not (value.startswith("sqlite") or value.startswith("postgresql+")):
+        raise ValueError("must be a sqlite:/// or postgresql:// URL")
+    return value
+
+
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "clipsearch"
@@ -145,12 +155,7 @@ class Settings(BaseSettings):
     def _check_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        if value.startswith("postgresql://") or value.startswith("postgres://"):
-            # SQLAlchemy would pick psycopg2 for a bare scheme; we ship psycopg 3.
-            return "postgresql+psycopg://" + value.split("://", 1)[1]
-        if not (value.startswith("sqlite") or value.startswith("postgresql+")):
-            raise ValueError("must be a sqlite:/// or postgresql:// URL")
-        return value
+        return normalise_database_url(value)
 
     @property
     def resolved_database_url(self) -> str:

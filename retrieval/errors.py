@@ -115,3 +115,24 @@ class TrainingDataError(ClipsearchError):
         super().__init__(f"{path}: {message}")
         self.path = path
         self.detail = message
+
+
+class CatalogNotEmpty(ClipsearchError):
+    """A catalog copy was asked to write into a database that already holds rows."""
+
+    code = "catalog_not_empty"
+
+    def __init__(self, url: str, rows: dict[str, int]) -> None:
+        held = ", ".join(f"{table} {count}" for table, count in sorted(rows.items()))
+        super().__init__(
+            f"The target catalog {url} is not empty ({held} rows). Choose an empty database "
+            "or schema, or pass --force to replace its rows with the copied ones."
+        )
+        self.url = url
+        self.rows = rows
+
+
+class CatalogCopyError(ClipsearchError):
+    """A catalog copy cannot go ahead, or did not verify; nothing was committed."""
+
+    code = "catalog_copy_failed"
