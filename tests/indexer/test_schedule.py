@@ -66,8 +66,8 @@ def test_slots_without_at_follow_the_anchor() -> None:
     assert next_slot(config, now=1047.5, anchor=1000.0) == 1050.0  # overran: slots skipped
 
 
-def _local(*fields: int) -> float:
-    return dt.datetime(*fields).timestamp()  # naive: local wall-clock time
+def _local(year: int, month: int, day: int, hour: int, minute: int) -> float:
+    return dt.datetime(year, month, day, hour, minute).timestamp()  # naive: local wall clock
 
 
 def test_slots_with_at_are_local_wall_clock_times() -> None:

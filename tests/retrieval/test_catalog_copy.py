@@ -190,7 +190,7 @@ def test_a_write_during_the_copy_fails_verification_and_commits_nothing(
     def write_to_source(table: str, rows: int, total: int) -> None:
         if not written:  # the first batch: images are copied later
             with source.engine.begin() as conn:
-                conn.execute(insert(ImageRow.__table__), [_image(99, "shard-0").to_row()])
+                conn.execute(insert(ImageRow), [_image(99, "shard-0").to_row()])
             written.append(table)
 
     with pytest.raises(CatalogCopyError, match="images: 31 rows in the target"):
