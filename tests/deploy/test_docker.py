@@ -314,8 +314,9 @@ def test_postgres_has_a_named_volume_and_a_healthcheck(compose: dict[str, Any]) 
 def test_clipsearch_services_wait_for_a_healthy_postgres(
     compose: dict[str, Any], name: str
 ) -> None:
-    depends = compose["services"][name]["depends_on"]
-    assert depends["postgres"]["condition"] == "service_healthy"
+    service = compose["services"][name]
+    assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert service["init"] is True  # signals reach clipsearch; decoder processes are reaped
 
 
 def test_build_paths_exist(compose: dict[str, Any], compose_gpu: dict[str, Any]) -> None:
