@@ -12,14 +12,14 @@ from retrieval.errors import WeightsUnavailable
 from retrieval.search import Searcher
 
 DEMO_QUERIES = ("a red circle", "a blue square", "a green triangle")
-TINY_MODEL = "clipsearch-tiny"
 MODEL_FILE = "shapes-tiny.pt"
 
 
 def _trained_tiny_encoder(directory: Path, device: str, echo: Callable[[str], None]) -> Encoder:
     """The tiny model trained on generated shapes: from the demo dir's cache, or trained now."""
     from retrieval.shapes_model import (
-        DEMO_STEPS,
+        SHAPES_MODEL,
+        STEPS,
         TRAIN_IMAGES,
         cached_shapes_model,
         train_shapes_model,
@@ -27,15 +27,15 @@ def _trained_tiny_encoder(directory: Path, device: str, echo: Callable[[str], No
 
     model_dir = directory / "model"
     checkpoint = model_dir / MODEL_FILE
-    if cached_shapes_model(checkpoint, min_steps=DEMO_STEPS) is not None:
+    if cached_shapes_model(checkpoint, min_steps=STEPS) is not None:
         echo(f"using the tiny model trained earlier ({checkpoint})")
     else:
         echo(
-            f"training the tiny model on {TRAIN_IMAGES} generated pictures ({DEMO_STEPS} steps, "
-            f"about 4 minutes on 2 CPU cores; done once, cached in {model_dir})"
+            f"training the tiny model on {TRAIN_IMAGES} generated pictures ({STEPS} steps, "
+            f"under a minute on 2 CPU cores; done once, cached in {model_dir})"
         )
         result = train_shapes_model(
-            model_dir, checkpoint, steps=DEMO_STEPS, device=resolve_device(device), progress=True
+            model_dir, checkpoint, steps=STEPS, device=resolve_device(device), progress=True
         )
         zero_shot = result.report["val_zero_shot"]
         echo(
@@ -44,7 +44,7 @@ def _trained_tiny_encoder(directory: Path, device: str, echo: Callable[[str], No
             if zero_shot
             else "trained"
         )
-    return load_encoder(ModelSpec(TINY_MODEL, str(checkpoint), device=device))
+    return load_encoder(ModelSpec(SHAPES_MODEL, str(checkpoint), device=device))
 
 
 def _demo_encoder(directory: Path, base: Settings, echo: Callable[[str], None]) -> Encoder:

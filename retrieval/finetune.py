@@ -79,6 +79,9 @@ class FinetuneConfig:
     warmup: float = 0.1  # fraction of the steps with a linear ramp; cosine decay to 0 after
     weight_decay: float = 0.1  # on matrices only, not on biases, norms, embeddings' scales
     loss: str = "auto"
+    # class-aware only: weight of an image-to-image term (same class = positive), which
+    # tightens each class's images for search by example; 0 = text-image terms only
+    image_pairs: float = 0.0
     freeze: str = "none"  # none, image or text: that tower's weights stay as loaded
     val_fraction: float = 0.1
     seed: int = 0
@@ -104,6 +107,7 @@ class FinetuneConfig:
             ("lr", self.lr > 0, "must be positive"),
             ("warmup", 0 <= self.warmup < 1, "must be a fraction in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, "must not be negative"),
+            ("image_pairs", self.image_pairs >= 0, "must not be negative"),
             ("val_fraction", 0 <= self.val_fraction < 1, "must be a fraction in [0, 1)"),
             ("patch_dropout", 0 <= self.patch_dropout < 1, "must be a fraction in [0, 1)"),
             ("templates", bool(self.templates), "must not be empty"),
@@ -137,18 +141,46 @@ def class_aware_loss(
     image_groups: torch.Tensor,
     caption_groups: torch.Tensor,
     logit_scale: torch.Tensor,
+    image_pairs: float = 0.0,
 ) -> torch.Tensor:
     """Symmetric contrastive loss over DISTINCT captions with group-level positives.
 
     image_features (B, D) and caption_features (U, D) are unit vectors; image_groups (B,) and
     caption_groups (U,) are group ids. Image i's target is spread evenly over the captions of
-    its group; caption u's target over the images of its group.
+    its group; caption u's target over the images of its group. `image_pairs` > 0 adds that
+    weight of `image_pair_loss`.
     """
     logits = logit_scale * image_features @ caption_features.T  # (B, U)
     positive = (image_groups[:, None] == caption_groups[None, :]).to(logits.dtype)
     image_targets = positive / positive.sum(dim=1, keepdim=True)
     caption_targets = positive.T / positive.T.sum(dim=1, keepdim=True)
-    return (F.cross_entropy(logits, image_targets) + F.cross_entropy(logits.T, caption_targets)) / 2
+    loss = (F.cross_entropy(logits, image_targets) + F.cross_entropy(logits.T, caption_targets)) / 2
+    if image_pairs:
+        loss = loss + image_pairs * image_pair_loss(image_features, image_groups, logit_scale)
+    return loss
+
+
+def image_pair_loss(
+    image_features: torch.Tensor, image_groups: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Supervised-contrastive term between images: the same group's images are positives.
+
+    Text-image terms alone leave each class's images in a loose cone around its caption, so
+    two classes with close captions ("a green star", "a green triangle") can overlap in
+    image-to-image search. Images without another of their group in the batch add nothing.
+    """
+    count = image_features.shape[0]
+    logits = logit_scale * image_features @ image_features.T
+    itself = torch.eye(count, dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(itself, float("-inf"))
+    positive = (image_groups[:, None] == image_groups[None, :]) & ~itself
+    rows = positive.any(dim=1)
+    if not bool(rows.any()):
+        return logits.new_zeros(())
+    targets = positive[rows].to(logits.dtype)
+    targets = targets / targets.sum(dim=1, keepdim=True)
+    log_probs = F.log_softmax(logits[rows], dim=1).masked_fill(itself[rows], 0.0)
+    return -(targets * log_probs).sum(dim=1).mean()
 
 
 def clip_loss(
@@ -440,7 +472,12 @@ class _Trainer:
             image_groups = torch.tensor([group_id[g] for g in groups], device=self.device)
             caption_groups = torch.tensor([caption_group[c] for c in distinct], device=self.device)
             return class_aware_loss(
-                image.float(), text.float(), image_groups, caption_groups, scale
+                image.float(),
+                text.float(),
+                image_groups,
+                caption_groups,
+                scale,
+                self.config.image_pairs,
             )
 
     def train_mode(self) -> None:

@@ -125,15 +125,15 @@ def semantic_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     that directory); the file name holds a digest of retrieval/ and the library versions, so
     any change to the code that makes it trains a new one.
     """
-    from retrieval.shapes_model import TEST_STEPS, cached_shapes_model, train_shapes_model
+    from retrieval.shapes_model import STEPS, cached_shapes_model, train_shapes_model
 
     cache = os.environ.get("CLIPSEARCH_TEST_MODEL_CACHE")
     if cache:
         out = Path(cache) / f"shapes-tiny-{_semantic_cache_key()}.pt"
-        if cached_shapes_model(out, min_steps=TEST_STEPS) is not None:
+        if cached_shapes_model(out, min_steps=STEPS) is not None:
             return out
     else:
         out = tmp_path_factory.mktemp("semantic-model") / "shapes-tiny.pt"
     work = tmp_path_factory.mktemp("semantic-data")
-    result = train_shapes_model(work, out, steps=TEST_STEPS, device="cpu", progress=False)
+    result = train_shapes_model(work, out, steps=STEPS, device="cpu", progress=False)
     return result.checkpoint

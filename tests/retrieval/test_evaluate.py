@@ -75,7 +75,7 @@ def test_class_text_embeddings_average_templates_and_renormalise() -> None:
         return np.array([table[t] for t in texts], dtype=np.float32)
 
     vectors = class_text_embeddings(encode, ["x", "y"], ["a {}", "the {}"])
-    np.testing.assert_allclose(vectors, [[2**-0.5, 2**-0.5], [1, 0]], atol=1e-6)
+    np.testing.assert_allclose(vectors, np.array([[2**-0.5, 2**-0.5], [1.0, 0.0]]), atol=1e-6)
 
 
 def clustered(n: int, dim: int, seed: int) -> np.ndarray:

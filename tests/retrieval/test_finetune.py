@@ -17,6 +17,7 @@ from retrieval.finetune import (
     FinetuneConfig,
     choose_loss,
     class_aware_loss,
+    image_pair_loss,
     clip_loss,
     finetune,
     lr_at,
@@ -75,6 +76,24 @@ def test_class_aware_loss_is_low_for_a_perfect_model_and_has_gradients() -> None
     assert float(shuffled.detach()) > float(good.detach()) + 10
     good.backward()
     assert images.grad is not None
+
+
+def test_image_pair_term_separates_classes_and_ignores_lone_images() -> None:
+    scale = torch.tensor(20.0)
+    groups = torch.tensor([0, 0, 1, 1])
+    apart = torch.eye(4)[[0, 0, 1, 1]]  # each class one tight point, classes orthogonal
+    mixed = torch.eye(4)[[0, 1, 0, 1]]  # each image's nearest neighbour is the other class
+    assert float(image_pair_loss(apart, groups, scale)) < 0.01
+    assert float(image_pair_loss(mixed, groups, scale)) > 5
+    # No image has a partner of its class: nothing to pull together, and no NaN.
+    lone = image_pair_loss(torch.eye(3), torch.tensor([0, 1, 2]), scale)
+    assert float(lone) == 0.0
+    # Weighted into the class-aware loss; a zero weight leaves it unchanged.
+    texts = torch.eye(4)[:2]
+    base = class_aware_loss(mixed, texts, groups, torch.arange(2), scale)
+    with_pairs = class_aware_loss(mixed, texts, groups, torch.arange(2), scale, image_pairs=0.5)
+    expected = float(base) + 0.5 * float(image_pair_loss(mixed, groups, scale))
+    assert float(with_pairs) == pytest.approx(expected, rel=1e-5)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
