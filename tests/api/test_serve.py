@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,14 +15,7 @@ from retrieval.config import load_settings
 from retrieval.demo import generate_shapes
 from retrieval.encoder import Encoder
 from tests.conftest import TINY
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.serving import running_server
 
 
 @pytest.mark.slow
@@ -49,41 +38,21 @@ def test_serve_follows_new_generations_without_errors(
     generate_shapes(second, 12, seed=2)
     IndexJob(settings, catalog, lambda: encoder, progress=False).run([str(first)])
 
-    port = _free_port()
-    env = dict(os.environ)
-    env.update(
-        CLIPSEARCH_DATA_DIR=str(tmp_path / "data"),
-        CLIPSEARCH_DATABASE_URL=settings.resolved_database_url,
-        CLIPSEARCH_MODEL=TINY,
-        CLIPSEARCH_PRETRAINED=str(tiny_checkpoint),
-        CLIPSEARCH_DEVICE="cpu",
-        CLIPSEARCH_RELOAD_INTERVAL_SECONDS="0.3",
-        CLIPSEARCH_API_KEYS="k1",
-    )
-    env.pop("CLIPSEARCH_ADMIN_KEYS", None)
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "indexer", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
+    serve_settings = {
+        "CLIPSEARCH_DATA_DIR": str(tmp_path / "data"),
+        "CLIPSEARCH_DATABASE_URL": settings.resolved_database_url,
+        "CLIPSEARCH_MODEL": TINY,
+        "CLIPSEARCH_PRETRAINED": str(tiny_checkpoint),
+        "CLIPSEARCH_DEVICE": "cpu",
+        "CLIPSEARCH_RELOAD_INTERVAL_SECONDS": "0.3",
+        "CLIPSEARCH_API_KEYS": "k1",
+    }
     headers = {"X-API-Key": "k1"}
     try:
-        with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
-            deadline = time.monotonic() + 120
-            while True:
-                assert proc.poll() is None, log_path.read_text()
-                try:
-                    if client.get("/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.3)
+        with (
+            running_server(serve_settings, tmp_path / "serve.log") as server,
+            httpx.Client(base_url=server.base_url, headers=headers, timeout=30) as client,
+        ):
             start_gen = client.get("/index").json()["generation"]
 
             indexing = threading.Thread(
@@ -111,15 +80,10 @@ def test_serve_follows_new_generations_without_errors(
             assert max(generations) > start_gen, generations
             assert counts <= {12, 24}, counts  # never a mixture of generations
             assert client.get("/index").json()["vector_count"] == 24
+        # uvicorn re-raises SIGTERM after its graceful shutdown completes.
+        assert server.stop() in (0, -15), server.log()
     finally:
-        proc.terminate()  # SIGTERM: uvicorn's graceful shutdown
-        try:
-            # uvicorn re-raises SIGTERM after its graceful shutdown completes.
-            assert proc.wait(timeout=30) in (0, -15), log_path.read_text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
         catalog.dispose()
-    text = log_path.read_text()
+    text = server.log()
     assert "Application shutdown complete" in text
     assert "AUTHENTICATION IS OFF" not in text

@@ -1,0 +1,191 @@
+// The results grid: one card per hit, thumbnails fetched (with the key) only as they scroll
+// near the viewport, and arrow-key movement between cards.
+
+const CHIPS_ON_CARD = 3;
+// A label set may store labels the model hardly believes (threshold 0); a card shows the best
+// label and the others above this probability. The viewer shows them all.
+const CARD_CHIP_MIN_SCORE = 0.1;
+const PRELOAD_MARGIN = "300px";
+
+export function fileName(path) {
+  const parts = String(path).split(/[\\/]/).filter(Boolean);
+  return parts.slice(-2).join("/") || String(path);
+}
+
+// The labels worth a chip on a card: best first, as the API sends them.
+export function cardLabels(hit) {
+  if (!Array.isArray(hit.labels)) return [];
+  return hit.labels
+    .filter((label, index) => index === 0 || Number(label.score) >= CARD_CHIP_MIN_SCORE)
+    .slice(0, CHIPS_ON_CARD);
+}
+
+// Alt text says what the labels say the picture shows, then which file it is.
+export function altText(hit) {
+  const labels = cardLabels(hit).map((l) => l.label);
+  const name = fileName(hit.path);
+  return labels.length ? `${labels.join(", ")} (${name})` : name;
+}
+
+export function percent(score) {
+  return `${Math.round(Number(score) * 100)}%`;
+}
+
+export function labelChip(label) {
+  const chip = document.createElement("li");
+  chip.className = "chip";
+  chip.title = `${label.set}: ${label.label} (${Number(label.score).toFixed(3)})`;
+  chip.append(label.label + " ");
+  const score = document.createElement("span");
+  score.className = "chip-score";
+  score.textContent = percent(label.score);
+  chip.append(score);
+  return chip;
+}
+
+export class ResultsGrid {
+  #list;
+  #client;
+  #onOpen;
+  #onSimilar;
+  #observer = null;
+  #urls = [];
+  #loads = null;
+
+  constructor(list, client, { onOpen, onSimilar }) {
+    this.#list = list;
+    this.#client = client;
+    this.#onOpen = onOpen;
+    this.#onSimilar = onSimilar;
+    list.addEventListener("keydown", (event) => this.#arrowKeys(event));
+  }
+
+  clear() {
+    this.#observer?.disconnect();
+    this.#loads?.abort();
+    for (const url of this.#urls) URL.revokeObjectURL(url);
+    this.#urls = [];
+    this.#list.replaceChildren();
+  }
+
+  render(hits) {
+    this.clear();
+    this.#loads = new AbortController();
+    const loads = this.#loads;
+    this.#observer = new IntersectionObserver(
+      (entries, observer) => {
+        for (const entry of entries) {
+          if (!entry.isIntersecting) continue;
+          observer.unobserve(entry.target);
+          this.#loadThumbnail(entry.target, loads.signal);
+        }
+      },
+      { rootMargin: PRELOAD_MARGIN },
+    );
+    this.#list.replaceChildren(...hits.map((hit, index) => this.#card(hit, index)));
+    for (const img of this.#list.querySelectorAll("img[data-src]")) this.#observer.observe(img);
+  }
+
+  focusFirst() {
+    this.#list.querySelector(".thumb")?.focus();
+  }
+
+  #card(hit, index) {
+    const item = document.createElement("li");
+    item.className = "card";
+    item.dataset.id = String(hit.id);
+    item.dataset.path = hit.path;
+
+    const open = document.createElement("button");
+    open.type = "button";
+    open.className = "thumb";
+    const verb = document.createElement("span");
+    verb.className = "visually-hidden";
+    verb.textContent = `Open result ${index + 1}: `;
+    const img = document.createElement("img");
+    img.alt = altText(hit);
+    img.dataset.src = hit.thumbnail_url;
+    img.width = 256;
+    img.height = 256;
+    img.decoding = "async";
+    open.append(verb, img);
+    open.addEventListener("click", () => this.#onOpen(hit, open));
+
+    const info = document.createElement("div");
+    info.className = "card-info";
+    const score = document.createElement("span");
+    score.className = "score";
+    score.title = "Similarity to the query (cosine)";
+    score.textContent = `score ${Number(hit.score).toFixed(3)}`;
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = fileName(hit.path);
+    name.title = hit.path;
+    info.append(score, name);
+
+    const labels = cardLabels(hit);
+    if (labels.length) {
+      const chips = document.createElement("ul");
+      chips.className = "chips";
+      chips.setAttribute("aria-label", "Labels");
+      chips.append(...labels.map(labelChip));
+      info.append(chips);
+    }
+
+    const similar = document.createElement("button");
+    similar.type = "button";
+    similar.className = "similar secondary";
+    similar.textContent = "More like this";
+    similar.setAttribute("aria-label", `More like this: ${fileName(hit.path)}`);
+    similar.addEventListener("click", () => this.#onSimilar(hit));
+    info.append(similar);
+
+    item.append(open, info);
+    return item;
+  }
+
+  async #loadThumbnail(img, signal) {
+    const card = img.closest(".card");
+    try {
+      const blob = await this.#client.blob(img.dataset.src, { signal });
+      if (signal.aborted) return;
+      const url = URL.createObjectURL(blob);
+      this.#urls.push(url);
+      img.addEventListener("load", () => (card.dataset.thumb = "loaded"), { once: true });
+      img.src = url;
+    } catch (error) {
+      if (error.name === "AbortError") return;
+      card.dataset.thumb = "failed";
+      card.querySelector(".thumb").classList.add("broken");
+      img.title = `Thumbnail unavailable: ${error.message}`;
+    }
+  }
+
+  #columns() {
+    const cards = [...this.#list.children];
+    if (cards.length === 0) return 1;
+    const top = cards[0].offsetTop;
+    const sameRow = cards.findIndex((card) => card.offsetTop !== top);
+    return sameRow === -1 ? cards.length : sameRow;
+  }
+
+  #arrowKeys(event) {
+    const thumb = event.target.closest?.(".thumb");
+    if (!thumb || event.altKey || event.ctrlKey || event.metaKey) return;
+    const thumbs = [...this.#list.querySelectorAll(".thumb")];
+    const at = thumbs.indexOf(thumb);
+    const step = {
+      ArrowRight: 1,
+      ArrowLeft: -1,
+      ArrowDown: this.#columns(),
+      ArrowUp: -this.#columns(),
+      Home: -at,
+      End: thumbs.length - 1 - at,
+    }[event.key];
+    if (step === undefined) return;
+    event.preventDefault();
+    const next = thumbs[Math.min(thumbs.length - 1, Math.max(0, at + step))];
+    next.focus();
+    next.scrollIntoView({ block: "nearest" });
+  }
+}

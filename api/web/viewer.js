@@ -1,0 +1,153 @@
+// The image viewer: a modal <dialog> with the full image, its metadata and all its labels.
+// The dialog traps focus and closes on Escape by itself; focus returns to the opening card.
+
+import { altText, fileName, labelChip } from "./results.js";
+
+function formatBytes(size) {
+  if (!Number.isFinite(size)) return "";
+  const units = ["bytes", "KiB", "MiB", "GiB"];
+  let value = size;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  return unit === 0 ? `${value} bytes` : `${value.toFixed(1)} ${units[unit]}`;
+}
+
+function formatDate(value) {
+  if (!value) return "";
+  const date = new Date(value);
+  return Number.isNaN(date.getTime()) ? String(value) : date.toLocaleString();
+}
+
+export class Viewer {
+  #dialog;
+  #client;
+  #onSimilar;
+  #hit = null;
+  #opener = null;
+  #url = null;
+  #loads = null;
+
+  constructor(dialog, client, { onSimilar }) {
+    this.#dialog = dialog;
+    this.#client = client;
+    this.#onSimilar = onSimilar;
+    dialog.querySelector("#viewer-close").addEventListener("click", () => this.close());
+    dialog.querySelector("#viewer-similar").addEventListener("click", () => {
+      const hit = this.#hit;
+      this.close();
+      if (hit) this.#onSimilar(hit);
+    });
+    // A click on the backdrop lands on the dialog element itself.
+    dialog.addEventListener("click", (event) => {
+      if (event.target === dialog) this.close();
+    });
+    dialog.addEventListener("close", () => this.#cleanUp());
+  }
+
+  get isOpen() {
+    return this.#dialog.open;
+  }
+
+  open(hit, opener) {
+    this.#cleanUp();
+    this.#hit = hit;
+    this.#opener = opener ?? null;
+    this.#loads = new AbortController();
+    const dialog = this.#dialog;
+    dialog.dataset.id = String(hit.id);
+    dialog.querySelector("#viewer-title").textContent = fileName(hit.path);
+    const img = dialog.querySelector("#viewer-img");
+    img.removeAttribute("src");
+    img.alt = altText(hit);
+    dialog.dataset.image = "loading";
+    this.#showMeta(hit);
+    this.#showLabels(hit.labels);
+    const download = dialog.querySelector("#viewer-download");
+    download.removeAttribute("href");
+    download.setAttribute("aria-disabled", "true");
+    download.download = String(hit.path).split(/[\\/]/).pop() || "image";
+    dialog.showModal();
+    // The title first: a screen reader announces which image opened, and a phone shows the top.
+    dialog.querySelector("#viewer-title").focus();
+    this.#loadDetails(hit, this.#loads.signal);
+  }
+
+  close() {
+    if (this.#dialog.open) this.#dialog.close();
+  }
+
+  #cleanUp() {
+    this.#loads?.abort();
+    this.#loads = null;
+    if (this.#url) URL.revokeObjectURL(this.#url);
+    this.#url = null;
+    const opener = this.#opener;
+    this.#opener = null;
+    if (opener?.isConnected) opener.focus();
+  }
+
+  async #loadDetails(hit, signal) {
+    const dialog = this.#dialog;
+    const metadata = this.#client.image(hit.id, signal).then(
+      (meta) => {
+        this.#showMeta({ ...hit, ...meta });
+        if (Array.isArray(meta.labels)) this.#showLabels(meta.labels);
+      },
+      () => {}, // the search hit's own fields are already shown
+    );
+    try {
+      const blob = await this.#client.blob(hit.file_url, { signal });
+      this.#url = URL.createObjectURL(blob);
+      const img = dialog.querySelector("#viewer-img");
+      img.addEventListener("load", () => (dialog.dataset.image = "loaded"), { once: true });
+      img.src = this.#url;
+      const download = dialog.querySelector("#viewer-download");
+      download.href = this.#url;
+      download.removeAttribute("aria-disabled");
+    } catch (error) {
+      if (error.name === "AbortError") return;
+      dialog.dataset.image = "failed";
+      this.#showMeta({ ...hit, error: `The image could not be loaded: ${error.message}` });
+    }
+    await metadata;
+  }
+
+  #showMeta(info) {
+    const rows = [
+      ["Path", info.path],
+      ["Score", info.score === undefined ? "" : Number(info.score).toFixed(4)],
+      ["Size", info.width && info.height ? `${info.width} × ${info.height} px` : ""],
+      ["Format", info.format],
+      ["File size", formatBytes(info.size)],
+      ["Indexed", formatDate(info.indexed_at)],
+      ["Image id", String(info.id)],
+      ["SHA-256", info.sha256],
+      ["Problem", info.error],
+    ];
+    const list = this.#dialog.querySelector("#viewer-meta");
+    list.replaceChildren();
+    for (const [name, value] of rows) {
+      if (!value) continue;
+      const term = document.createElement("dt");
+      term.textContent = name;
+      const detail = document.createElement("dd");
+      detail.textContent = value;
+      list.append(term, detail);
+    }
+  }
+
+  #showLabels(labels) {
+    const list = this.#dialog.querySelector("#viewer-labels");
+    if (Array.isArray(labels) && labels.length) {
+      list.replaceChildren(...labels.map(labelChip));
+    } else {
+      const none = document.createElement("li");
+      none.className = "none";
+      none.textContent = "No labels for this image.";
+      list.replaceChildren(none);
+    }
+  }
+}

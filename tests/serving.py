@@ -1,0 +1,94 @@
+"""A real `clipsearch serve` process for end-to-end tests: start, wait until ready, stop."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+READY_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen[bytes]
+    base_url: str
+    log_path: Path
+    exit_code: int | None = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM (uvicorn's graceful shutdown); SIGKILL if it hangs. Returns the exit code."""
+        if self.exit_code is not None:
+            return self.exit_code
+        self.proc.terminate()
+        try:
+            self.exit_code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.exit_code = self.proc.wait()
+        return self.exit_code
+
+
+def serve_env(settings: Mapping[str, str]) -> dict[str, str]:
+    """The environment for the server: exactly `settings`, no CLIPSEARCH_* from outside."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPSEARCH_")}
+    env.update(settings)
+    return env
+
+
+def _wait_ready(server: ServeProcess, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=server.base_url, timeout=10) as client:
+        while True:
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"clipsearch serve exited early:\n{server.log()}")
+            try:
+                if client.get("/ready").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"clipsearch serve not ready after {timeout_s}s:\n{server.log()}"
+                )
+            time.sleep(0.3)
+
+
+@contextmanager
+def running_server(
+    settings: Mapping[str, str], log_path: Path, *, ready_timeout_s: float = READY_TIMEOUT_S
+) -> Iterator[ServeProcess]:
+    """`clipsearch serve` on a free local port with `settings` (CLIPSEARCH_* variables)."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "indexer", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO,
+            env=serve_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = ServeProcess(proc, f"http://127.0.0.1:{port}", log_path)
+    try:
+        _wait_ready(server, ready_timeout_s)
+        yield server
+    finally:
+        server.stop()
