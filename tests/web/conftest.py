@@ -1,0 +1,111 @@
+"""Browser fixtures: Debian's Chromium driven by Playwright, pages at two widths, screenshots.
+
+Playwright is used only as a driver; it downloads no browser. The tests skip when Chromium is
+missing on a developer machine and fail when it is missing in CI (`CI=true`), where
+`.ci/run` installs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, ConsoleMessage, Page, ViewportSize
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "tests" / "artifacts" / "web"
+KEY_STORAGE = "clipsearch.apiKey"  # the page's localStorage entry (api/web/api.js)
+CHROMIUM_FLAGS = [
+    "--no-sandbox",  # CI runs as root in a container, where the sandbox cannot start
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+VIEWPORTS: dict[str, ViewportSize] = {
+    "desktop": {"width": 1280, "height": 800},
+    "phone": {"width": 390, "height": 844},
+}
+TIMEOUT_MS = 20_000  # a shared 2-core CI machine; the page itself answers in milliseconds
+
+
+def _missing_browser(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI must run the browser tests (.ci/run installs chromium)")
+    pytest.skip(f"{reason}; install it (apt-get install chromium) to run the browser tests")
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing_browser("the playwright package is not installed (pip install -e '.[test]')")
+    executable = shutil.which("chromium")
+    if executable is None:
+        _missing_browser("no `chromium` on PATH")
+    assert executable is not None
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=executable, headless=True, args=CHROMIUM_FLAGS
+        )
+        yield launched
+        launched.close()
+
+
+@dataclass
+class PageProblems:
+    """What the page reported that no test expects: uncaught errors and CSP refusals."""
+
+    errors: list[str] = field(default_factory=list)
+
+    def on_console(self, message: ConsoleMessage) -> None:
+        if "Content Security Policy" in message.text:
+            self.errors.append(f"CSP: {message.text}")
+
+    def on_page_error(self, error: Any) -> None:
+        self.errors.append(f"uncaught: {error}")
+
+
+OpenPage = Callable[..., "Page"]
+
+
+@pytest.fixture
+def open_page(browser: Browser) -> Iterator[OpenPage]:
+    """open_page(url, viewport="desktop", key=None): a fresh browser profile per call."""
+    contexts = []
+    problems = PageProblems()
+
+    def open_(url: str, *, viewport: str = "desktop", key: str | None = None) -> Page:
+        context = browser.new_context(viewport=VIEWPORTS[viewport], reduced_motion="reduce")
+        context.set_default_timeout(TIMEOUT_MS)
+        contexts.append(context)
+        if key is not None:
+            context.add_init_script(f"window.localStorage.setItem({KEY_STORAGE!r}, {key!r});")
+        page = context.new_page()
+        page.on("console", problems.on_console)
+        page.on("pageerror", problems.on_page_error)
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='true']")
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
+    assert problems.errors == [], problems.errors
+
+
+def screenshot(page: Page, name: str) -> Path:
+    """Save what the viewport shows under tests/artifacts/web/ (kept by CI as an artifact)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path))
+    return path

@@ -1,0 +1,70 @@
+"""The page's empty and error states, against a real server that has no index yet (auth off)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY
+from tests.serving import running_server
+from tests.web.conftest import OpenPage, screenshot
+from tests.web.search_page import SearchPage
+
+pytestmark = pytest.mark.slow  # starts a server
+
+
+@pytest.fixture(scope="module")
+def empty_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    work = tmp_path_factory.mktemp("web-empty")
+    serve_settings = {
+        "CLIPSEARCH_DATA_DIR": str(work / "data"),
+        "CLIPSEARCH_MODEL": TINY,
+        "CLIPSEARCH_PRETRAINED": str(tiny_checkpoint),
+        "CLIPSEARCH_DEVICE": "cpu",
+    }
+    with running_server(serve_settings, work / "serve.log") as server:
+        yield server.base_url
+
+
+@pytest.mark.parametrize("viewport", ["desktop", "phone"])
+def test_no_index_yet_says_what_to_do(
+    open_page: OpenPage, empty_server: str, viewport: str
+) -> None:
+    sp = SearchPage(open_page(empty_server + "/", viewport=viewport))  # no key: auth is off
+    message = sp.wait_for_message("no_index").inner_text()
+    assert "No index yet" in message and "clipsearch index" in message
+    assert sp.index_status() == "Generation 0 · 0 images · no model yet"
+    sp.search("a red circle")
+    sp.wait_for_results("0 results")
+    assert sp.wait_for_message("no_index").is_visible()
+    assert sp.cards().count() == 0
+    assert sp.horizontal_overflow() == 0
+    assert sp.contrast_failures() == []
+    screenshot(sp.page, f"empty-{viewport}")
+
+
+def test_an_unreachable_server_is_reported_and_retry_recovers(
+    open_page: OpenPage, empty_server: str
+) -> None:
+    page = open_page(empty_server + "/")
+    sp = SearchPage(page)
+    sp.wait_for_message("no_index")
+
+    # The network drops every API call (the page's own files are already loaded).
+    def is_api_call(url: str) -> bool:
+        return "/web/" not in url
+
+    page.route(is_api_call, lambda route: route.abort("connectionrefused"))
+    sp.search("a red circle")
+    message = sp.wait_for_message("unreachable").inner_text()
+    assert "unreachable" in message and "clipsearch serve" in message
+    assert sp.index_status() == "Server unreachable"
+    assert sp.contrast_failures() == []
+    screenshot(page, "unreachable-desktop")
+
+    page.unroute(is_api_call)
+    page.get_by_role("button", name="Retry").click()
+    sp.wait_for_message("no_index")
+    assert sp.index_status().startswith("Generation 0")
