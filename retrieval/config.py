@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     jpeg_draft: bool = True
     hnsw_ef_search: int = Field(default=128, ge=1)
     ivf_nprobe: int = Field(default=32, ge=1)
+    # --- zero-shot labels (`clipsearch label`, and after every `clipsearch index`) ---
+    # Stored vectors scored per block: memory is about block * (6 * dim + 8 * labels) bytes.
+    label_block_size: int = Field(default=16_384, ge=1, le=1_048_576)
+    label_on_index: bool = True  # label new images (and relabel changed sets) after indexing
     # --- the HTTP API (`clipsearch serve`) ---
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

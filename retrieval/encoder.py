@@ -354,6 +354,20 @@ class Encoder:
                 features = self.model.encode_text(tokens)  # type: ignore[operator]
         return self._normalised(features)
 
+    def encode_texts_batched(
+        self,
+        texts: Sequence[str],
+        batch_size: int = 256,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Embed many texts (thousands of prompts) in batches; `on_batch(n)` after each."""
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            parts.append(self.encode_texts(texts[start : start + batch_size]))
+            if on_batch is not None:
+                on_batch(len(parts[-1]))
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+
 
 def load_encoder(spec: ModelSpec) -> Encoder:
     """Load the model once. Raises WeightsUnavailable with instructions when weights are missing."""

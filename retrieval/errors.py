@@ -77,6 +77,17 @@ class NotFound(ClipsearchError):
     code = "not_found"
 
 
+class LabelSetError(ClipsearchError):
+    """A label set definition cannot be used; `source` names the file or the set."""
+
+    code = "bad_label_set"
+
+    def __init__(self, source: str, message: str) -> None:
+        super().__init__(f"{source}: {message}")
+        self.source = source
+        self.detail = message
+
+
 class CorruptShard(ClipsearchError):
     """A shard's files do not match its shard.json (size, checksum or count)."""
 

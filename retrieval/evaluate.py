@@ -239,11 +239,7 @@ def embed_set_images(
 
 def _encode_texts_batched(encoder: Encoder, batch_size: int = 256) -> Callable[[list[str]], Any]:
     def encode(texts: list[str]) -> np.ndarray:
-        parts = [
-            encoder.encode_texts(texts[i : i + batch_size])
-            for i in range(0, len(texts), batch_size)
-        ]
-        return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
+        return encoder.encode_texts_batched(texts, batch_size)
 
     return encode
 

@@ -9,6 +9,7 @@ import numpy as np
 from sqlalchemy import ColumnElement, func, select
 
 from retrieval.catalog import ACTIVE, Catalog, ImageRow, escape_like
+from retrieval.label_store import LabelStore
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,12 @@ class SearchFilters:
     max_height: int | None = None
     indexed_after: dt.datetime | None = None
     indexed_before: dt.datetime | None = None
+    # Zero-shot labels: the image carries any (or all) of these names, each with at least
+    # `label_min_score` probability, in `label_set` (None: in any set).
+    labels: tuple[str, ...] = ()
+    labels_mode: str = "any"
+    label_min_score: float = 0.0
+    label_set: str | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -33,7 +40,7 @@ def _like_prefix(prefix: str) -> str:
     return escape_like(prefix) + "%"
 
 
-def _conditions(filters: SearchFilters) -> list[ColumnElement[bool]]:
+def _conditions(filters: SearchFilters, labels: LabelStore) -> list[ColumnElement[bool]]:
     conds: list[ColumnElement[bool]] = [ImageRow.status == ACTIVE, ImageRow.shard_id.is_not(None)]
     if filters.path_prefix:
         conds.append(ImageRow.path.like(_like_prefix(filters.path_prefix), escape="\\"))
@@ -51,13 +58,25 @@ def _conditions(filters: SearchFilters) -> list[ColumnElement[bool]]:
         conds.append(ImageRow.indexed_at >= filters.indexed_after)
     if filters.indexed_before is not None:
         conds.append(ImageRow.indexed_at < filters.indexed_before)
+    if filters.labels:
+        conds.extend(
+            labels.label_conditions(
+                filters.labels, filters.labels_mode, filters.label_min_score, filters.label_set
+            )
+        )
     return conds
 
 
-def allowed_ids(catalog: Catalog, filters: SearchFilters | None) -> np.ndarray | None:
-    """The ids (sorted int64) that pass `filters`; None when there is nothing to filter."""
+def allowed_ids(
+    catalog: Catalog, filters: SearchFilters | None, labels: LabelStore | None = None
+) -> np.ndarray | None:
+    """The ids (sorted int64) that pass `filters`; None when there is nothing to filter.
+
+    Pass the process's LabelStore to reuse its cached label set definitions.
+    """
     if filters is None or filters.is_empty:
         return None
-    query = select(ImageRow.id).where(*_conditions(filters)).order_by(ImageRow.id)
+    conditions = _conditions(filters, labels or LabelStore(catalog))
+    query = select(ImageRow.id).where(*conditions).order_by(ImageRow.id)
     with catalog.engine.connect() as conn:
         return np.fromiter(conn.execute(query).scalars(), dtype=np.int64)

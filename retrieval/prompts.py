@@ -81,8 +81,25 @@ def class_text_embeddings(
     """
     if not class_names:
         raise ValueError("no class names")
-    prompts = [render(t, name) for name in class_names for t in templates]
+    return prompt_group_embeddings(
+        encode_texts, [[render(t, name) for t in templates] for name in class_names]
+    )
+
+
+def prompt_group_embeddings(
+    encode_texts: Callable[[list[str]], np.ndarray], groups: Sequence[Sequence[str]]
+) -> np.ndarray:
+    """One unit vector per group of prompts: the mean of the group's embeddings, renormalised.
+
+    Groups may differ in size (a label with synonyms or its own prompts); all prompts are
+    encoded in one call, so `encode_texts` can batch them as it likes.
+    """
+    if not groups or any(not group for group in groups):
+        raise ValueError("every prompt group needs at least one prompt")
+    prompts = [prompt for group in groups for prompt in group]
     vectors = encode_texts(prompts).astype(np.float32, copy=False)
-    vectors = vectors.reshape(len(class_names), len(templates), -1).mean(axis=1)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
+    sizes = np.array([len(group) for group in groups], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    means = np.add.reduceat(vectors, starts, axis=0) / sizes[:, None].astype(np.float32)
+    norms = np.linalg.norm(means, axis=1, keepdims=True)
+    return np.ascontiguousarray(means / np.maximum(norms, 1e-12), dtype=np.float32)

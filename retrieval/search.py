@@ -15,6 +15,7 @@ from retrieval.catalog import Catalog
 from retrieval.encoder import Encoder, ModelIdentity
 from retrieval.errors import BadQuery, NotFound
 from retrieval.images import decode_image
+from retrieval.label_store import ImageLabel, LabelStore
 from retrieval.shards import ShardSet
 
 
@@ -27,6 +28,7 @@ class Hit:
     height: int | None
     format: str | None
     indexed_at: dt.datetime | None
+    labels: tuple[ImageLabel, ...] = ()  # zero-shot labels of every set, best first
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -37,6 +39,7 @@ class Hit:
             "height": self.height,
             "format": self.format,
             "indexed_at": self.indexed_at.isoformat() if self.indexed_at else None,
+            "labels": [label.to_dict() for label in self.labels],
         }
 
 
@@ -89,11 +92,13 @@ class Searcher:
         index_dir: Path,
         encoder: Encoder | None,
         options: SearchOptions | None = None,
+        labels: LabelStore | None = None,
     ) -> None:
         self.catalog = catalog
         self.index_dir = Path(index_dir)
         self.encoder = encoder
         self.options = options or SearchOptions()
+        self.labels = labels or LabelStore(catalog)
         self._lock = threading.Lock()
         self._snapshot: IndexSnapshot | None = None
         self._previous: IndexSnapshot | None = None
@@ -172,6 +177,7 @@ class Searcher:
             if i >= 0 and int(i) != exclude_id
         ][:k]
         records = self.catalog.records(i for i, _ in pairs)
+        labels = self.labels.labels_for([i for i, _ in pairs])
         hits = [
             Hit(
                 id=i,
@@ -181,6 +187,7 @@ class Searcher:
                 height=records[i].height,
                 format=records[i].format,
                 indexed_at=records[i].indexed_at,
+                labels=tuple(labels.get(i, ())),
             )
             for i, s in pairs
             if i in records
@@ -224,15 +231,21 @@ class Searcher:
     ) -> SearchResult:
         self._check_k(k)
         started = time.perf_counter()
+        vector = self.embed_image(source, max_pixels=max_pixels)
+        took = {"encode": (time.perf_counter() - started) * 1000}
+        return self.search_vector(vector, k, allowed_ids=allowed_ids, took=took)
+
+    def embed_image(
+        self, source: bytes | str | Path, *, max_pixels: int = 100_000_000
+    ) -> np.ndarray:
+        """Decode (safely) and encode one query image, exactly as the indexer would."""
         encoder = self._require_encoder()
         decoded = decode_image(
             source if isinstance(source, bytes) else str(source),
             max_pixels=max_pixels,
             min_side=encoder.identity.image_size if self.options.jpeg_draft else None,
         )
-        vector = encoder.encode_images([decoded.image])[0]
-        took = {"encode": (time.perf_counter() - started) * 1000}
-        return self.search_vector(vector, k, allowed_ids=allowed_ids, took=took)
+        return encoder.encode_images([decoded.image])[0]
 
     def similar(
         self, image_id: int, k: int = 10, *, allowed_ids: np.ndarray | None = None

@@ -513,6 +513,75 @@ def read_manifest(shard_dir: Path) -> ShardManifest:
         raise CorruptShard(f"{path}: invalid: {exc}") from exc
 
 
+def _checked_manifest(
+    index_dir: Path, shard_id: str, *, verify: bool = False
+) -> tuple[Path, ShardManifest]:
+    """The shard's directory and manifest, after checking every data file's size (and sha256
+    with `verify`); CorruptShard on any disagreement."""
+    shard_dir = shard_path(index_dir, shard_id)
+    manifest = read_manifest(shard_dir)
+    if manifest.shard_id != shard_id:
+        raise CorruptShard(f"{shard_dir}: shard.json names shard {manifest.shard_id!r}")
+    for name in DATA_FILES:
+        path = shard_dir / name
+        entry = manifest.files[name]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CorruptShard(f"{path}: missing") from None
+        if size != entry["bytes"]:
+            raise CorruptShard(f"{path}: {size} bytes, shard.json says {entry['bytes']}")
+        if verify and _sha256(path) != entry["sha256"]:
+            raise CorruptShard(f"{path}: sha256 differs from shard.json")
+    return shard_dir, manifest
+
+
+def _load_ids(shard_dir: Path, n: int) -> IdArray:
+    try:
+        ids = np.load(shard_dir / IDS_FILE, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise CorruptShard(f"{shard_dir}: unreadable array: {exc}") from exc
+    if ids.dtype != np.int64 or ids.shape != (n,):
+        raise CorruptShard(f"{shard_dir}: ids.npy is {ids.dtype}{ids.shape}, expected ({n},)")
+    if n > 1 and not bool(np.all(ids[1:] > ids[:-1])):
+        raise CorruptShard(f"{shard_dir}: ids.npy is not strictly ascending")
+    return ids
+
+
+def iter_embedding_blocks(
+    index_dir: Path, shard_id: str, rows_per_block: int
+) -> Iterator[tuple[IdArray, F16Array]]:
+    """A shard's ids and float16 vectors, `rows_per_block` rows at a time, in id order.
+
+    The vectors are read from embeddings.npy with plain reads, not a memory map: mapped pages
+    that were touched count as the process's resident memory until unmapped, so a pass over a
+    million vectors would hold them all. Read this way, memory stays at one block.
+    """
+    if rows_per_block < 1:
+        raise ValueError("rows_per_block must be >= 1")
+    shard_dir, manifest = _checked_manifest(index_dir, shard_id)
+    n, dim = manifest.count, manifest.dim
+    ids = _load_ids(shard_dir, n)
+    path = shard_dir / EMBEDDINGS_FILE
+    with open(path, "rb") as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+        except ValueError as exc:
+            raise CorruptShard(f"{path}: unreadable array: {exc}") from exc
+        if dtype != np.float16 or tuple(shape) != (n, dim) or fortran:
+            raise CorruptShard(f"{path}: is {dtype}{tuple(shape)}, expected float16({n}, {dim})")
+        for start in range(0, n, rows_per_block):
+            stop = min(start + rows_per_block, n)
+            block = np.empty((stop - start, dim), dtype=np.float16)
+            if handle.readinto(block.data.cast("B")) != block.nbytes:
+                raise CorruptShard(f"{path}: ends before row {stop}")
+            yield ids[start:stop], block
+
+
 def read_index_file(path: Path) -> faiss.Index:
     """Read index.faiss memory-mapped where this FAISS can, else into memory.
 
@@ -571,32 +640,13 @@ class Shard:
         Sizes and counts are always checked; `verify=True` also checks every sha256, which reads
         every byte.
         """
-        shard_dir = shard_path(index_dir, shard_id)
-        manifest = read_manifest(shard_dir)
-        if manifest.shard_id != shard_id:
-            raise CorruptShard(f"{shard_dir}: shard.json names shard {manifest.shard_id!r}")
-        for name in DATA_FILES:
-            path = shard_dir / name
-            entry = manifest.files[name]
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                raise CorruptShard(f"{path}: missing") from None
-            if size != entry["bytes"]:
-                raise CorruptShard(f"{path}: {size} bytes, shard.json says {entry['bytes']}")
-            if verify and _sha256(path) != entry["sha256"]:
-                raise CorruptShard(f"{path}: sha256 differs from shard.json")
-
+        shard_dir, manifest = _checked_manifest(index_dir, shard_id, verify=verify)
         n, dim = manifest.count, manifest.dim
+        ids = _load_ids(shard_dir, n)
         try:
-            ids = np.load(shard_dir / IDS_FILE, allow_pickle=False)
             embeddings = np.load(shard_dir / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise CorruptShard(f"{shard_dir}: unreadable array: {exc}") from exc
-        if ids.dtype != np.int64 or ids.shape != (n,):
-            raise CorruptShard(f"{shard_dir}: ids.npy is {ids.dtype}{ids.shape}, expected ({n},)")
-        if n > 1 and not bool(np.all(ids[1:] > ids[:-1])):
-            raise CorruptShard(f"{shard_dir}: ids.npy is not strictly ascending")
         if embeddings.dtype != np.float16 or embeddings.shape != (n, dim):
             raise CorruptShard(
                 f"{shard_dir}: embeddings.npy is {embeddings.dtype}{embeddings.shape}, "
