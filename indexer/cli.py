@@ -21,6 +21,7 @@ from retrieval.errors import (
     CorruptShard,
     ImageError,
     IndexLocked,
+    LabelSetError,
     ModelMismatch,
     NotFound,
     TrainingDataError,
@@ -32,6 +33,7 @@ EXIT_CODES: dict[type[ClipsearchError], int] = {
     BadQuery: 2,
     CatalogNotEmpty: 2,
     ImageError: 2,
+    LabelSetError: 2,
     TrainingDataError: 2,
     IndexLocked: 3,
     ModelMismatch: 4,
@@ -221,6 +223,9 @@ def index(
     typer.echo(_index_summary(report))
     for failure in report.failed:
         typer.echo(f"  failed  {failure.reason:<18} {failure.path}  ({failure.detail})")
+    for set_name, count in report.labelled.items():
+        if count:
+            typer.echo(f"  labelled {count} images with label set {set_name}")
 
 
 def _local_text(epoch: float) -> str:
@@ -448,6 +453,19 @@ def search(
         Path | None, typer.Option("--image", help="Search by this image instead of text.")
     ] = None,
     k: Annotated[int, typer.Option("-k", help="Number of results.")] = 10,
+    label_names: Annotated[
+        list[str] | None,
+        typer.Option("--label", help="Only images carrying this zero-shot label (repeatable)."),
+    ] = None,
+    labels_mode: Annotated[
+        str, typer.Option(help="With several --label: any (one of them) or all.")
+    ] = "any",
+    label_min_score: Annotated[
+        float, typer.Option(help="Smallest probability a --label counts with.")
+    ] = 0.0,
+    label_set: Annotated[
+        str | None, typer.Option(help="Match --label in this label set only (default: all).")
+    ] = None,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
     index_dir: IndexDirOpt = None,
@@ -457,6 +475,7 @@ def search(
     as_json: JsonOpt = False,
 ) -> None:
     """Search the index from the shell by text or by an example image."""
+    from retrieval.filters import SearchFilters, allowed_ids
     from retrieval.search import Searcher, SearchOptions
 
     if (query is None) == (image is None):
@@ -482,11 +501,20 @@ def search(
         ),
     )
     try:
+        filters = SearchFilters(
+            labels=tuple(label_names or ()),
+            labels_mode=labels_mode,
+            label_min_score=label_min_score,
+            label_set=label_set,
+        )
+        ids = allowed_ids(catalog, filters, searcher.labels) if label_names else None
         if image is not None:
-            result = searcher.search_image(image, k, max_pixels=settings.max_image_pixels)
+            result = searcher.search_image(
+                image, k, max_pixels=settings.max_image_pixels, allowed_ids=ids
+            )
         else:
             assert query is not None
-            result = searcher.search_text(query, k)
+            result = searcher.search_text(query, k, allowed_ids=ids)
     finally:
         searcher.close()
     if as_json:
@@ -495,7 +523,9 @@ def search(
     if not result.hits:
         typer.echo("no results (is anything indexed? run `clipsearch index DIR`)")
     for hit in result.hits:
-        typer.echo(f"{hit.score:8.4f}  {hit.id:>8}  {hit.path}")
+        labels = ", ".join(f"{x.label} {x.score:.2f}" for x in hit.labels[:3])
+        suffix = f"  [{labels}]" if labels else ""
+        typer.echo(f"{hit.score:8.4f}  {hit.id:>8}  {hit.path}{suffix}")
 
 
 @app.command()
@@ -1027,6 +1057,198 @@ def demo(
     from indexer.demo import run_demo
 
     run_demo(directory, count, base=_settings(), echo=typer.echo)
+
+
+# --------------------------------------------------------------------------------------------
+# zero-shot labels
+
+labels_app = typer.Typer(
+    help="Zero-shot label sets: add (or change) from a file, list, show, delete.",
+    no_args_is_help=True,
+)
+app.add_typer(labels_app, name="labels")
+
+
+def _label_store(settings: Settings) -> Any:
+    from retrieval.label_store import LabelStore
+
+    catalog = _catalog(settings)
+    catalog.upgrade()
+    return LabelStore(catalog)
+
+
+@labels_app.command("add")
+def labels_add(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="A YAML or JSON label set: name, labels (names, or objects with synonyms, "
+            "prompts, threshold, min_cosine), templates (openai, simple, photo, a list, or a "
+            "file of one template per line), top_k, threshold, min_cosine, store_cosine."
+        ),
+    ],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Set name (default: the file's, or its stem).")
+    ] = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add a label set, or change one: a changed definition becomes a new version, and the next
+    `clipsearch label` (or `clipsearch index`) relabels the corpus with it."""
+    from retrieval.labels import load_label_set_file
+
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    stored, outcome = _label_store(settings).put(load_label_set_file(file, name=name))
+    if as_json:
+        _print_json({"outcome": outcome, **stored.to_dict()})
+        return
+    typer.echo(
+        f"{outcome} label set {stored.name}: version {stored.version}, "
+        f"{len(stored.definition.labels)} labels"
+        + ("" if outcome == "unchanged" else "; run `clipsearch label` to label the corpus")
+    )
+
+
+@labels_app.command("list")
+def labels_list(
+    data_dir: DataDirOpt = None, database_url: DbOpt = None, as_json: JsonOpt = False
+) -> None:
+    """List the label sets: version, the version labelled in the corpus, label count."""
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    stored = _label_store(settings).all()
+    if as_json:
+        _print_json({"label_sets": [s.to_dict() for s in stored]})
+        return
+    if not stored:
+        typer.echo("no label sets (add one with `clipsearch labels add FILE`)")
+        return
+    rows = [["name", "version", "labelled", "labels", "templates"]]
+    for s in stored:
+        templates = s.definition.templates
+        rows.append(
+            [
+                s.name,
+                str(s.version),
+                "-" if s.labelled_version is None else str(s.labelled_version),
+                str(len(s.definition.labels)),
+                templates if isinstance(templates, str) else f"{len(templates)} own",
+            ]
+        )
+    _echo_table(rows)
+
+
+@labels_app.command("show")
+def labels_show(
+    name: Annotated[str, typer.Argument(help="Label set name.")],
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a label set's definition and how many images carry each label."""
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    store = _label_store(settings)
+    stored = store.get(name)
+    counts = store.counts(name)
+    if as_json:
+        _print_json({**stored.to_dict(), "counts": counts.to_dict()})
+        return
+    definition = stored.definition
+    labelled = "never" if counts.version is None else f"version {counts.version}"
+    typer.echo(
+        f"label set {stored.name}: version {stored.version}, corpus labelled with {labelled}; "
+        f"top {definition.top_k} stored, threshold {definition.threshold}"
+        + (f", min cosine {definition.min_cosine}" if definition.min_cosine is not None else "")
+    )
+    rows = [["label", "images", "settings"]]
+    for label in definition.labels:
+        options = label.options()
+        rows.append(
+            [
+                label.name,
+                str(counts.counts.get(label.name, 0)),
+                json.dumps(options) if options else "",
+            ]
+        )
+    rows.append(["(unlabelled)", str(counts.unlabelled), ""])
+    _echo_table(rows)
+
+
+@labels_app.command("delete")
+def labels_delete(
+    name: Annotated[str, typer.Argument(help="Label set name.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Delete a label set with all its versions and every label stored under it."""
+    settings = _settings(data_dir=data_dir, database_url=database_url)
+    store = _label_store(settings)
+    store.get(name)  # NotFound (exit 7) before asking
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ConfigError("--yes", "deleting a label set needs --yes when not on a terminal")
+        typer.confirm(f"Delete label set {name} and all its labels?", abort=True)
+    store.delete(name)
+    typer.echo(f"deleted label set {name}")
+
+
+@app.command()
+def label(
+    set_names: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Label with this set only (repeatable; default: all)."),
+    ] = None,
+    block_size: Annotated[
+        int | None,
+        typer.Option(help="CLIPSEARCH_LABEL_BLOCK_SIZE: vectors scored at once (bounds memory)."),
+    ] = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option("--progress/--no-progress", help="Progress bars (default: on a terminal)."),
+    ] = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    index_dir: IndexDirOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Label the corpus with every label set (or --set NAME), from the stored embeddings.
+
+    No image is decoded: stored vectors are scored against each set's class embeddings in
+    blocks. Only images not yet labelled under a set's newest version are scored; an edited
+    set relabels everything beside the served labels and switches over in one commit. The
+    model is loaded only to encode the labels' prompts, once per set version (then cached).
+    """
+    from indexer.labelling import LabelJob
+
+    settings = _settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        index_dir=index_dir,
+        model=model,
+        pretrained=pretrained,
+        device=device,
+        label_block_size=block_size,
+    )
+    job = LabelJob(settings, _catalog(settings), _encoder_factory(settings), progress=progress)
+    report = job.run(set_names)
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    if not report.sets:
+        typer.echo("no label sets (add one with `clipsearch labels add FILE`)")
+    for entry in report.sets:
+        if entry.skipped:
+            typer.echo(f"{entry.set}: skipped ({entry.skipped})")
+            continue
+        typer.echo(
+            f"{entry.set} version {entry.version}: {entry.images} images labelled in "
+            f"{entry.shards} shards ({entry.images - entry.labelled} under every threshold) "
+            f"in {entry.seconds:.1f}s" + ("; now served" if entry.published else "")
+        )
 
 
 def main() -> None:

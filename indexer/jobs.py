@@ -18,6 +18,7 @@ from tqdm import tqdm
 from retrieval.catalog import Catalog, GenerationCommit, ShardRecord, utcnow
 from retrieval.encoder import ModelIdentity
 from retrieval.errors import IndexLocked
+from retrieval.label_store import LabelStore
 from retrieval.shards import Shard, choose_params, list_shard_dirs, remove_shard_dir, write_shard
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,10 @@ def compact_index(
             commit.retire_shards = sorted(merged)
             report.merged = sorted(merged)
             report.generation = catalog.commit(commit)
+            # The merged shards' labels stay valid for the shards written from them. Not in
+            # the commit's transaction: if this is lost, the next labelling pass recomputes
+            # the same labels for those shards.
+            LabelStore(catalog).carry_labelled_shards(report.merged, report.written)
             report.shards_after = len(shards) - len(merged) + len(report.written)
             report.seconds = time.monotonic() - started
             catalog.finish_job(job_id, "succeeded", report.to_dict(), report.generation)

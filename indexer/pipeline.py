@@ -40,7 +40,8 @@ def crash_point(name: str) -> None:
     """Fault injection for the crash-safety tests: SIGKILL ourselves at a named point.
 
     Set CLIPSEARCH_CRASH_AT=<name> (before_shard_write, after_shard_write, before_commit,
-    after_commit, during_encode). Unset in normal use; costs one dict lookup.
+    after_commit, during_encode; during_labels, before_label_publish). Unset in normal use;
+    costs one dict lookup.
     """
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -69,6 +70,7 @@ class IndexReport:
     seconds: float = 0.0
     encode_seconds: float = 0.0
     decoded: int = 0
+    labelled: dict[str, int] = field(default_factory=dict)  # label set -> images labelled
 
     @property
     def images_per_second(self) -> float:
@@ -245,6 +247,8 @@ class IndexJob:
             try:
                 cleanup_index_dir(self.catalog, self.index_dir, self.settings.retire_grace_seconds)
                 self._run_locked(root_paths, report)
+                if self.settings.label_on_index:
+                    self._label(report)
             except BaseException as exc:
                 report.seconds = time.monotonic() - started
                 self.catalog.finish_job(
@@ -255,6 +259,19 @@ class IndexJob:
             self.catalog.finish_job(job_id, "succeeded", report.to_dict(), report.generation)
             cleanup_index_dir(self.catalog, self.index_dir, self.settings.retire_grace_seconds)
         return report
+
+    def _label(self, report: IndexReport) -> None:
+        """Label what this run committed (and relabel edited sets), from stored vectors."""
+        from indexer.labelling import LabelJob
+
+        job = LabelJob(
+            self.settings,
+            self.catalog,
+            lambda: self.encoder,
+            progress=None if self.progress_disabled is None else not self.progress_disabled,
+        )
+        labels = job.run_locked()
+        report.labelled = {entry.set: entry.images for entry in labels.sets}
 
     def _run_locked(self, roots: list[str], report: IndexReport) -> None:
         state = self.catalog.state()

@@ -1,0 +1,115 @@
+"""`clipsearch labels add/list/show/delete`, `clipsearch label`, and `search --label`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from retrieval.config import Settings
+from retrieval.demo import COLOURS, SHAPES, generate_shapes
+from retrieval.labels import load_label_set_file
+from tests.indexer.test_cli import env, run_cli  # noqa: F401 - `env` is a fixture
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "labels"
+
+
+def write_set(path: Path, **overrides: object) -> Path:
+    names = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    body = {"name": "shapes", "labels": names, "templates": "a {}|a photo of a {}", **overrides}
+    path.write_text(json.dumps(body))
+    return path
+
+
+def test_label_sets_from_the_command_line(
+    env: Settings,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def cli(*args: str) -> tuple[int, str, str]:
+        return run_cli(list(args), capsys, monkeypatch)
+
+    generate_shapes(tmp_path / "pics", 12, seed=4)
+    definition = write_set(tmp_path / "shapes.json")
+    code, out, err = cli("labels", "add", str(definition))
+    assert code == 0, err
+    assert "created label set shapes: version 1, 24 labels" in out
+    code, out, _ = cli("labels", "add", str(definition))
+    assert "unchanged label set shapes: version 1" in out
+
+    # Indexing labels the new images on its own.
+    code, out, err = cli("index", str(tmp_path / "pics"))
+    assert code == 0, err
+    assert "labelled 12 images with label set shapes" in out
+    code, out, _ = cli("labels", "show", "shapes", "--json")
+    shown = json.loads(out)
+    assert shown["version"] == 1 and shown["labelled_version"] == 1
+    assert sum(shown["counts"]["counts"].values()) + shown["counts"]["unlabelled"] == 12
+    code, out, _ = cli("labels", "show", "shapes")
+    assert "corpus labelled with version 1" in out and "(unlabelled)" in out
+
+    # An edit is a new version; `label` relabels with it.
+    write_set(definition, top_k=1)
+    code, out, _ = cli("labels", "add", str(definition), "--json")
+    assert json.loads(out)["outcome"] == "updated" and json.loads(out)["version"] == 2
+    code, out, _ = cli("labels", "list")
+    assert out.splitlines()[2].split()[:4] == ["shapes", "2", "1", "24"]
+    code, out, err = cli("label", "--json")
+    assert code == 0, err
+    (entry,) = json.loads(out)["sets"]
+    assert entry["images"] == 12 and entry["published"] and entry["version"] == 2
+    code, out, _ = cli("label", "--set", "shapes")
+    assert "0 images labelled" in out  # nothing new
+
+    # Search shows labels and filters by them.
+    code, out, _ = cli("search", "a red circle", "-k", "3", "--json")
+    first = json.loads(out)["results"][0]
+    assert len(first["labels"]) == 1 and first["labels"][0]["set"] == "shapes"
+    label = first["labels"][0]["label"]
+    code, out, err = cli("search", "a blue star", "-k", "12", "--label", label, "--json")
+    assert code == 0, err
+    hits = json.loads(out)["results"]
+    assert hits and all(hit["labels"][0]["label"] == label for hit in hits)
+    code, out, _ = cli("search", "a blue star", "-k", "2")
+    assert "[" in out.splitlines()[0]  # text output names the labels
+
+    code, out, _ = cli("labels", "delete", "shapes", "--yes")
+    assert code == 0 and "deleted label set shapes" in out
+    code, out, _ = cli("labels", "list")
+    assert "no label sets" in out
+
+
+def test_label_errors_are_one_line_with_exit_codes(
+    env: Settings,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("labels: [a, a]\n")
+    cases = [
+        (["labels", "add", str(broken)], 2, "label 'a' appears twice"),
+        (["labels", "add", str(tmp_path / "absent.yaml")], 2, "cannot read the file"),
+        (["labels", "show", "nope"], 7, "No label set named 'nope'"),
+        (["labels", "delete", "nope", "--yes"], 7, "No label set named 'nope'"),
+        (["label", "--set", "nope"], 7, "No label set named 'nope'"),
+        (["search", "a", "--label", "cat"], 2, "No label 'cat' in any label set"),
+    ]
+    for args, code, message in cases:
+        got, _, err = run_cli(args, capsys, monkeypatch)
+        assert got == code, (args, err)
+        assert message in err and "Traceback" not in err
+    run_cli(["labels", "add", str(write_set(tmp_path / "s.json"))], capsys, monkeypatch)
+    got, _, err = run_cli(["labels", "delete", "shapes"], capsys, monkeypatch)
+    assert got == 2 and "--yes" in err  # not a terminal: no silent deletion
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.iterdir()), ids=lambda p: p.name)
+def test_shipped_example_label_sets_are_valid(path: Path) -> None:
+    label_set = load_label_set_file(path)
+    assert label_set.name == path.stem and len(label_set.labels) >= 3
+    if label_set.name == "moderation":  # review labels need more than the set's threshold
+        probability, _ = label_set.thresholds()
+        assert (probability > label_set.threshold).sum() >= 5
