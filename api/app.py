@@ -17,7 +17,7 @@ from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import Metrics, RequestMetrics
 from api.query_cache import EmbeddingCache
-from api.routes import images, search, system
+from api.routes import images, labels, search, system
 from api.routes.web import install_web
 from api.security import KeyRing
 from api.services import Services
@@ -171,6 +171,7 @@ def create_app(
     app.include_router(system.router)
     app.include_router(search.router)
     app.include_router(images.router)
+    app.include_router(labels.router)
     install_web(app)  # the search page at /, after the API routes
     if settings.cors_origins:
         app.add_middleware(

@@ -16,6 +16,7 @@ from retrieval.errors import (
     CorruptShard,
     EmptyIndex,
     ImageError,
+    LabelSetError,
     ModelMismatch,
     NotFound,
     PathNotAllowed,
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 STATUS: list[tuple[type[ClipsearchError], int]] = [
     (BadQuery, 400),
     (ImageError, 422),
+    (LabelSetError, 422),
     (NotFound, 404),
     (PathNotAllowed, 403),
     (EmptyIndex, 503),

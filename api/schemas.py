@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +26,21 @@ class Filters(BaseModel):
     max_height: int | None = Field(default=None, ge=0)
     indexed_after: dt.datetime | None = None
     indexed_before: dt.datetime | None = None
+    labels: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Zero-shot labels the image must carry (see labels_mode).",
+        examples=[["invoice", "receipt"]],
+    )
+    labels_mode: Literal["any", "all"] = Field(
+        default="any", description="any: at least one of `labels`; all: every one of them."
+    )
+    label_min_score: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Smallest probability a label counts with."
+    )
+    label_set: str | None = Field(
+        default=None, max_length=128, description="Match labels in this set only (default: all)."
+    )
 
     def to_domain(self) -> SearchFilters:
         def utc(value: dt.datetime | None) -> dt.datetime | None:
@@ -43,7 +59,19 @@ class Filters(BaseModel):
             max_height=self.max_height,
             indexed_after=utc(self.indexed_after),
             indexed_before=utc(self.indexed_before),
+            **self._label_filter(),
         )
+
+    def _label_filter(self) -> dict[str, Any]:
+        names = tuple(name.strip() for name in self.labels if name.strip())
+        if not names:
+            return {}  # the other label fields only qualify `labels`
+        return {
+            "labels": names,
+            "labels_mode": self.labels_mode,
+            "label_min_score": self.label_min_score,
+            "label_set": self.label_set or None,
+        }
 
 
 class TextSearchRequest(BaseModel):
@@ -70,6 +98,12 @@ class Took(BaseModel):
     total: float = 0.0
 
 
+class HitLabel(BaseModel):
+    set: str = Field(examples=["documents"])
+    label: str = Field(examples=["invoice"])
+    score: float = Field(examples=[0.91], description="Probability among the set's labels.")
+
+
 class SearchHit(BaseModel):
     id: int = Field(examples=[42])
     path: str = Field(examples=["/photos/2024/beach.jpg"])
@@ -80,6 +114,9 @@ class SearchHit(BaseModel):
     indexed_at: dt.datetime | None
     file_url: str = Field(examples=["/images/42/file"])
     thumbnail_url: str = Field(examples=["/images/42/thumbnail"])
+    labels: list[HitLabel] = Field(
+        default_factory=list, description="Zero-shot labels of every label set, best first."
+    )
 
 
 class SearchResponse(BaseModel):
@@ -103,6 +140,7 @@ class ImageMetadata(BaseModel):
     shard_id: str | None
     file_url: str
     thumbnail_url: str
+    labels: list[HitLabel] = Field(default_factory=list)
 
 
 class IndexInfo(BaseModel):
@@ -129,6 +167,96 @@ class Readiness(BaseModel):
     model_loaded: bool
     index_loaded: bool
     generation: int | None
+
+
+class LabelEntry(BaseModel):
+    """A label with settings of its own (a plain string is a label with none)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    synonyms: list[str] | None = Field(default=None, description="Extra names, templated too.")
+    prompts: list[str] | None = Field(
+        default=None, description="Full sentences used instead of the templates."
+    )
+    threshold: float | None = Field(default=None, description="Smallest probability stored.")
+    min_cosine: float | None = Field(default=None, description="Smallest raw cosine stored.")
+
+
+class LabelSetDefinition(BaseModel):
+    """A label set as PUT /label-sets/{name} takes it (the same keys as a label set file)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "labels": ["invoice", "receipt", {"name": "cat", "synonyms": ["kitten"]}],
+                    "templates": "openai",
+                    "top_k": 3,
+                    "threshold": 0.2,
+                }
+            ]
+        },
+    )
+
+    name: str | None = Field(default=None, description="Optional; must equal the path's name.")
+    labels: list[str | LabelEntry] = Field(min_length=1)
+    label_options: dict[str, dict[str, Any]] | None = Field(
+        default=None, description="Label name -> settings, as GET returns them."
+    )
+    templates: str | list[str] = Field(
+        default="openai", description="openai, simple, photo, or templates with {}."
+    )
+    top_k: int = Field(default=3, description="Labels stored per image.")
+    threshold: float = Field(default=0.0, description="Smallest probability stored.")
+    min_cosine: float | None = Field(default=None, description="Smallest raw cosine stored.")
+    store_cosine: bool = Field(default=False, description="Also keep raw cosine scores.")
+
+
+class LabelSetOut(BaseModel):
+    name: str
+    version: int = Field(description="The newest definition.")
+    labelled_version: int | None = Field(
+        description="The version whose corpus labels are served (null until first labelled)."
+    )
+    labels: list[str]
+    label_options: dict[str, dict[str, Any]]
+    templates: str | list[str]
+    top_k: int
+    threshold: float
+    min_cosine: float | None
+    store_cosine: bool
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class LabelSetList(BaseModel):
+    label_sets: list[LabelSetOut]
+
+
+class LabelCountsOut(BaseModel):
+    set: str
+    version: int | None = Field(description="The labelled version counted (null: none yet).")
+    counts: dict[str, int] = Field(description="Live images whose best label this is.")
+    unlabelled: int = Field(description="Live images with no label passing its threshold.")
+
+
+class ClassifiedLabel(BaseModel):
+    label: str
+    score: float = Field(description="Probability among the labels.")
+
+
+class ClassifyTook(BaseModel):
+    encode: float = 0.0
+    prompts: float = Field(default=0.0, description="Encoding the labels (0 when cached).")
+    classify: float = 0.0
+    total: float = 0.0
+
+
+class ClassifyResponse(BaseModel):
+    labels: list[ClassifiedLabel]
+    took_ms: ClassifyTook
 
 
 class ErrorBody(BaseModel):

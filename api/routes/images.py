@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import ReadAccess, ServicesDep
 from api.files import MEDIA_TYPES, make_thumbnail, resolve_inside
-from api.schemas import ERROR_RESPONSES, ImageMetadata
+from api.schemas import ERROR_RESPONSES, HitLabel, ImageMetadata
 from api.services import Services
 from retrieval.catalog import ACTIVE, ImageRecord
 from retrieval.errors import NotFound
@@ -39,6 +39,7 @@ def _etag(record: ImageRecord, extra: str = "") -> str:
 @router.get("/images/{image_id}", response_model=ImageMetadata, summary="Image metadata")
 async def image_metadata(request: Request, services: ServicesDep, image_id: int) -> ImageMetadata:
     record = await _active_record(services, image_id)
+    labels = await run_in_threadpool(services.searcher.labels.labels_for, [record.id])
     return ImageMetadata(
         id=record.id,
         path=record.path,
@@ -52,6 +53,7 @@ async def image_metadata(request: Request, services: ServicesDep, image_id: int)
         shard_id=record.shard_id,
         file_url=str(request.url_for("image_file", image_id=record.id).path),
         thumbnail_url=str(request.url_for("image_thumbnail", image_id=record.id).path),
+        labels=[HitLabel(**label.to_dict()) for label in labels.get(record.id, [])],
     )
 
 

@@ -13,7 +13,15 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import ReadAccess, ServicesDep
 from api.errors import ApiError
-from api.schemas import ERROR_RESPONSES, Filters, SearchHit, SearchResponse, TextSearchRequest, Took
+from api.schemas import (
+    ERROR_RESPONSES,
+    Filters,
+    HitLabel,
+    SearchHit,
+    SearchResponse,
+    TextSearchRequest,
+    Took,
+)
 from api.services import Services
 from retrieval.filters import allowed_ids
 from retrieval.search import SearchResult
@@ -35,6 +43,7 @@ def to_response(request: Request, result: SearchResult, *, cached: bool = False)
             indexed_at=h.indexed_at,
             file_url=str(request.url_for("image_file", image_id=h.id).path),
             thumbnail_url=str(request.url_for("image_thumbnail", image_id=h.id).path),
+            labels=[HitLabel(**label.to_dict()) for label in h.labels],
         )
         for h in result.hits
     ]
@@ -64,7 +73,9 @@ async def _allowed(services: Services, filters: Filters | None) -> tuple[np.ndar
     if filters is None:
         return None, 0.0
     started = time.perf_counter()
-    ids = await run_in_threadpool(allowed_ids, services.catalog, filters.to_domain())
+    ids = await run_in_threadpool(
+        allowed_ids, services.catalog, filters.to_domain(), services.searcher.labels
+    )
     return ids, (time.perf_counter() - started) * 1000
 
 
@@ -103,7 +114,7 @@ async def search_get(
     return await _text_search(request, services, q, k, None)
 
 
-async def _read_upload(upload: UploadFile, limit: int) -> bytes:
+async def read_upload(upload: UploadFile, limit: int) -> bytes:
     chunks: list[bytes] = []
     total = 0
     while chunk := await upload.read(UPLOAD_CHUNK):
@@ -141,7 +152,7 @@ async def search_image(
     searcher = services.searcher
     searcher.check_k(k)
     parsed = _parse_filters(filters)
-    data = await _read_upload(file, settings.max_upload_bytes)
+    data = await read_upload(file, settings.max_upload_bytes)
     ids, filter_ms = await _allowed(services, parsed)
     result = await run_in_threadpool(
         lambda: searcher.search_image(
