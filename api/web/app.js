@@ -50,6 +50,10 @@ const state = {
 // Messages: one at a time, in a role=alert region; the status line is polite.
 
 function showMessage(kind, text, { code = "", action = null } = {}) {
+  // The same message again (a poll, a retyped query) is left alone: an alert region would
+  // announce it anew to screen reader users each time.
+  const same = !ui.message.hidden && ui.message.dataset.code === code;
+  if (same && ui.message.querySelector("p")?.textContent === text) return;
   ui.message.hidden = false;
   ui.message.className = `message ${kind}`;
   ui.message.dataset.kind = kind;
@@ -122,7 +126,7 @@ function showFailure(error, { upload = false } = {}) {
 // Index status
 
 function setIndexStatus(text) {
-  ui.indexStatus.textContent = text;
+  if (ui.indexStatus.textContent !== text) ui.indexStatus.textContent = text; // live region
 }
 
 function describeModel(model) {
