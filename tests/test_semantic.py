@@ -132,7 +132,8 @@ def test_demo_reuses_a_trained_model_and_its_searches_mean_something(
     base = load_settings(
         model=SHAPES_MODEL, pretrained=str(tmp_path / "absent.pt"), device="cpu", workers=0
     )
-    run_demo(tmp_path / "demo", 48, base=base, echo=lines.append)
+    # 72 pictures: three of each class, so a top 3 can be all red circles.
+    run_demo(tmp_path / "demo", 72, base=base, echo=lines.append)
     text = "\n".join(lines)
     assert "not available offline" in text and "using the tiny model trained earlier" in text
     assert "training" not in text
