@@ -6,6 +6,7 @@ import datetime as dt
 import fcntl
 import logging
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,20 @@ from retrieval.label_store import LabelStore
 from retrieval.shards import Shard, choose_params, list_shard_dirs, remove_shard_dir, write_shard
 
 log = logging.getLogger(__name__)
+
+
+CRASH_ENV = "CLIPSEARCH_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the crash-safety tests: SIGKILL ourselves at a named point.
+
+    Set CLIPSEARCH_CRASH_AT=<name> (before_shard_write, after_shard_write, before_commit,
+    after_commit, during_encode; during_labels, before_label_publish). Unset in normal use;
+    costs one dict lookup.
+    """
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class IndexLock:

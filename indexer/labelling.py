@@ -18,7 +18,7 @@ import numpy as np
 from sqlalchemy.exc import IntegrityError
 from tqdm import tqdm
 
-from indexer.jobs import IndexLock
+from indexer.jobs import IndexLock, crash_point
 from retrieval.catalog import Catalog
 from retrieval.config import Settings
 from retrieval.encoder import Encoder, ModelIdentity
@@ -96,8 +96,6 @@ class LabelJob:
 
         The caller holds the IndexLock (the index job calls this after its commits).
         """
-        from indexer.pipeline import crash_point
-
         started = time.monotonic()
         report = LabelReport()
         self.store.drop_stale()
@@ -121,7 +119,7 @@ class LabelJob:
                 if todo:
                     assert state.model is not None  # shards exist, so a model indexed them
                     classes = self._classes(label_set, state.model)
-                    self._label_shards(label_set, classes, todo, tombstones, done, crash_point)
+                    self._label_shards(label_set, classes, todo, tombstones, done)
                 if label_set.labelled_version != label_set.version:
                     crash_point("before_label_publish")
                     done.published = self.store.publish(label_set.id, label_set.version)
@@ -170,7 +168,6 @@ class LabelJob:
         shards: list[Any],
         tombstones: dict[str, np.ndarray],
         done: SetReport,
-        crash_point: Callable[[str], None],
     ) -> None:
         definition = label_set.definition
         min_probability, min_cosine = definition.thresholds()

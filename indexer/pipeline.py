@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from indexer.jobs import IndexLock, cleanup_index_dir
+from indexer.jobs import IndexLock, cleanup_index_dir, crash_point
 from indexer.scan import FileStat, diff_scan, hash_files, normalise_root, scan_roots
 from retrieval.catalog import (
     ACTIVE,
@@ -32,19 +31,6 @@ from retrieval.images import decode_image
 from retrieval.shards import Shard, choose_params, write_shard
 
 log = logging.getLogger(__name__)
-
-CRASH_ENV = "CLIPSEARCH_CRASH_AT"
-
-
-def crash_point(name: str) -> None:
-    """Fault injection for the crash-safety tests: SIGKILL ourselves at a named point.
-
-    Set CLIPSEARCH_CRASH_AT=<name> (before_shard_write, after_shard_write, before_commit,
-    after_commit, during_encode; during_labels, before_label_publish). Unset in normal use;
-    costs one dict lookup.
-    """
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)

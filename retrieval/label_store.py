@@ -17,7 +17,7 @@ import datetime as dt
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import repeat
@@ -389,7 +389,7 @@ class LabelStore:
         version_id: int,
         encoder: Encoder,
         *,
-        on_batch: Any = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> ClassEmbeddings:
         """The version's class embeddings under `encoder`'s model: cached, or encoded and saved."""
         key = encoder.identity.key

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from indexer.jobs import IndexLock
-from indexer.pipeline import CRASH_ENV, IndexJob
+from indexer.jobs import CRASH_ENV, IndexLock
+from indexer.pipeline import IndexJob
 from retrieval.catalog import Catalog
 from retrieval.config import Settings
 from retrieval.demo import generate_shapes

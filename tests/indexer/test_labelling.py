@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.jobs import compact_index
+from indexer.jobs import CRASH_ENV, compact_index
 from indexer.labelling import LabelJob
-from indexer.pipeline import CRASH_ENV, IndexJob
+from indexer.pipeline import IndexJob
 from retrieval.catalog import Catalog
 from retrieval.config import Settings
 from retrieval.demo import COLOURS, SHAPES, generate_shapes
