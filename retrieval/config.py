@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     hnsw_ef_search: int = Field(default=128, ge=1)
     ivf_nprobe: int = Field(default=32, ge=1)
     # --- zero-shot labels (`clipsearch label`, and after every `clipsearch index`) ---
-    # Stored vectors scored per block: memory is about block * (6 * dim + 8 * labels) bytes.
+    # Stored vectors scored per block: memory is about block * (6 * dim + 4 * labels) bytes.
     label_block_size: int = Field(default=16_384, ge=1, le=1_048_576)
     label_on_index: bool = True  # label new images (and relabel changed sets) after indexing
     # --- the HTTP API (`clipsearch serve`) ---
