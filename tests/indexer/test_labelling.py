@@ -7,19 +7,20 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from indexer.jobs import CRASH_ENV, compact_index
 from indexer.labelling import LabelJob
-from indexer.pipeline import IndexJob
+from indexer.pipeline import IndexJob, IndexReport
 from retrieval.catalog import Catalog
 from retrieval.config import Settings
 from retrieval.demo import COLOURS, SHAPES, generate_shapes
 from retrieval.encoder import Encoder
 from retrieval.images import decode_image
-from retrieval.label_store import ImageLabel, LabelStore
+from retrieval.label_store import LabelStore
 from retrieval.labels import LabelSet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,10 +74,6 @@ class Reference:
         ]
 
 
-def stored_labels(store: LabelStore, ids: list[int]) -> dict[int, list[ImageLabel]]:
-    return store.labels_for(ids)
-
-
 def live_ids(catalog: Catalog, root: Path) -> dict[str, int]:
     return {
         path: rec.id
@@ -85,7 +82,7 @@ def live_ids(catalog: Catalog, root: Path) -> dict[str, int]:
     }
 
 
-def snapshot(store: LabelStore, catalog: Catalog, root: Path) -> dict[str, object]:
+def snapshot(store: LabelStore, catalog: Catalog, root: Path) -> dict[str, Any]:
     ids = live_ids(catalog, root)
     labels = store.labels_for(list(ids.values()))
     return {
@@ -96,7 +93,7 @@ def snapshot(store: LabelStore, catalog: Catalog, root: Path) -> dict[str, objec
     }
 
 
-def index(settings: Settings, catalog: Catalog, encoder: Encoder, *roots: Path) -> object:
+def index(settings: Settings, catalog: Catalog, encoder: Encoder, *roots: Path) -> IndexReport:
     return IndexJob(settings, catalog, lambda: encoder, progress=False).run(list(roots))
 
 
@@ -123,7 +120,7 @@ def test_stored_labels_equal_a_direct_reference(
     store = LabelStore(catalog)
     store.put(label_set)
     report = index(settings, catalog, encoder, root)
-    assert report.labelled == {"shapes": 48}  # type: ignore[attr-defined]
+    assert report.labelled == {"shapes": 48}
     ids = live_ids(catalog, root)
     stored = store.labels_for(list(ids.values()))
     largest_gap = 0.0
@@ -160,12 +157,12 @@ def test_new_images_get_labels_deleted_leave_counts_and_an_edit_relabels(
     store = LabelStore(catalog)
     store.put(shapes_set())
     first = index(settings, catalog, encoder, root)
-    assert first.labelled == {"shapes": 24}  # type: ignore[attr-defined]
+    assert first.labelled == {"shapes": 24}
     before = store.labels_for(list(live_ids(catalog, root).values()))
 
     generate_shapes(root / "b", 12, seed=2)
     second = index(settings, catalog, encoder, root)
-    assert second.labelled == {"shapes": 12}  # type: ignore[attr-defined]  # only the new
+    assert second.labelled == {"shapes": 12}  # only the new
     after = store.labels_for(list(live_ids(catalog, root).values()))
     assert {i: after[i] for i in before} == before  # the old ones untouched
     assert len(after) == 36
@@ -175,14 +172,14 @@ def test_new_images_get_labels_deleted_leave_counts_and_an_edit_relabels(
     for path in gone:
         path.unlink()
     third = index(settings, catalog, encoder, root)
-    assert third.labelled == {"shapes": 0}  # type: ignore[attr-defined]
+    assert third.labelled == {"shapes": 0}
     counts = store.counts("shapes")
     assert sum(counts.counts.values()) + counts.unlabelled == 30
 
     # Editing the set relabels every live image, even in a run that finds no file changes.
     store.put(shapes_set(top_k=1, labels=[*NAMES, "a grey cloud"]))
     fourth = index(settings, catalog, encoder, root)
-    assert fourth.labelled == {"shapes": 30}  # type: ignore[attr-defined]
+    assert fourth.labelled == {"shapes": 30}
     stored = store.get("shapes")
     assert stored.version == stored.labelled_version == 2
     relabelled = store.labels_for(list(live_ids(catalog, root).values()))
@@ -295,8 +292,8 @@ def test_index_killed_while_labelling_new_images_keeps_old_labels(
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert len(live_ids(catalog, root)) == 24  # the index commit went through
     now = snapshot(store, catalog, root)
-    assert {p: v for p, v in now["labels"].items() if "/a/" in p} == served["labels"]  # type: ignore[attr-defined]
-    assert now["counts"]["unlabelled"] == 12  # type: ignore[index]
+    assert {p: v for p, v in now["labels"].items() if "/a/" in p} == served["labels"]
+    assert now["counts"]["unlabelled"] == 12
 
     rerun = _cli(settings, "label", "--no-progress", "--json")
     assert rerun.returncode == 0, rerun.stderr
