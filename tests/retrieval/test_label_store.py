@@ -244,3 +244,23 @@ def test_class_embeddings_are_cached_per_version_and_model(catalog: Catalog) -> 
     assert found is not None and found.logit_scale == 50.0
     np.testing.assert_array_equal(found.vectors, vectors)
     assert fresh.cached_embeddings(stored.version_id, "other-model") is None
+
+
+def test_raw_cosines_are_kept_only_when_asked(catalog: Catalog) -> None:
+    _images(catalog, [1, 2])
+    store = LabelStore(catalog)
+    plain, _ = store.put(LabelSet.from_dict(ANIMALS))
+    with_cosine, _ = store.put(LabelSet.from_dict({**ANIMALS, "name": "raw", "store_cosine": True}))
+    block = _block([[0, 1], [1, 0]], [[0.8, 0.2], [0.6, 0.4]])  # cosines: the scores / 2
+    for stored, keep in ((plain, False), (with_cosine, True)):
+        with store.shard_writer(stored.version_id, "s1", store_cosine=keep) as writer:
+            writer.add(np.array([1, 2], dtype=np.int64), block)
+    with catalog.engine.connect() as conn:
+        rows = conn.execute(
+            select(ImageLabelRow.version_id, ImageLabelRow.cosine).order_by(
+                ImageLabelRow.version_id, ImageLabelRow.image_id, ImageLabelRow.rank
+            )
+        ).all()
+    assert [c for v, c in rows if v == plain.version_id] == [None] * 4
+    kept = [c for v, c in rows if v == with_cosine.version_id]
+    np.testing.assert_allclose(kept, [0.4, 0.1, 0.3, 0.2], rtol=1e-6)
