@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from sqlalchemy import ColumnElement, func, select
@@ -40,7 +40,7 @@ def _like_prefix(prefix: str) -> str:
     return escape_like(prefix) + "%"
 
 
-def _conditions(filters: SearchFilters, labels: LabelStore) -> list[ColumnElement[bool]]:
+def _conditions(filters: SearchFilters) -> list[ColumnElement[bool]]:
     conds: list[ColumnElement[bool]] = [ImageRow.status == ACTIVE, ImageRow.shard_id.is_not(None)]
     if filters.path_prefix:
         conds.append(ImageRow.path.like(_like_prefix(filters.path_prefix), escape="\\"))
@@ -58,12 +58,6 @@ def _conditions(filters: SearchFilters, labels: LabelStore) -> list[ColumnElemen
         conds.append(ImageRow.indexed_at >= filters.indexed_after)
     if filters.indexed_before is not None:
         conds.append(ImageRow.indexed_at < filters.indexed_before)
-    if filters.labels:
-        conds.extend(
-            labels.label_conditions(
-                filters.labels, filters.labels_mode, filters.label_min_score, filters.label_set
-            )
-        )
     return conds
 
 
@@ -76,7 +70,17 @@ def allowed_ids(
     """
     if filters is None or filters.is_empty:
         return None
-    conditions = _conditions(filters, labels or LabelStore(catalog))
-    query = select(ImageRow.id).where(*conditions).order_by(ImageRow.id)
+    carriers = None
+    if filters.labels:
+        store = labels or LabelStore(catalog)
+        carriers = store.carriers(
+            filters.labels, filters.labels_mode, filters.label_min_score, filters.label_set
+        )
+        others = replace(filters, labels=(), labels_mode="any", label_min_score=0.0, label_set=None)
+        if others.is_empty:
+            # Carriers are live unless deleted and not yet purged.
+            return np.setdiff1d(carriers, catalog.tombstoned_ids(), assume_unique=True)
+    query = select(ImageRow.id).where(*_conditions(filters)).order_by(ImageRow.id)
     with catalog.engine.connect() as conn:
-        return np.fromiter(conn.execute(query).scalars(), dtype=np.int64)
+        ids = np.fromiter(conn.execute(query).scalars(), dtype=np.int64)
+    return ids if carriers is None else np.intersect1d(ids, carriers, assume_unique=True)

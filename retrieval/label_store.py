@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +24,7 @@ from itertools import repeat
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, delete, false, func, insert, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -556,32 +556,42 @@ class LabelStore:
                 ).scalar()
                 or 0
             )
-            by_label: dict[int, int] = {}
-            if stored.labelled_version_id is not None:
-                rows = conn.execute(
-                    select(ImageLabelRow.label, func.count())
-                    .join(ImageRow, ImageRow.id == ImageLabelRow.image_id)
-                    .where(
-                        ImageLabelRow.version_id == stored.labelled_version_id,
-                        ImageLabelRow.rank == 0,
-                        ImageRow.status == ACTIVE,
-                    )
-                    .group_by(ImageLabelRow.label)
-                )
-                by_label = {int(label): int(count) for label, count in rows}
         if stored.labelled_version_id is None:
             return LabelCounts(name, None, {}, live)
-        definition = self.definition(stored.labelled_version_id)
-        counts = {label.name: by_label.get(n, 0) for n, label in enumerate(definition.labels)}
+        version_id = stored.labelled_version_id
+        # Best labels of all stored rows (an index-only scan), less those of deleted images
+        # not yet purged (usually few, found by id). Joining every row to `images` instead
+        # took 8 s for 600,000 images on SQLite.
+        best = select(ImageLabelRow.label, func.count()).where(
+            ImageLabelRow.version_id == version_id, ImageLabelRow.rank == 0
+        )
+        with self.catalog.engine.connect() as conn:
+            by_label = Counter(
+                {
+                    int(label): int(n)
+                    for label, n in conn.execute(best.group_by(ImageLabelRow.label))
+                }
+            )
+            for chunk in _chunks(self.catalog.tombstoned_ids().tolist()):
+                rows = conn.execute(
+                    best.where(ImageLabelRow.image_id.in_(chunk)).group_by(ImageLabelRow.label)
+                )
+                by_label.subtract({int(label): int(n) for label, n in rows})
+        definition = self.definition(version_id)
+        counts = {label.name: by_label[n] for n, label in enumerate(definition.labels)}
         return LabelCounts(name, stored.labelled_version, counts, live - sum(counts.values()))
 
-    def label_conditions(
+    def carriers(
         self, labels: Sequence[str], mode: str, min_score: float, set_name: str | None
-    ) -> list[ColumnElement[bool]]:
-        """SQL conditions on ImageRow.id: the image carries any (or all) of `labels`.
+    ) -> np.ndarray:
+        """Sorted ids of the images that carry any (or all) of `labels` with at least
+        `min_score`; deleted images not yet purged included (the caller drops them).
 
         Names match without regard to case, in the named set or else in every set. A name no
-        set defines is a BadQuery; a name defined but not yet labelled matches nothing.
+        set defines is a BadQuery; a name defined but not yet labelled matches nothing. The
+        ids come from the (version, label, score) index alone: as an `IN (subquery)` beside
+        the other filters, SQLite scanned all live images first (measured: 262 ms instead of
+        1 ms for 600,000 images).
         """
         if mode not in ("any", "all"):
             raise BadQuery(f"labels_mode must be 'any' or 'all', not {mode!r}.")
@@ -590,33 +600,37 @@ class LabelStore:
             newest = [s for s in newest if s.name == set_name]
             if not newest:
                 raise BadQuery(f"No label set named {set_name!r}.")
-        served = self._served(set_name)
         for name in labels:
             if not any(s.definition.index_of(name) is not None for s in newest):
                 where = f"label set {set_name!r}" if set_name else "any label set"
                 raise BadQuery(f"No label {name!r} in {where}.")
+        served = self._served(set_name)
 
-        def carries(names: Sequence[str]) -> ColumnElement[bool]:
-            per_version: dict[int, list[int]] = {}
+        def carrying(names: Sequence[str]) -> np.ndarray:
+            per_version: dict[int, set[int]] = {}
             for entry in served:
                 for name in names:
                     index = entry.definition.index_of(name)
                     if index is not None:
-                        per_version.setdefault(entry.version_id, []).append(index)
+                        per_version.setdefault(entry.version_id, set()).add(index)
             if not per_version:
-                return false()
-            rows = select(ImageLabelRow.image_id).where(
+                return np.zeros(0, dtype=np.int64)
+            query = select(ImageLabelRow.image_id).where(
                 or_(
                     *(
                         (ImageLabelRow.version_id == version_id)
-                        & ImageLabelRow.label.in_(sorted(set(indices)))
+                        & ImageLabelRow.label.in_(sorted(indices))
                         for version_id, indices in per_version.items()
                     )
                 ),
                 ImageLabelRow.score >= min_score,
             )
-            return ImageRow.id.in_(rows)
+            with self.catalog.engine.connect() as conn:
+                return np.unique(np.fromiter(conn.execute(query).scalars(), dtype=np.int64))
 
         if mode == "any":
-            return [carries(labels)]
-        return [carries([name]) for name in labels]
+            return carrying(labels)
+        found = carrying([labels[0]])
+        for name in labels[1:]:
+            found = np.intersect1d(found, carrying([name]), assume_unique=True)
+        return found
