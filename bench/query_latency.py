@@ -1,8 +1,10 @@
 """Query latency: text encoding (full context vs trimmed) and end-to-end POST /search/text.
 
-ViT-B-32 with random weights (pretrained="none"), 100k synthetic stored vectors in one flat
-shard plus catalog rows, uvicorn in a subprocess on loopback; concurrency 1 and 16, with
-micro-batching on and off. Prints ONE JSON line. Usage: python bench/query_latency.py [N]
+ViT-B-32 with random weights (pretrained="none"), 100k synthetic stored vectors in one shard
+of the kind the indexer would build for them (BENCH_KIND, default auto: HNSW at 100k) plus
+catalog rows, uvicorn in a subprocess on loopback; concurrency 1 and 16, with micro-batching
+on and off, and on again with CLIPSEARCH_PRECISION=bf16. Prints ONE JSON line.
+Usage: python bench/query_latency.py [N]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 from retrieval.catalog import ACTIVE, Catalog, GenerationCommit, ImageRecord, ShardRecord
 from retrieval.encoder import ModelSpec, load_encoder
-from retrieval.shards import IndexParams, write_shard
+from retrieval.shards import choose_params, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "red blue green dog cat beach car tree house mountain river city night snow".split()
@@ -42,7 +44,7 @@ def _pct(values: list[float]) -> dict[str, float]:
     }
 
 
-def _build_corpus(tmp: Path, n: int) -> dict[str, str]:
+def _build_corpus(tmp: Path, n: int) -> tuple[dict[str, str], str]:
     encoder = load_encoder(ModelSpec("ViT-B-32", "none", device="cpu"))
     identity = encoder.identity
     rng = np.random.default_rng(0)
@@ -55,7 +57,7 @@ def _build_corpus(tmp: Path, n: int) -> dict[str, str]:
         "s0",
         ids=ids,
         embeddings=vectors,
-        params=IndexParams(kind="flat"),
+        params=choose_params(os.environ.get("BENCH_KIND", "auto"), n, identity.dim),
         model=model,
     )
     url = f"sqlite:///{tmp / 'catalog.db'}"
@@ -92,7 +94,7 @@ def _build_corpus(tmp: Path, n: int) -> dict[str, str]:
         )
     )
     catalog.dispose()
-    return {
+    env = {
         "CLIPSEARCH_DATABASE_URL": url,
         "CLIPSEARCH_INDEX_DIR": str(tmp / "index"),
         "CLIPSEARCH_DATA_DIR": str(tmp),
@@ -100,21 +102,26 @@ def _build_corpus(tmp: Path, n: int) -> dict[str, str]:
         "CLIPSEARCH_PRETRAINED": "none",
         "CLIPSEARCH_DEVICE": "cpu",
     }
+    return env, manifest.kind
 
 
 def _encode_times(reps: int) -> dict[str, dict[str, float]]:
     encoder = load_encoder(ModelSpec("ViT-B-32", "none", device="cpu"))
-    out: dict[str, list[float]] = {"full": [], "trimmed": []}
+    # bf16 weights halve the bytes each query streams through (on CPUs with native bf16).
+    bf16 = load_encoder(ModelSpec("ViT-B-32", "none", device="cpu", precision="bf16"))
+    runs = (("full", encoder, False), ("trimmed", encoder, True), ("trimmed_bf16", bf16, True))
+    out: dict[str, list[float]] = {name: [] for name, _, _ in runs}
     for i in range(reps):
-        for mode, trim in (("full", False), ("trimmed", True)):
+        for mode, model, trim in runs:
             t = time.perf_counter()
-            encoder.encode_texts([_query(10_000 + i)], trim=trim)
+            model.encode_texts([_query(10_000 + i)], trim=trim)
             out[mode].append((time.perf_counter() - t) * 1000)
     return {k: _pct(v) for k, v in out.items()}
 
 
-async def _load(base: str, concurrency: int, total: int, offset: int) -> dict[str, float]:
+async def _load(base: str, concurrency: int, total: int, offset: int) -> dict[str, Any]:
     latencies: list[float] = []
+    parts: dict[str, list[float]] = {}
     counter = iter(range(total))
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
 
@@ -124,14 +131,20 @@ async def _load(base: str, concurrency: int, total: int, offset: int) -> dict[st
                 r = await client.post("/search/text", json={"query": _query(offset + i), "k": 10})
                 r.raise_for_status()
                 latencies.append((time.perf_counter() - t) * 1000)
+                for part, ms in r.json()["took_ms"].items():
+                    parts.setdefault(part, []).append(ms)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    return {**_pct(latencies), "qps": round(total / wall, 1)}
+    # The server's own breakdown (p50 of each part), to see where the time goes.
+    server = {part: round(float(np.median(v)), 2) for part, v in parts.items()}
+    return {**_pct(latencies), "qps": round(total / wall, 1), "server_p50_ms": server}
 
 
-def _serve(env: dict[str, str], microbatch: bool, requests: int) -> dict[str, object]:
+def _serve(
+    env: dict[str, str], microbatch: bool, requests: int, precision: str = "fp32"
+) -> dict[str, object]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -139,6 +152,7 @@ def _serve(env: dict[str, str], microbatch: bool, requests: int) -> dict[str, ob
         **os.environ,
         **env,
         "CLIPSEARCH_MICROBATCH": str(microbatch).lower(),
+        "CLIPSEARCH_PRECISION": precision,
         "CLIPSEARCH_QUERY_CACHE_SIZE": "0",
         "CLIPSEARCH_RELOAD_INTERVAL_SECONDS": "0",
     }
@@ -175,17 +189,19 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
     requests = int(os.environ.get("BENCH_REQUESTS", "64"))
     with tempfile.TemporaryDirectory() as tmp:
-        env = _build_corpus(Path(tmp), n)
+        env, kind = _build_corpus(Path(tmp), n)
         result: dict[str, object] = {
             "bench": "query_latency",
             "model": "ViT-B-32/none",
             "vectors": n,
+            "index_kind": kind,
             "cpu_count": os.cpu_count(),
             "text_encode_ms": _encode_times(30),
         }
         http = {
             "microbatch_on": _serve(env, True, requests),
             "microbatch_off": _serve(env, False, requests),
+            "microbatch_on_bf16": _serve(env, True, requests, precision="bf16"),
         }
         result["search_text_http_ms"] = http
         on: Any = http["microbatch_on"]["c16"]

@@ -80,6 +80,22 @@ DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="CLIPSEARCH_DEVICE: auto, cpu, cuda or cuda:N.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+# The options `index` and `schedule` share (each one overrides its setting for this run).
+KindOpt = Annotated[
+    str | None,
+    typer.Option(help="CLIPSEARCH_INDEX_KIND for new shards: auto, flat, hnsw, ivf, ivfpq."),
+]
+BatchSizeOpt = Annotated[int | None, typer.Option(help="CLIPSEARCH_BATCH_SIZE.")]
+WorkersOpt = Annotated[
+    int | None, typer.Option(help="CLIPSEARCH_WORKERS: decoder processes (0 = inline).")
+]
+ShardSizeOpt = Annotated[
+    int | None, typer.Option(help="CLIPSEARCH_SHARD_SIZE: vectors per shard and commit.")
+]
+ProgressOpt = Annotated[
+    bool | None,
+    typer.Option("--progress/--no-progress", help="Progress bars (default: on a terminal)."),
+]
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -152,21 +168,11 @@ def index(
         list[Path] | None,
         typer.Argument(help="Image folders to index (default: CLIPSEARCH_ROOTS)."),
     ] = None,
-    kind: Annotated[
-        str | None,
-        typer.Option(help="CLIPSEARCH_INDEX_KIND for new shards: auto, flat, hnsw, ivf, ivfpq."),
-    ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="CLIPSEARCH_BATCH_SIZE.")] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="CLIPSEARCH_WORKERS: decoder processes (0 = inline).")
-    ] = None,
-    shard_size: Annotated[
-        int | None, typer.Option(help="CLIPSEARCH_SHARD_SIZE: vectors per shard and commit.")
-    ] = None,
-    progress: Annotated[
-        bool | None,
-        typer.Option("--progress/--no-progress", help="Progress bars (default: on a terminal)."),
-    ] = None,
+    kind: KindOpt = None,
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
+    shard_size: ShardSizeOpt = None,
+    progress: ProgressOpt = None,
     since_last_run: Annotated[
         bool,
         typer.Option(
@@ -284,21 +290,11 @@ def schedule(
     max_runs: Annotated[
         int | None, typer.Option(min=1, help="Stop after this many runs (default: never).")
     ] = None,
-    kind: Annotated[
-        str | None,
-        typer.Option(help="CLIPSEARCH_INDEX_KIND for new shards: auto, flat, hnsw, ivf, ivfpq."),
-    ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="CLIPSEARCH_BATCH_SIZE.")] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="CLIPSEARCH_WORKERS: decoder processes (0 = inline).")
-    ] = None,
-    shard_size: Annotated[
-        int | None, typer.Option(help="CLIPSEARCH_SHARD_SIZE: vectors per shard and commit.")
-    ] = None,
-    progress: Annotated[
-        bool | None,
-        typer.Option("--progress/--no-progress", help="Progress bars (default: on a terminal)."),
-    ] = None,
+    kind: KindOpt = None,
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
+    shard_size: ShardSizeOpt = None,
+    progress: ProgressOpt = None,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
     index_dir: IndexDirOpt = None,
@@ -763,6 +759,13 @@ def finetune(
             "class-aware when captions or classes repeat in the training data, else clip."
         ),
     ] = "auto",
+    image_pairs: Annotated[
+        float,
+        typer.Option(
+            help="class-aware only: weight of an image-to-image term (same class = positive) "
+            "that tightens each class for search by example; 0 turns it off."
+        ),
+    ] = 0.0,
     freeze: Annotated[
         str, typer.Option(help="Keep one tower as loaded: none, image or text.")
     ] = "none",
@@ -813,6 +816,7 @@ def finetune(
         warmup=warmup,
         weight_decay=weight_decay,
         loss=loss,
+        image_pairs=image_pairs,
         freeze=freeze,
         val_fraction=val_fraction,
         seed=seed,
@@ -1203,10 +1207,7 @@ def label(
         int | None,
         typer.Option(help="CLIPSEARCH_LABEL_BLOCK_SIZE: vectors scored at once (bounds memory)."),
     ] = None,
-    progress: Annotated[
-        bool | None,
-        typer.Option("--progress/--no-progress", help="Progress bars (default: on a terminal)."),
-    ] = None,
+    progress: ProgressOpt = None,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
     index_dir: IndexDirOpt = None,

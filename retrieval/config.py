@@ -103,7 +103,10 @@ class Settings(BaseSettings):
     reload_interval_seconds: float = Field(default=5.0, ge=0)  # 0: only POST /admin/reload
     query_cache_size: int = Field(default=4096, ge=0)  # text embeddings kept; 0 disables
     microbatch: bool = True
-    microbatch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
+    # How long an IDLE encoder waits for company. 0 (default): start at once; queries that
+    # arrive during a pass still share the next one, so batches form under load anyway, and
+    # a lone query pays no wait (measured: +5 ms p50 at concurrency 1 with a 5 ms wait).
+    microbatch_wait_ms: float = Field(default=0.0, ge=0, le=1000)
     microbatch_max_size: int = Field(default=32, ge=1, le=1024)
     thumbnail_max_side: int = Field(default=512, ge=16, le=2048)
     # --- scheduled indexing (`clipsearch schedule`) ---
