@@ -262,5 +262,5 @@ def test_raw_cosines_are_kept_only_when_asked(catalog: Catalog) -> None:
             )
         ).all()
     assert [c for v, c in rows if v == plain.version_id] == [None] * 4
-    kept = [c for v, c in rows if v == with_cosine.version_id]
-    np.testing.assert_allclose(kept, [0.4, 0.1, 0.3, 0.2], rtol=1e-6)
+    kept = np.array([c for v, c in rows if v == with_cosine.version_id], dtype=np.float64)
+    np.testing.assert_allclose(kept, np.array([0.4, 0.1, 0.3, 0.2]), rtol=1e-6)
