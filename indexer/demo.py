@@ -7,11 +7,16 @@ from pathlib import Path
 
 from retrieval.catalog import Catalog
 from retrieval.config import Settings
+from retrieval.demo import COLOURS, SHAPES
 from retrieval.encoder import Encoder, ModelSpec, load_encoder, resolve_device
 from retrieval.errors import WeightsUnavailable
+from retrieval.label_store import LabelStore
+from retrieval.labels import LabelSet
 from retrieval.search import Searcher
+from retrieval.shapes_model import SHAPES_TEMPLATES
 
 DEMO_QUERIES = ("a red circle", "a blue square", "a green triangle")
+DEMO_LABEL_SET = "shapes"
 MODEL_FILE = "shapes-tiny.pt"
 
 
@@ -89,23 +94,55 @@ def run_demo(directory: Path, count: int, *, base: Settings, echo: Callable[[str
         }
     )
     catalog = Catalog(settings.resolved_database_url)
+    catalog.upgrade()
+    labels = LabelStore(catalog)
+    # A zero-shot label set over the 24 classes: the index job labels what it adds.
+    labels.put(
+        LabelSet.from_dict(
+            {
+                "name": DEMO_LABEL_SET,
+                "labels": [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES],
+                "templates": list(SHAPES_TEMPLATES),
+            }
+        )
+    )
     report = IndexJob(settings, catalog, lambda: encoder, progress=None).run([images])
     echo(
         f"indexed {images}: {report.new} new, {report.unchanged} unchanged, "
         f"{len(report.failed)} failed, generation {report.generation} "
         f"(state in {data_dir})"
     )
-    searcher = Searcher(catalog, settings.resolved_index_dir, encoder)
+    searcher = Searcher(catalog, settings.resolved_index_dir, encoder, labels=labels)
     try:
         for query in DEMO_QUERIES:
             result = searcher.search_text(query, k=3)
             echo(f'top 3 for "{query}":')
             for hit in result.hits:
-                echo(f"  {hit.score:7.4f}  {Path(hit.path).relative_to(images)}")
+                best = hit.labels[0] if hit.labels else None
+                label = f"  label: {best.label} ({best.score:.2f})" if best else ""
+                echo(f"  {hit.score:7.4f}  {Path(hit.path).relative_to(images)}{label}")
     finally:
         searcher.close()
+    counts = labels.counts(DEMO_LABEL_SET)
+    right = _labelled_right(catalog, labels, images)
+    echo(
+        f'zero-shot labels ("{DEMO_LABEL_SET}" set): {right} of {sum(counts.counts.values())} '
+        f"pictures carry their own colour and shape as their best label; "
+        f"{counts.unlabelled} below every threshold"
+    )
     echo(
         "Try it yourself:\n"
         f"  clipsearch search --data-dir {data_dir} --model {encoder.identity.name} "
         f'--pretrained {encoder.identity.pretrained} "a red circle"'
     )
+
+
+def _labelled_right(catalog: Catalog, labels: LabelStore, images: Path) -> int:
+    """How many pictures have their own class (the folder name) as their best demo label."""
+    records = catalog.records_under([str(images)])
+    best = labels.labels_for([record.id for record in records.values()])
+    right = 0
+    for path, record in records.items():
+        own = [label for label in best.get(record.id, []) if label.set == DEMO_LABEL_SET]
+        right += bool(own) and own[0].label == Path(path).parent.name.replace("_", " ")
+    return right

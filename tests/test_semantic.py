@@ -139,3 +139,7 @@ def test_demo_reuses_a_trained_model_and_its_searches_mean_something(
     assert "training" not in text
     top = lines.index('top 3 for "a red circle":')
     assert all("red_circle/" in line for line in lines[top + 1 : top + 4])
+    assert all("label: red circle" in line for line in lines[top + 1 : top + 4])
+    summary = next(line for line in lines if line.startswith("zero-shot labels"))
+    right = int(summary.split(": ", 1)[1].split(" of ")[0])
+    assert right >= 0.9 * 72, summary
