@@ -175,9 +175,20 @@ async def similar(
     services: ServicesDep,
     image_id: int,
     k: Annotated[int, Query(description="Number of results.")] = 10,
+    filters: Annotated[
+        str | None,
+        Query(
+            description="JSON filter object, as in POST /search/text, e.g. "
+            '{"path_prefix": "/photos/2024/"}; the top k stays exact among the allowed images.'
+        ),
+    ] = None,
 ) -> SearchResponse:
     searcher = services.searcher
     searcher.check_k(k)
-    result = await run_in_threadpool(searcher.similar, image_id, k)
+    parsed = _parse_filters(filters)
+    ids, filter_ms = await _allowed(services, parsed)
+    result = await run_in_threadpool(lambda: searcher.similar(image_id, k, allowed_ids=ids))
+    result.took_ms["filter"] = filter_ms
+    result.took_ms["total"] = result.took_ms.get("total", 0.0) + filter_ms
     _record_timings(services, "similar", result)
     return to_response(request, result)

@@ -121,8 +121,10 @@ export class Client {
     return this.json("search/image", { method: "POST", form, signal });
   }
 
-  similar(imageId, k, signal) {
-    return this.json(`images/${encodeURIComponent(imageId)}/similar?k=${k}`, { signal });
+  similar(imageId, k, filters, signal) {
+    const params = new URLSearchParams({ k: String(k) });
+    if (filters) params.set("filters", JSON.stringify(filters));
+    return this.json(`images/${encodeURIComponent(imageId)}/similar?${params}`, { signal });
   }
 
   image(imageId, signal) {

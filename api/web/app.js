@@ -296,10 +296,7 @@ function describeSearch(query, count, body) {
   const took = body?.took_ms?.total;
   const time = Number.isFinite(took) ? ` in ${Math.round(took)} ms` : "";
   const results = `${count} result${count === 1 ? "" : "s"}`;
-  if (query.similar !== null) {
-    const note = apiFilters(query) ? " (filters do not apply to “more like this”)" : "";
-    return `${results} like image ${query.similar}${time}${note}`;
-  }
+  if (query.similar !== null) return `${results} like image ${query.similar}${time}`;
   if (query.q) return `${results} for “${query.q}”${time}`;
   return `${results} for the image ${state.image?.file.name ?? ""}${time}`;
 }
@@ -334,7 +331,7 @@ async function runQuery(query, { history = "push", focusResults = false } = {}) 
   try {
     let body;
     if (mode === "text") body = await client.searchText(query.q, query.k, filters, controller.signal);
-    else if (mode === "similar") body = await client.similar(query.similar, query.k, controller.signal);
+    else if (mode === "similar") body = await client.similar(query.similar, query.k, filters, controller.signal);
     else body = await client.searchImage(state.image.file, query.k, filters, controller.signal);
     if (controller.signal.aborted) return;
     clearMessage("error");

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,3 +74,39 @@ def test_filter_matching_nothing_gives_no_results(client: TestClient) -> None:
 def test_no_filters_means_no_id_set(catalog: Catalog) -> None:
     assert allowed_ids(catalog, None) is None
     assert allowed_ids(catalog, SearchFilters()) is None
+
+
+def test_more_like_this_with_filters_is_exact_top_k_among_allowed(
+    client: TestClient, catalog: Catalog
+) -> None:
+    records = catalog.records(range(1, 1000))
+    mixed = sorted(r.path for r in records.values() if "/mixed/" in r.path)
+    filters = {"path_prefix": mixed[0][: mixed[0].rfind("/") + 1]}  # 12 of the 36 images
+    from api.schemas import Filters
+
+    ids = allowed_ids(catalog, Filters.model_validate(filters).to_domain())
+    assert ids is not None and len(ids) == len(mixed) < len(records)
+    source = int(ids[0])
+    unfiltered = client.get(f"/images/{source}/similar", params={"k": 5}).json()["results"]
+    # The filter matters here: without it, images outside the folder are among the top 5.
+    assert any("/mixed/" not in h["path"] for h in unfiltered)
+    response = client.get(
+        f"/images/{source}/similar", params={"k": 5, "filters": json.dumps(filters)}
+    )
+    assert response.status_code == 200, response.text
+    got = [h["id"] for h in response.json()["results"]]
+    # Brute force over the allowed stored vectors, the source image itself left out.
+    searcher = client.app.state.services.searcher  # type: ignore[attr-defined]
+    found, vectors = searcher.snapshot().shards.vectors(ids)
+    query = vectors[list(found).index(source)]
+    keep = found != source
+    scores = vectors[keep] @ query
+    order = np.lexsort((found[keep], -scores))
+    assert got == [int(found[keep][i]) for i in order[:5]]
+
+
+def test_more_like_this_rejects_a_bad_filter_object(client: TestClient) -> None:
+    top = client.get("/search", params={"q": "a red circle", "k": 1}).json()["results"][0]
+    response = client.get(f"/images/{top['id']}/similar", params={"filters": "{not json"})
+    assert response.status_code == 422
+    assert response.json()["code"] == "validation_error"

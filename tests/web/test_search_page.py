@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -203,6 +204,20 @@ def test_more_like_this_finds_the_same_kind_of_picture(open_page: OpenPage, corp
     assert source not in sp.result_ids()
     assert_image_neighbours(sp.result_paths(), "purple_star")
     assert sp.query_box.input_value() == ""
+
+
+def test_more_like_this_applies_the_filters(open_page: OpenPage, corpus: Corpus) -> None:
+    sp = open_search(open_page, corpus)
+    sp.search("a blue square")
+    sp.wait_for_results("“a blue square”")
+    source = int(sp.cards().first.get_attribute("data-id") or "-1")
+    # A shared link: more like a blue square, within the green pictures' folders only.
+    prefix = str(corpus.root / "green_")
+    link = open_search(open_page, corpus, f"/?similar={source}&{urlencode({'prefix': prefix})}")
+    link.wait_for_results(f"like image {source}")
+    paths = link.result_paths()
+    assert len(paths) == DEFAULT_K and all(p.startswith(prefix) for p in paths)
+    assert link.url_params() == {"similar": str(source), "prefix": prefix}
 
 
 @pytest.mark.parametrize("viewport", ["desktop", "phone"])
