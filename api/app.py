@@ -24,7 +24,7 @@ from api.services import Services
 from api.text_queries import TextQueryEncoder
 from retrieval.catalog import Catalog
 from retrieval.config import Settings, load_settings
-from retrieval.encoder import Encoder, ModelSpec, load_encoder
+from retrieval.encoder import Encoder, encoder_from_settings
 from retrieval.search import Searcher, SearchOptions
 
 log = logging.getLogger("clipsearch.api")
@@ -37,16 +37,7 @@ Every error is JSON `{"code": "...", "message": "..."}` with a stable code.
 
 
 def _load_encoder(settings: Settings) -> Encoder:
-    return load_encoder(
-        ModelSpec(
-            name=settings.model,
-            pretrained=settings.pretrained,
-            device=settings.device,
-            precision=settings.precision,
-            config_dir=settings.model_config_dir,
-            cache_dir=settings.model_cache_dir,
-        )
-    )
+    return encoder_from_settings(settings)
 
 
 def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> Services:

@@ -110,18 +110,9 @@ def _catalog(settings: Settings) -> Any:
 
 def _encoder_factory(settings: Settings) -> Any:
     def build() -> Any:
-        from retrieval.encoder import ModelSpec, load_encoder
+        from retrieval.encoder import encoder_from_settings
 
-        return load_encoder(
-            ModelSpec(
-                name=settings.model,
-                pretrained=settings.pretrained,
-                device=settings.device,
-                precision=settings.precision,
-                config_dir=settings.model_config_dir,
-                cache_dir=settings.model_cache_dir,
-            )
-        )
+        return encoder_from_settings(settings)
 
     return build
 

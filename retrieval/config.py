@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = None
     device: str = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    # Intra-op threads for torch (0: torch's default, one per core). On a small box shared
+    # with the nightly indexer, 1 keeps a query from spinning against the other process.
+    torch_threads: int = Field(default=0, ge=0, le=1024)
     batch_size: int = Field(default=64, ge=1, le=8192)
     workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=0, le=64)
     roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -19,6 +19,9 @@ import torch
 from PIL import Image
 
 from retrieval.errors import ModelMismatch, WeightsUnavailable
+
+if TYPE_CHECKING:
+    from retrieval.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -425,3 +428,22 @@ def load_encoder(spec: ModelSpec) -> Encoder:
     )
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     return Encoder(model, preprocess, tokenizer, identity, device, dtype)
+
+
+def encoder_from_settings(settings: Settings) -> Encoder:
+    """The encoder the settings name (model, weights, device, precision, configs, cache).
+
+    Applies CLIPSEARCH_TORCH_THREADS first: torch's thread pool is per process.
+    """
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    return load_encoder(
+        ModelSpec(
+            name=settings.model,
+            pretrained=settings.pretrained,
+            device=settings.device,
+            precision=settings.precision,
+            config_dir=settings.model_config_dir,
+            cache_dir=settings.model_cache_dir,
+        )
+    )

@@ -121,3 +121,24 @@ def test_fp16_on_cpu_is_refused_clearly(tiny_checkpoint: Path) -> None:
         load_encoder(
             ModelSpec("clipsearch-tiny", str(tiny_checkpoint), device="cpu", precision="fp16")
         )
+
+
+def test_encoder_from_settings_applies_torch_threads(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from retrieval.config import load_settings
+    from retrieval.encoder import encoder_from_settings
+
+    before = torch.get_num_threads()
+    try:
+        settings = load_settings(
+            data_dir=tmp_path,
+            model="clipsearch-tiny",
+            pretrained=str(tiny_checkpoint),
+            device="cpu",
+            torch_threads=1,
+        )
+        encoder = encoder_from_settings(settings)
+        assert torch.get_num_threads() == 1
+        direct = load_encoder(ModelSpec("clipsearch-tiny", str(tiny_checkpoint), device="cpu"))
+        assert encoder.identity == direct.identity
+    finally:
+        torch.set_num_threads(before)
