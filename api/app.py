@@ -36,10 +36,6 @@ Every error is JSON `{"code": "...", "message": "..."}` with a stable code.
 """
 
 
-def _load_encoder(settings: Settings) -> Encoder:
-    return encoder_from_settings(settings)
-
-
 def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> Services:
     catalog = Catalog(settings.resolved_database_url)
     catalog.upgrade()
@@ -110,7 +106,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app. With no arguments (uvicorn's factory call) settings come from the env."""
     settings = settings or load_settings()
-    build_encoder = encoder_factory or _load_encoder
+    build_encoder = encoder_factory or encoder_from_settings
     metrics = Metrics()
 
     @asynccontextmanager

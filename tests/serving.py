@@ -1,4 +1,5 @@
-"""A real `clipsearch serve` process for end-to-end tests: start, wait until ready, stop."""
+"""Real `clipsearch` processes for end-to-end tests: a one-off command, or `serve` (start, wait
+until ready, stop)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from retrieval.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 120.0
@@ -52,6 +55,30 @@ def serve_env(settings: Mapping[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPSEARCH_")}
     env.update(settings)
     return env
+
+
+def run_cli(
+    settings: Settings, *args: str, env: Mapping[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`clipsearch ARGS` in a fresh process, pointed at `settings`' catalog, data and model on
+    the CPU; `env` adds or overrides variables (shard size, a crash point, ...)."""
+    full_env = {
+        **os.environ,
+        "CLIPSEARCH_DATA_DIR": str(settings.data_dir),
+        "CLIPSEARCH_DATABASE_URL": settings.resolved_database_url,
+        "CLIPSEARCH_MODEL": settings.model,
+        "CLIPSEARCH_PRETRAINED": settings.pretrained,
+        "CLIPSEARCH_DEVICE": "cpu",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "indexer", *args],
+        env=full_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _wait_ready(server: ServeProcess, timeout_s: float) -> None:

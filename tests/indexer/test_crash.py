@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,34 +18,20 @@ from retrieval.demo import generate_shapes
 from retrieval.encoder import Encoder
 from retrieval.search import Searcher
 from retrieval.shards import list_shard_dirs
+from tests.serving import run_cli
 
 QUERIES = ["a red circle", "a blue square", "a green star"]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(
     settings: Settings, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {
-        **os.environ,
-        "CLIPSEARCH_DATA_DIR": str(settings.data_dir),
-        "CLIPSEARCH_DATABASE_URL": settings.resolved_database_url,
-        "CLIPSEARCH_MODEL": settings.model,
-        "CLIPSEARCH_PRETRAINED": settings.pretrained,
-        "CLIPSEARCH_DEVICE": "cpu",
+    small = {
         "CLIPSEARCH_BATCH_SIZE": "8",
         "CLIPSEARCH_SHARD_SIZE": "16",
         "CLIPSEARCH_RETIRE_GRACE_SECONDS": "0",
-        **(env or {}),
     }
-    return subprocess.run(
-        [sys.executable, "-m", "indexer", *args],
-        env=full_env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli(settings, *args, env={**small, **(env or {})})
 
 
 def _state(settings: Settings, catalog: Catalog, encoder: Encoder) -> dict[str, object]:

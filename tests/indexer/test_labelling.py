@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +20,8 @@ from retrieval.encoder import Encoder
 from retrieval.images import decode_image
 from retrieval.label_store import LabelStore
 from retrieval.labels import LabelSet
+from tests.serving import run_cli
 
-REPO = Path(__file__).resolve().parents[2]
 NAMES = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
 TEMPLATES = ["a {}", "a photo of a {}", "a drawing of a {}"]
 
@@ -214,25 +212,12 @@ def _cli(
     settings: Settings, *args: str, crash: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     env = {
-        **os.environ,
-        "CLIPSEARCH_DATA_DIR": str(settings.data_dir),
-        "CLIPSEARCH_DATABASE_URL": settings.resolved_database_url,
-        "CLIPSEARCH_MODEL": settings.model,
-        "CLIPSEARCH_PRETRAINED": settings.pretrained,
-        "CLIPSEARCH_DEVICE": "cpu",
         "CLIPSEARCH_WORKERS": "0",
         "CLIPSEARCH_SHARD_SIZE": "12",
         "CLIPSEARCH_LABEL_BLOCK_SIZE": "5",
         **({CRASH_ENV: crash} if crash else {}),
     }
-    return subprocess.run(
-        [sys.executable, "-m", "indexer", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli(settings, *args, env=env)
 
 
 @pytest.mark.slow
