@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -237,13 +237,6 @@ def embed_set_images(
     return EmbeddedSet(embeddings, kept, warnings)
 
 
-def _encode_texts_batched(encoder: Encoder, batch_size: int = 256) -> Callable[[list[str]], Any]:
-    def encode(texts: list[str]) -> np.ndarray:
-        return encoder.encode_texts_batched(texts, batch_size)
-
-    return encode
-
-
 def evaluate_retrieval(
     encoder: Encoder, dataset: TrainingSet, *, embedded: EmbeddedSet | None = None
 ) -> tuple[RetrievalMetrics, EmbeddedSet]:
@@ -253,7 +246,7 @@ def evaluate_retrieval(
         raise TrainingDataError(str(dataset.source), "no image of this set could be decoded")
     captions = sorted({dataset.samples[i].caption for i in embedded.sample_indices})
     caption_id = {caption: n for n, caption in enumerate(captions)}
-    text_embeddings = _encode_texts_batched(encoder)(captions)
+    text_embeddings = encoder.encode_texts_batched(captions)
     # The same image file listed twice (several captions) is one corpus item.
     image_key: dict[tuple[Any, ...], int] = {}
     rows: list[int] = []
@@ -307,7 +300,7 @@ def evaluate_zero_shot(
     labels = np.array(
         [index[dataset.samples[i].label or ""] for i in embedded.sample_indices], dtype=np.int64
     )
-    encode = _encode_texts_batched(encoder)
+    encode = encoder.encode_texts_batched
     single = zero_shot_accuracy(
         embedded.embeddings, labels, encode([render(prompt, name) for name in classes])
     )

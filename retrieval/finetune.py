@@ -456,7 +456,8 @@ class _Trainer:
 
     def batch_loss(
         self, pixels: torch.Tensor, captions: Sequence[str], groups: Sequence[str], loss: str
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of one batch, and its unit image embeddings (validation reuses them)."""
         # Only distinct captions go through the text tower; with 24 classes in a batch of 96
         # that is a quarter of the text work, and `clip` gets identical rows either way.
         distinct = list(dict.fromkeys(captions))
@@ -466,12 +467,12 @@ class _Trainer:
             scale = self.model.logit_scale.exp()  # type: ignore[operator]
             if loss == "clip":
                 rows = torch.tensor([position[c] for c in captions], device=self.device)
-                return clip_loss(image.float(), text.float()[rows], scale)
+                return clip_loss(image.float(), text.float()[rows], scale), image
             group_id = {g: n for n, g in enumerate(dict.fromkeys(groups))}
             caption_group = {c: group_id[g] for c, g in zip(captions, groups, strict=True)}
             image_groups = torch.tensor([group_id[g] for g in groups], device=self.device)
             caption_groups = torch.tensor([caption_group[c] for c in distinct], device=self.device)
-            return class_aware_loss(
+            value = class_aware_loss(
                 image.float(),
                 text.float(),
                 image_groups,
@@ -479,6 +480,7 @@ class _Trainer:
                 scale,
                 self.config.image_pairs,
             )
+            return value, image
 
     def train_mode(self) -> None:
         self.model.train()
@@ -520,16 +522,19 @@ def _validate(
         for start in range(0, len(positions), trainer.config.batch_size):
             chunk = positions[start : start + trainer.config.batch_size]
             pixels, kept = source.batch(chunk)
+            if not kept:
+                continue
+            embedded += kept
             if len(kept) >= 2:
                 captions = [samples[i].caption for i in kept]
                 groups = _group_keys([samples[i] for i in kept])
-                losses.append(float(trainer.batch_loss(pixels, captions, groups, loss)))
+                value, image = trainer.batch_loss(pixels, captions, groups, loss)
+                losses.append(float(value))
                 weights.append(len(kept))
-            if kept:
-                embedded += kept
+            else:  # one image: no contrastive loss, but it still counts for zero-shot
                 with trainer.autocast():
                     image = model.encode_image(pixels.to(trainer.device), normalize=True)
-                features.append(image.float().cpu().numpy())
+            features.append(image.float().cpu().numpy())
     val_loss = float(np.average(losses, weights=weights)) if losses else None
     labelled = all(s.label is not None for s in samples)
     if not (labelled and classes and features):
@@ -651,7 +656,7 @@ def finetune(
                     continue
                 chosen = [train_samples[i] for i in kept]
                 captions = [caption_rng.choice(s.captions) for s in chosen]
-                loss = trainer.batch_loss(pixels, captions, _group_keys(chosen), loss_name)
+                loss, _ = trainer.batch_loss(pixels, captions, _group_keys(chosen), loss_name)
                 trainer.scaler.scale(loss / config.accum_steps).backward()
                 step_loss += float(loss.detach()) / config.accum_steps
             trainer.scaler.step(optimizer)
