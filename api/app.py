@@ -25,6 +25,7 @@ from api.text_queries import TextQueryEncoder
 from retrieval.catalog import Catalog
 from retrieval.config import Settings, load_settings
 from retrieval.encoder import Encoder, encoder_from_settings
+from retrieval.faiss_gpu import placement_from_settings
 from retrieval.search import Searcher, SearchOptions
 
 log = logging.getLogger("clipsearch.api")
@@ -50,6 +51,7 @@ def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> S
             nprobe=settings.ivf_nprobe,
             jpeg_draft=settings.jpeg_draft,
         ),
+        gpu=placement_from_settings(settings.faiss_gpu, settings.device),
     )
     searcher.refresh()  # fail at start-up (model mismatch, corrupt shard), not on a query
     text_encoder = TextQueryEncoder(encoder, EmbeddingCache(settings.query_cache_size), None)

@@ -412,6 +412,7 @@ def compact(
 ) -> None:
     """Merge small shards and drop deleted vectors, from stored embeddings (no re-encoding)."""
     from indexer.jobs import compact_index
+    from retrieval.faiss_gpu import resolve_faiss_gpu
 
     settings = _settings(
         data_dir=data_dir, database_url=database_url, index_dir=index_dir, index_kind=kind
@@ -423,6 +424,7 @@ def compact(
         shard_size=settings.shard_size,
         merge_all=merge_all,
         grace_seconds=settings.retire_grace_seconds,
+        use_gpu=resolve_faiss_gpu(settings.faiss_gpu, settings.device),
     )
     if as_json:
         _print_json(report.to_dict())
@@ -462,6 +464,7 @@ def search(
     as_json: JsonOpt = False,
 ) -> None:
     """Search the index from the shell by text or by an example image."""
+    from retrieval.faiss_gpu import placement_from_settings
     from retrieval.filters import SearchFilters, allowed_ids
     from retrieval.search import Searcher, SearchOptions
 
@@ -486,6 +489,7 @@ def search(
             nprobe=settings.ivf_nprobe,
             jpeg_draft=settings.jpeg_draft,
         ),
+        gpu=placement_from_settings(settings.faiss_gpu, settings.device),
     )
     try:
         filters = SearchFilters(

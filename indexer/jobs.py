@@ -123,6 +123,7 @@ def compact_index(
     merge_all: bool = False,
     grace_seconds: float = 600.0,
     progress: bool | None = None,
+    use_gpu: bool | None = None,
 ) -> CompactReport:
     """Merge small shards and drop tombstoned vectors, from stored embeddings only.
 
@@ -189,6 +190,7 @@ def compact_index(
                     embeddings=chunk_vecs,
                     params=params,
                     model=state.model,
+                    use_gpu=use_gpu,
                 )
                 commit.new_shards.append(
                     ShardRecord(

@@ -27,6 +27,7 @@ from retrieval.catalog import (
 from retrieval.config import Settings
 from retrieval.encoder import Encoder, ModelIdentity
 from retrieval.errors import ConfigError
+from retrieval.faiss_gpu import resolve_faiss_gpu
 from retrieval.images import decode_image
 from retrieval.shards import Shard, choose_params, write_shard
 
@@ -201,6 +202,8 @@ class IndexJob:
         self.encoder_factory = encoder_factory
         self._encoder: Encoder | None = None
         self.index_dir = settings.resolved_index_dir
+        # Decided once, before any work: CLIPSEARCH_FAISS_GPU=on without a GPU fails here.
+        self.use_faiss_gpu = resolve_faiss_gpu(settings.faiss_gpu, settings.device)
         # tqdm's disable=None hides bars when stderr is not a terminal (cron, CI).
         self.progress_disabled = None if progress is None else not progress
 
@@ -457,6 +460,7 @@ class IndexJob:
                 embeddings=matrix,
                 params=params,
                 model=identity.to_dict(),
+                use_gpu=self.use_faiss_gpu,
             )
             crash_point("after_shard_write")
             size = sum(int(f.get("bytes", 0)) for f in manifest.files.values())

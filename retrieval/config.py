@@ -15,6 +15,7 @@ from retrieval.errors import ConfigError
 
 ENV_PREFIX = "CLIPSEARCH_"
 IndexKindName = Literal["auto", "flat", "hnsw", "ivf", "ivfpq"]
+FaissGpuName = Literal["auto", "on", "off"]
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -87,6 +88,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=100_000_000, ge=1)
     # Decode JPEGs at a reduced DCT scale that still covers the model's input size.
     jpeg_draft: bool = True
+    # FAISS on the GPU (faiss-gpu build): IVF training and adding, flat/IVF search.
+    faiss_gpu: FaissGpuName = "auto"
     hnsw_ef_search: int = Field(default=128, ge=1)
     ivf_nprobe: int = Field(default=32, ge=1)
     # --- zero-shot labels (`clipsearch label`, and after every `clipsearch index`) ---

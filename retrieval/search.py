@@ -14,6 +14,7 @@ import numpy as np
 from retrieval.catalog import Catalog
 from retrieval.encoder import Encoder, ModelIdentity
 from retrieval.errors import BadQuery, NotFound
+from retrieval.faiss_gpu import DevicePlacement
 from retrieval.images import decode_image
 from retrieval.label_store import ImageLabel, LabelStore
 from retrieval.shards import ShardSet
@@ -93,12 +94,14 @@ class Searcher:
         encoder: Encoder | None,
         options: SearchOptions | None = None,
         labels: LabelStore | None = None,
+        gpu: DevicePlacement | None = None,
     ) -> None:
         self.catalog = catalog
         self.index_dir = Path(index_dir)
         self.encoder = encoder
         self.options = options or SearchOptions()
         self.labels = labels or LabelStore(catalog)
+        self.gpu = gpu  # flat/IVF shards searched on this GPU (CLIPSEARCH_FAISS_GPU)
         self._lock = threading.Lock()
         self._snapshot: IndexSnapshot | None = None
         self._previous: IndexSnapshot | None = None
@@ -125,8 +128,15 @@ class Searcher:
                 self.encoder.identity.require_same(ModelIdentity.from_dict(state.model))
             shard_ids = [row.id for row in self.catalog.shards()]
             shards = ShardSet.open(
-                self.index_dir, shard_ids, deleted_ids=self.catalog.tombstoned_ids()
+                self.index_dir,
+                shard_ids,
+                deleted_ids=self.catalog.tombstoned_ids(),
+                gpu=self.gpu,
             )
+            if self.gpu is not None:
+                # Shards that left the index free their GPU copies; the set still serving
+                # in-flight queries holds its own references until it is closed.
+                self.gpu.retain(set(shard_ids))
             # Queries in flight keep using the old set; it is closed one swap later.
             if self._previous is not None:
                 self._previous.shards.close()

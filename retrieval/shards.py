@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -39,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from retrieval.errors import CorruptShard, EmptyIndex, ModelMismatch
+from retrieval.faiss_gpu import DevicePlacement, gpu_available
 
 IdArray = npt.NDArray[np.int64]
 F32Array = npt.NDArray[np.float32]
@@ -64,6 +66,8 @@ MIN_NLIST = 16
 # FAISS itself caps k-means at 256 points per centroid; sampling more is wasted work.
 MAX_POINTS_PER_CENTROID = 256
 TRAIN_SEED = 1234
+
+log = logging.getLogger("clipsearch.shards")
 
 _SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -183,11 +187,6 @@ def resolve_params(params: IndexParams, n: int, dim: int) -> IndexParams:
 
 # --------------------------------------------------------------------------------------------
 # Building
-
-
-def gpu_available() -> bool:
-    """True when this FAISS build has GPU support and sees at least one GPU."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def build_index(
@@ -747,6 +746,12 @@ class _ShardState:
     live_selector: faiss.IDSelector | None
     # Python references that the FAISS selector above only points to.
     keepalive: tuple[Any, ...]
+    # The shard's index copied to a GPU (searched without selectors), or None.
+    device_index: faiss.Index | None = None
+
+    @property
+    def deleted_ids(self) -> IdArray:
+        return self.shard.ids[self.deleted_rows]
 
     @property
     def live_count(self) -> int:
@@ -790,6 +795,11 @@ class ShardSet:
     with an IDSelector; flat shards are exact either way. In every case a shard that returns
     fewer results than it has allowed live vectors is completed by brute force, so a search never
     returns fewer than min(k, allowed live ids) results.
+
+    With a `gpu` placement, flat and IVF shards are copied to the GPU once, and unfiltered
+    searches run there: a GPU index ignores selectors, so it is asked for k plus the shard's
+    tombstone count and the tombstoned ids are dropped afterwards (see retrieval/faiss_gpu.py).
+    Filtered searches, and searches that would need more than the GPU's 2048 results, use the CPU.
     """
 
     def __init__(
@@ -800,6 +810,7 @@ class ShardSet:
         threads: int | None = None,
         exact_below: int = 20_000,
         exact_fraction: float = 0.05,
+        gpu: DevicePlacement | None = None,
     ) -> None:
         self._shards = list(shards)
         dims = {s.dim for s in self._shards}
@@ -822,6 +833,7 @@ class ShardSet:
             raise ValueError("an id appears in more than one shard of the set")
 
         self._deleted = _sorted_unique_ids(deleted_ids)
+        self._gpu = gpu
         self._states = [self._state_for(shard) for shard in self._shards]
         self.exact_below = exact_below
         self.exact_fraction = exact_fraction
@@ -838,10 +850,18 @@ class ShardSet:
     def _state_for(self, shard: Shard) -> _ShardState:
         held, rows = shard.positions(self._deleted)
         deleted_rows = np.sort(rows[held])
+        device_index = None
+        if self._gpu is not None and shard.count > deleted_rows.size:
+            device_index = self._gpu.place(shard.shard_id, shard.kind, shard.index)
         if not deleted_rows.size:
-            return _ShardState(shard, deleted_rows, None, ())
+            return _ShardState(shard, deleted_rows, None, (), device_index)
         inner = _id_selector(shard.ids[deleted_rows])
-        return _ShardState(shard, deleted_rows, faiss.IDSelectorNot(inner), (inner,))
+        return _ShardState(shard, deleted_rows, faiss.IDSelectorNot(inner), (inner,), device_index)
+
+    @property
+    def device_shards(self) -> list[str]:
+        """Ids of the shards whose unfiltered searches run on the GPU."""
+        return [s.shard.shard_id for s in self._states if s.device_index is not None]
 
     @classmethod
     def open(
@@ -852,9 +872,10 @@ class ShardSet:
         deleted_ids: np.ndarray | None = None,
         verify: bool = False,
         threads: int | None = None,
+        gpu: DevicePlacement | None = None,
     ) -> ShardSet:
         shards = [Shard.open(index_dir, shard_id, verify=verify) for shard_id in shard_ids]
-        return cls(shards, deleted_ids=deleted_ids, threads=threads)
+        return cls(shards, deleted_ids=deleted_ids, threads=threads, gpu=gpu)
 
     @property
     def shards(self) -> list[Shard]:
@@ -947,12 +968,18 @@ class ShardSet:
         if small:
             return _exact_top_k(shard, query.vectors, self._rows_or_live(state, rows), k)
 
-        if query.allowed is not None:
-            assert rows is not None
-            selector: faiss.IDSelector | None = _id_selector(shard.ids[rows])
+        on_device = None
+        if query.allowed is None and state.device_index is not None and self._gpu is not None:
+            on_device = _device_search(state, query, self._gpu)
+        if on_device is not None:
+            scores, labels = on_device
         else:
-            selector = state.live_selector
-        scores, labels = _faiss_search(shard, query, selector)
+            if query.allowed is not None:
+                assert rows is not None
+                selector: faiss.IDSelector | None = _id_selector(shard.ids[rows])
+            else:
+                selector = state.live_selector
+            scores, labels = _faiss_search(shard, query, selector)
 
         # Never fewer results than exist: HNSW with a filter, or IVF whose probed lists hold
         # fewer than k allowed vectors, can come back short. Those rows are redone exactly.
@@ -1036,24 +1063,65 @@ def _exact_top_k(
     return _top_k(best_s, best_l, k)
 
 
+def _candidates_k(shard: Shard, query: _Query) -> int:
+    """How many results to ask FAISS for: k, or refine_factor * k IVF-PQ candidates."""
+    if shard.kind == "ivfpq":
+        return min(shard.count, query.k * query.refine_factor)
+    return query.k
+
+
+def _search_params(shard: Shard, query: _Query, k: int, *, max_nprobe: int | None = None) -> Any:
+    """A fresh faiss.SearchParameters for one search (the stub lacks SearchParametersHNSW)."""
+    params: Any
+    if shard.kind == "hnsw":
+        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
+        # HNSW cannot return more than efSearch results.
+        params.efSearch = max(query.ef_search, k)
+    elif shard.kind in ("ivf", "ivfpq"):
+        params = faiss.SearchParametersIVF()
+        nlist = int(shard.manifest.params.get("nlist") or 1)
+        params.nprobe = min(query.nprobe, nlist, max_nprobe or nlist)
+    else:
+        params = faiss.SearchParameters()
+    return params
+
+
+def _device_search(
+    state: _ShardState, query: _Query, gpu: DevicePlacement
+) -> tuple[F32Array, IdArray] | None:
+    """An unfiltered search of the shard's GPU copy, tombstones removed; None: use the CPU."""
+    shard = state.shard
+    deleted = state.deleted_ids
+    k = _candidates_k(shard, query)
+    # The device ignores selectors: over-fetch by the tombstone count, so that after dropping
+    # them at least k live results remain wherever the CPU search would have found k.
+    wanted = min(shard.count, k + int(deleted.size))
+    if wanted > gpu.max_k:
+        return None
+    params = _search_params(shard, query, wanted, max_nprobe=gpu.max_k)
+    assert state.device_index is not None
+    try:
+        with gpu.lock:
+            scores, labels = state.device_index.search(query.vectors, wanted, params=params)
+    except RuntimeError as exc:
+        log.warning("GPU search of shard %s failed, using the CPU: %s", shard.shard_id, exc)
+        return None
+    dropped = labels < 0
+    if deleted.size:
+        dropped |= np.isin(labels, deleted)
+    scores = np.where(dropped, -np.inf, scores).astype(np.float32)
+    labels = np.where(dropped, -1, labels).astype(np.int64)
+    if shard.kind == "ivfpq":
+        return _refine(shard, query.vectors, labels, query.k)
+    return _top_k(scores, labels, query.k)
+
+
 def _faiss_search(
     shard: Shard, query: _Query, selector: faiss.IDSelector | None
 ) -> tuple[F32Array, IdArray]:
     kind = shard.kind
-    k = query.k
-    params: Any  # faiss.SearchParameters; the stub lacks SearchParametersHNSW
-    if kind == "hnsw":
-        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
-        # HNSW cannot return more than efSearch results.
-        params.efSearch = max(query.ef_search, k)
-    elif kind in ("ivf", "ivfpq"):
-        params = faiss.SearchParametersIVF()
-        nlist = shard.manifest.params.get("nlist") or 1
-        params.nprobe = min(query.nprobe, int(nlist))
-        if kind == "ivfpq":
-            k = min(shard.count, k * query.refine_factor)
-    else:
-        params = faiss.SearchParameters()
+    k = _candidates_k(shard, query)
+    params = _search_params(shard, query, k)
     # A fresh SearchParameters per call: IndexIDMap (flat, hnsw) temporarily swaps params.sel for
     # an IDSelectorTranslated (via const_cast), so one params object must never be shared by
     # concurrent searches. Through that translation the selector sees catalog ids, as it does in

@@ -17,9 +17,12 @@ from retrieval.catalog import ACTIVE, DELETED, ERROR, Catalog
 from retrieval.config import Settings
 from retrieval.demo import draw_shape, generate_shapes
 from retrieval.encoder import Encoder
+from retrieval.errors import ConfigError
+from retrieval.faiss_gpu import gpu_available
 from retrieval.search import Searcher
 from retrieval.shards import Shard, list_shard_dirs
 from tests.fixtures.bad_images import write_bad_images, write_good_images
+from tests.retrieval.test_faiss_gpu import SelectorBlindCopies
 
 
 class CountingFactory:
@@ -240,6 +243,50 @@ def test_deleted_file_is_excluded_at_once_and_gone_after_compact(
     assert sorted(list_shard_dirs(settings.resolved_index_dir)) == sorted(
         s.id for s in catalog.shards()
     )
+
+
+def test_searcher_follows_generations_on_a_device_placement(
+    run: Callable[..., tuple[IndexReport, CountingFactory]],
+    photos: Path,
+    settings: Settings,
+    catalog: Catalog,
+    encoder: Encoder,
+) -> None:
+    # The device copies are CPU clones that refuse selectors (see tests/retrieval/test_faiss_gpu).
+    run(photos)
+    victim = sorted(photos.rglob("*.jpg"))[7]
+    victim_id = _live(catalog, photos)[str(victim)]
+    gpu = SelectorBlindCopies()
+    searcher = Searcher(catalog, settings.resolved_index_dir, encoder, gpu=gpu)
+    try:
+        vector = _stored_vector(searcher, victim_id)
+        assert searcher.search_vector(vector, 1).hits[0].id == victim_id
+        first_shards = gpu.placed
+        assert first_shards == [s.id for s in catalog.shards()]
+        victim.unlink()
+        run(photos)
+        searcher.refresh()
+        before = gpu.searches
+        ids = [h.id for h in searcher.search_vector(vector, 30).hits]
+        assert gpu.searches > before  # the tombstone was dropped on the device path
+        assert victim_id not in ids and len(ids) == 29
+        compact_index(catalog, settings.resolved_index_dir, merge_all=True, grace_seconds=600)
+        searcher.refresh()
+        assert gpu.placed == [s.id for s in catalog.shards()]
+        assert not set(first_shards) & set(gpu.placed)  # the compacted-away copies were released
+    finally:
+        searcher.close()
+
+
+def test_faiss_gpu_on_without_a_gpu_refuses_before_any_work(
+    settings: Settings, catalog: Catalog, encoder: Encoder, photos: Path
+) -> None:
+    if gpu_available():
+        pytest.skip("this FAISS sees a GPU")
+    with pytest.raises(ConfigError) as err:
+        IndexJob(settings.model_copy(update={"faiss_gpu": "on"}), catalog, CountingFactory(encoder))
+    assert err.value.setting == "CLIPSEARCH_FAISS_GPU"
+    assert catalog.state().generation == 0
 
 
 def test_compact_merges_small_shards_without_reencoding(

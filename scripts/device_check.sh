@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine (the device tool), from the repository root, with .whl carried:
+#   bash scripts/device_check.sh        (after scripts/device_wheels.sh here)
+# Installs the carried wheels beside the machine's own torch, then runs bench/gpu_check.py.
+# Its JSON line goes to stdout and to $OUT/gpu_check.json.
+set -euo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+exec python3 bench/gpu_check.py --out "${OUT:-bench/out/gpu-check}" "$@"
