@@ -42,15 +42,16 @@ EXIT_CODES: dict[type[ClipsearchError], int] = {
     NotFound: 7,
 }
 
-HELP = """Self-hosted CLIP image search.
-
-Index image folders with `clipsearch index DIR`, then query them with
-`clipsearch search "a red car"`. Every option can also be set with a CLIPSEARCH_*
-environment variable (flags win). Exit codes: 0 ok (bad images are reported, not fatal),
-1 unexpected error, 2 bad setting, usage or input, 3 another indexer is running,
-4 model differs from the index's, 5 model weights unavailable, 6 corrupt shard,
-7 not found.
-"""
+# Typer's rich help keeps single newlines, so each paragraph is one line and the terminal wraps.
+HELP = (
+    "Self-hosted CLIP image search.\n\n"
+    "Index image folders with `clipsearch index DIR`, then query them with "
+    '`clipsearch search "a red car"`. Every option can also be set with a CLIPSEARCH_* '
+    "environment variable (flags win).\n\n"
+    "Exit codes: 0 ok (bad images are reported, not fatal), 1 unexpected error, "
+    "2 bad setting, usage or input, 3 another indexer is running, 4 model differs from the "
+    "index's, 5 model weights unavailable, 6 corrupt shard, 7 not found."
+)
 
 app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False)
 db_app = typer.Typer(

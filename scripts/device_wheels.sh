@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Downloads, into .whl/ (git-ignored), the wheels that bench/gpu_check.py needs on the lent GPU
-# machine and that its image lacks (it has torch, numpy, Pillow, typer, tqdm, PyYAML and
-# huggingface_hub, but no open_clip, SQLAlchemy, Alembic, pydantic or FAISS). Python 3.12 wheels,
-# the versions this project's venv runs. About 29 MB with faiss-cpu.
+# machine and that its image lacks (it has torch, numpy, typer, tqdm, PyYAML and huggingface_hub,
+# but no open_clip, SQLAlchemy, Alembic, pydantic or FAISS). Pillow and typing_extensions go too,
+# at this venv's versions, since the image's may be older. Python 3.12 wheels. About 34 MB.
 #
 # FAISS on the GPU cannot travel: faiss-gpu-cu12 (48 MB) needs CUDA 12's cuBLAS (about 600 MB
 # more; the machine has CUDA 13's), and faiss-gpu-cu13-cuvs (81 MB) needs cuVS, over the 64 MiB
@@ -17,7 +17,8 @@ done
 pick() { .venv/bin/python -c "import importlib.metadata as m; print('$1==' + m.version('$1'))"; }
 wanted=()
 for name in open_clip_torch ftfy wcwidth SQLAlchemy greenlet alembic Mako pydantic pydantic_core \
-    pydantic-settings python-dotenv annotated-types typing-inspection faiss-cpu; do
+    pydantic-settings python-dotenv annotated-types typing-inspection typing_extensions pillow \
+    faiss-cpu; do
     wanted+=("$(pick "$name")")
 done
 rm -rf .whl && mkdir .whl
