@@ -18,4 +18,9 @@ PY
     fi
 fi
 
+# The semantic test model (trained by `finetune`, about 1.5 minutes on 2 cores) is kept between
+# runs, under a name that hashes retrieval/ and the library versions, so a change to the code
+# that trains it trains a new one. CLIPSEARCH_TEST_MODEL_CACHE= (empty) trains it every run.
+export CLIPSEARCH_TEST_MODEL_CACHE="${CLIPSEARCH_TEST_MODEL_CACHE-${XDG_CACHE_HOME:-$HOME/.cache}/clipsearch/test-models}"
+
 exec .venv/bin/python -m pytest "$@"
