@@ -7,8 +7,9 @@ best k; filtered searches (an allowed-id set) stay on the CPU, where the selecto
 GPU k-selection also stops at 2048 results; a search that would need more goes to the CPU.
 
 StandardGpuResources is not safe to use from several threads at once (its scratch memory and
-stream are shared), so every search through one placement holds its lock. A GPU search of one
-shard takes well under a millisecond, so the lock costs little next to the shard fan-out.
+stream are shared), so every search through one placement, and every copy to the GPU (a reload
+runs beside searches), holds the placement's lock. A GPU search of one shard takes well under a
+millisecond, so the lock costs little next to the shard fan-out.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ GPU_MAX_K = 2048
 # Kinds that FAISS can copy to a GPU. HNSW has no GPU form in FAISS (only cuVS's CAGRA, a
 # different graph), so HNSW shards are searched on the CPU whatever the setting.
 GPU_KINDS = ("flat", "ivf", "ivfpq")
+SEARCH_TEMP_MEMORY_BYTES = 256 * 2**20
 
 
 def gpu_available() -> bool:
@@ -79,14 +81,13 @@ class DevicePlacement:
     max_k = GPU_MAX_K
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the device's: searches, copies and the copy cache
         self._copies: dict[str, Any] = {}
-        self._copy_lock = threading.Lock()
 
     def place(self, shard_id: str, kind: str, index: faiss.Index) -> faiss.Index | None:
         if kind not in GPU_KINDS or index.ntotal == 0:
             return None
-        with self._copy_lock:
+        with self.lock:
             cached = self._copies.get(shard_id)
             if cached is not None and cached.ntotal == index.ntotal:
                 return cached
@@ -101,14 +102,14 @@ class DevicePlacement:
             return copy
 
     def retain(self, shard_ids: set[str]) -> None:
-        with self._copy_lock:
+        with self.lock:
             for shard_id in list(self._copies):
                 if shard_id not in shard_ids:
                     del self._copies[shard_id]
 
     @property
     def placed(self) -> list[str]:
-        with self._copy_lock:
+        with self.lock:
             return sorted(self._copies)
 
     def copy_index(self, index: faiss.Index, kind: str) -> faiss.Index:
@@ -124,6 +125,9 @@ class FaissGpu(DevicePlacement):
         super().__init__()
         self.device = device
         self.resources = faiss.StandardGpuResources()
+        # Scratch memory for searches: FAISS would reserve up to 1.5 GiB, which the API's
+        # torch model shares; a few queries at k <= 2048 need a small fraction of this.
+        self.resources.setTempMemory(SEARCH_TEMP_MEMORY_BYTES)
 
     def copy_index(self, index: faiss.Index, kind: str) -> faiss.Index:
         options = faiss.GpuClonerOptions()

@@ -40,13 +40,15 @@ N = 3000
 class SelectorBlind:
     """Stands in for a GPU index: searches a CPU clone, refuses selectors, counts calls."""
 
-    def __init__(self, index: faiss.Index, *, fail: bool = False) -> None:
+    def __init__(self, index: faiss.Index, lock: Any, *, fail: bool = False) -> None:
         self.index = index
+        self.lock = lock
         self.ntotal = index.ntotal
         self.searches = 0
         self.fail = fail
 
     def search(self, x: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        assert self.lock.locked(), "a device search must hold the device lock"
         if params is not None and params.sel is not None:
             raise AssertionError("a selector was passed to a device index, which would ignore it")
         if self.fail:
@@ -64,8 +66,10 @@ class SelectorBlindCopies(DevicePlacement):
         self.proxies: list[SelectorBlind] = []
 
     def copy_index(self, index: faiss.Index, kind: str) -> Any:
+        # A copy uses the device's resources, as a search does: never beside one.
+        assert self.lock.locked(), "copy_index must run under the device lock"
         self.copies_made += 1
-        proxy = SelectorBlind(faiss.clone_index(index), fail=self.fail)
+        proxy = SelectorBlind(faiss.clone_index(index), self.lock, fail=self.fail)
         self.proxies.append(proxy)
         return proxy
 
