@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Literal
+from typing import Any
 
 import faiss
 
@@ -24,7 +24,6 @@ from retrieval.errors import ConfigError
 
 log = logging.getLogger("clipsearch.faiss_gpu")
 
-FaissGpuMode = Literal["auto", "on", "off"]
 # faiss/gpu/utils/DeviceDefs.cuh: GPU_MAX_SELECTION_K (k and nprobe) on every CUDA build.
 GPU_MAX_K = 2048
 # Kinds that FAISS can copy to a GPU. HNSW has no GPU form in FAISS (only cuVS's CAGRA, a
