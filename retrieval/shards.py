@@ -741,6 +741,7 @@ class _ShardState:
 
     shard: Shard
     deleted_rows: npt.NDArray[np.intp]
+    deleted_ids: IdArray  # the ids of deleted_rows, ascending
     # Accepts every id but the deleted ones; None when nothing is deleted. Shared by concurrent
     # searches, which is safe: is_member is const.
     live_selector: faiss.IDSelector | None
@@ -748,10 +749,6 @@ class _ShardState:
     keepalive: tuple[Any, ...]
     # The shard's index copied to a GPU (searched without selectors), or None.
     device_index: faiss.Index | None = None
-
-    @property
-    def deleted_ids(self) -> IdArray:
-        return self.shard.ids[self.deleted_rows]
 
     @property
     def live_count(self) -> int:
@@ -850,13 +847,16 @@ class ShardSet:
     def _state_for(self, shard: Shard) -> _ShardState:
         held, rows = shard.positions(self._deleted)
         deleted_rows = np.sort(rows[held])
+        deleted_ids = shard.ids[deleted_rows]
         device_index = None
         if self._gpu is not None and shard.count > deleted_rows.size:
             device_index = self._gpu.place(shard.shard_id, shard.kind, shard.index)
         if not deleted_rows.size:
-            return _ShardState(shard, deleted_rows, None, (), device_index)
-        inner = _id_selector(shard.ids[deleted_rows])
-        return _ShardState(shard, deleted_rows, faiss.IDSelectorNot(inner), (inner,), device_index)
+            return _ShardState(shard, deleted_rows, deleted_ids, None, (), device_index)
+        inner = _id_selector(deleted_ids)
+        return _ShardState(
+            shard, deleted_rows, deleted_ids, faiss.IDSelectorNot(inner), (inner,), device_index
+        )
 
     @property
     def device_shards(self) -> list[str]:
