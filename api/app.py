@@ -22,10 +22,10 @@ from api.routes.web import install_web
 from api.security import KeyRing
 from api.services import Services
 from api.text_queries import TextQueryEncoder
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 from retrieval.config import Settings, load_settings
-from retrieval.encoder import Encoder, encoder_from_settings
-from retrieval.faiss_gpu import placement_from_settings
+from retrieval.index.faiss_gpu import placement_from_settings
+from retrieval.models.encoder import Encoder, encoder_from_settings
 from retrieval.search import Searcher, SearchOptions
 
 log = logging.getLogger("clipsearch.api")

@@ -11,9 +11,9 @@ from api.metrics import Metrics
 from api.security import ADMIN, READ, api_key_scheme, bearer_scheme, require_scope
 from api.services import Services
 from api.text_queries import TextQueryEncoder
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
-from retrieval.encoder import Encoder
+from retrieval.models.encoder import Encoder
 from retrieval.search import Searcher
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from PIL import Image
 
-from retrieval.catalog import ImageRecord
+from retrieval.catalog.records import ImageRecord
 from retrieval.errors import ImageError, NotFound, PathNotAllowed
 from retrieval.images import decode_image
 

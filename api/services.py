@@ -12,9 +12,9 @@ from starlette.concurrency import run_in_threadpool
 from api.metrics import Metrics
 from api.security import KeyRing
 from api.text_queries import TextQueryEncoder
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
-from retrieval.encoder import Encoder
+from retrieval.models.encoder import Encoder
 from retrieval.search import Searcher
 
 log = logging.getLogger(__name__)

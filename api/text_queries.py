@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.batching import MicroBatcher
 from api.query_cache import EmbeddingCache
-from retrieval.encoder import Encoder
+from retrieval.models.encoder import Encoder
 
 
 class TextQueryEncoder:

@@ -25,7 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.shards import INDEX_KINDS, ShardSet, choose_params, write_shard  # noqa: E402
+from retrieval.index.kinds import INDEX_KINDS, choose_params
+from retrieval.index.shard import write_shard
+from retrieval.index.shard_set import ShardSet
 
 K = 10
 

@@ -34,11 +34,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.demo import generate_photos  # noqa: E402
-from retrieval.encoder import ModelSpec, load_encoder  # noqa: E402
-from retrieval.faiss_gpu import FaissGpu, gpu_available  # noqa: E402
 from retrieval.images import decode_image  # noqa: E402
-from retrieval.shards import IndexParams, ShardSet, build_index, write_shard  # noqa: E402
+from retrieval.index.faiss_gpu import FaissGpu, gpu_available
+from retrieval.index.kinds import IndexParams, build_index
+from retrieval.index.shard import write_shard
+from retrieval.index.shard_set import ShardSet
+from retrieval.models.encoder import load_encoder
+from retrieval.models.identity import ModelSpec
+from retrieval.training.shapes import generate_photos
 
 TEXTS = ["a photo of a dog", "a red car on a street", "a bowl of fruit", "mountains at dusk"]
 

@@ -25,18 +25,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.catalog import (  # noqa: E402
-    ACTIVE,
-    Catalog,
-    GenerationCommit,
-    ImageRecord,
-    ShardRecord,
-)
+from retrieval.catalog.database import Catalog
+from retrieval.catalog.records import GenerationCommit, ImageRecord, ShardRecord
+from retrieval.catalog.tables import ACTIVE
 from retrieval.config import load_settings  # noqa: E402
-from retrieval.encoder import ModelIdentity  # noqa: E402
-from retrieval.label_store import LabelStore  # noqa: E402
-from retrieval.labels import ClassEmbeddings, LabelSet  # noqa: E402
-from retrieval.shards import IndexParams, write_shard  # noqa: E402
+from retrieval.index.kinds import IndexParams
+from retrieval.index.shard import write_shard
+from retrieval.labels.definitions import LabelSet
+from retrieval.labels.scoring import ClassEmbeddings
+from retrieval.labels.store import LabelStore
+from retrieval.models.identity import ModelIdentity
 
 MODEL = ModelIdentity(
     name="bench-random",

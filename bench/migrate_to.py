@@ -23,14 +23,10 @@ from sqlalchemy import create_engine, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.catalog import (  # noqa: E402
-    ACTIVE,
-    Catalog,
-    GenerationCommit,
-    ImageRecord,
-    ShardRecord,
-)
-from retrieval.catalog_copy import copy_catalog  # noqa: E402
+from retrieval.catalog.copy import copy_catalog
+from retrieval.catalog.database import Catalog
+from retrieval.catalog.records import GenerationCommit, ImageRecord, ShardRecord
+from retrieval.catalog.tables import ACTIVE
 
 SHARDS = 10
 

@@ -20,10 +20,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexer.pipeline import IndexJob  # noqa: E402
-from retrieval.catalog import Catalog  # noqa: E402
+from indexer.pipeline import IndexJob
+from retrieval.catalog.database import Catalog
 from retrieval.config import load_settings  # noqa: E402
-from retrieval.encoder import ModelSpec, load_encoder  # noqa: E402
+from retrieval.models.encoder import load_encoder
+from retrieval.models.identity import ModelSpec
 
 
 def write_small_files(root: Path, n: int) -> None:

@@ -23,9 +23,13 @@ from typing import Any
 import httpx
 import numpy as np
 
-from retrieval.catalog import ACTIVE, Catalog, GenerationCommit, ImageRecord, ShardRecord
-from retrieval.encoder import ModelSpec, load_encoder
-from retrieval.shards import choose_params, write_shard
+from retrieval.catalog.database import Catalog
+from retrieval.catalog.records import GenerationCommit, ImageRecord, ShardRecord
+from retrieval.catalog.tables import ACTIVE
+from retrieval.index.kinds import choose_params
+from retrieval.index.shard import write_shard
+from retrieval.models.encoder import load_encoder
+from retrieval.models.identity import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "red blue green dog cat beach car tree house mountain river city night snow".split()

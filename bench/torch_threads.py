@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from retrieval.encoder import ModelSpec, load_encoder
+from retrieval.models.encoder import load_encoder
+from retrieval.models.identity import ModelSpec
 
 QUERY = ["a photo of a red dog on a beach"]
 

@@ -18,14 +18,16 @@ import numpy as np
 from sqlalchemy.exc import IntegrityError
 from tqdm import tqdm
 
-from indexer.jobs import IndexLock, crash_point
-from retrieval.catalog import Catalog
+from indexer.crash import crash_point
+from indexer.lock import IndexLock
+from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
-from retrieval.encoder import Encoder, ModelIdentity
 from retrieval.errors import NotFound
-from retrieval.label_store import LabelStore, StoredLabelSet
-from retrieval.labels import ClassEmbeddings, score_block
-from retrieval.shards import iter_embedding_blocks
+from retrieval.index.shard import iter_embedding_blocks
+from retrieval.labels.scoring import ClassEmbeddings, score_block
+from retrieval.labels.store import LabelStore, StoredLabelSet
+from retrieval.models.encoder import Encoder
+from retrieval.models.identity import ModelIdentity
 
 log = logging.getLogger(__name__)
 

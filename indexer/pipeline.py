@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,22 +13,20 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from indexer.jobs import IndexLock, cleanup_index_dir, crash_point
-from indexer.scan import FileStat, diff_scan, hash_files, normalise_root, scan_roots
-from retrieval.catalog import (
-    ACTIVE,
-    ERROR,
-    Catalog,
-    GenerationCommit,
-    ImageRecord,
-    ShardRecord,
-)
+from indexer.crash import crash_point
+from indexer.decode import DecodedMeta, DecodeFailure, iterate_decoded
+from indexer.lock import IndexLock
+from indexer.publish import cleanup_index_dir, write_shard_record
+from indexer.scan import FileStat, ScanDiff, diff_scan, hash_files, normalise_root, scan_roots
+from retrieval.catalog.database import Catalog
+from retrieval.catalog.records import GenerationCommit, ImageRecord
+from retrieval.catalog.tables import ACTIVE, ERROR
 from retrieval.config import Settings
-from retrieval.encoder import Encoder, ModelIdentity
 from retrieval.errors import ConfigError
-from retrieval.faiss_gpu import resolve_faiss_gpu
-from retrieval.images import decode_image
-from retrieval.shards import Shard, choose_params, write_shard
+from retrieval.index.faiss_gpu import resolve_faiss_gpu
+from retrieval.index.shard import Shard
+from retrieval.models.encoder import Encoder
+from retrieval.models.identity import ModelIdentity
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +79,27 @@ class _Item:
     replaces: ImageRecord | None = None  # the old row of a changed file, tombstoned with us
 
 
+@dataclass(frozen=True)
+class _Work:
+    """One changed file, before it has an id: what to read, and what it reuses or replaces."""
+
+    stat: FileStat
+    sha256: str | None  # None: the file could not be read
+    source: ImageRecord | None = None  # a stored vector with these bytes, reused
+    replaces: ImageRecord | None = None  # the old row of this path, tombstoned with us
+    keep_id: int = 0  # an error row (which owns no vector) keeps its id; 0 = assign a new one
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What the encode pass made of one item: a vector (encoded now, or reused), or a failure."""
+
+    item: _Item
+    vector: np.ndarray | None
+    decoded: DecodedMeta | None = None  # None for a reused vector: its source row has these
+    failure: DecodeFailure | None = None
+
+
 def _row(image_id: int, stat: FileStat, sha256: str | None, **fields: Any) -> ImageRecord:
     return ImageRecord(
         id=image_id,
@@ -93,93 +111,13 @@ def _row(image_id: int, stat: FileStat, sha256: str | None, **fields: Any) -> Im
     )
 
 
-def new_shard_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-
-
-class _DecodeDataset:
-    """Decodes and preprocesses in DataLoader workers, so decoding overlaps encoding."""
-
-    def __init__(
-        self,
-        paths: Sequence[str],
-        preprocess: Callable[[Any], Any],
-        max_pixels: int,
-        min_side: int | None,
-    ):
-        self.paths = list(paths)
-        self.preprocess = preprocess
-        self.max_pixels = max_pixels
-        self.min_side = min_side
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, Any, Any]:
-        from retrieval.errors import ImageError
-
-        try:
-            decoded = decode_image(
-                self.paths[index], max_pixels=self.max_pixels, min_side=self.min_side
-            )
-            tensor = self.preprocess(decoded.image)
-            return index, tensor, (decoded.width, decoded.height, decoded.format)
-        except ImageError as exc:
-            return index, None, (exc.reason, exc.detail)
-        except Exception as exc:  # noqa: BLE001 - one bad file must never stop the job
-            return index, None, ("decode_failed", f"{type(exc).__name__}: {exc}")
-
-
-def _collate(batch: list[tuple[int, Any, Any]]) -> tuple[list[int], Any, list[Any], list[Any]]:
-    import torch
-
-    good = [(i, t, meta) for i, t, meta in batch if t is not None]
-    bad = [(i, meta) for i, t, meta in batch if t is None]
-    tensors = torch.stack([t for _, t, _ in good]) if good else None
-    return [i for i, _, _ in good], tensors, [m for _, _, m in good], bad
-
-
-def _worker_init(_: int) -> None:
-    import torch
-
-    # Each loader process decodes one image at a time; torch threads there only compete
-    # with the encoder for the same cores.
-    torch.set_num_threads(1)
-
-
-def iterate_decoded(
-    paths: Sequence[str],
-    preprocess: Callable[[Any], Any],
-    *,
-    batch_size: int,
-    workers: int,
-    max_pixels: int,
-    min_side: int | None = None,
-) -> Any:
-    """Yield (indices, tensor batch | None, metas, failures) in order."""
-    from torch.utils.data import DataLoader
-
-    dataset = _DecodeDataset(paths, preprocess, max_pixels, min_side)
-    loader: Any = DataLoader(
-        dataset,  # type: ignore[arg-type]
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-    )
-    yield from loader
-
-
 def _split_after_vectors(
-    pending: list[tuple[_Item, np.ndarray | None, tuple[Any, ...]]], count: int
-) -> tuple[list[Any], list[Any]]:
-    """Cut the pending list just after its `count`-th item that has a vector."""
+    pending: list[_Outcome], count: int
+) -> tuple[list[_Outcome], list[_Outcome]]:
+    """Cut the pending list just after its `count`-th outcome that has a vector."""
     seen = 0
-    for position, (_, vector, _) in enumerate(pending):
-        if vector is not None:
+    for position, outcome in enumerate(pending):
+        if outcome.vector is not None:
             seen += 1
             if seen == count:
                 return pending[: position + 1], pending[position + 1 :]
@@ -264,21 +202,7 @@ class IndexJob:
 
     def _run_locked(self, roots: list[str], report: IndexReport) -> None:
         state = self.catalog.state()
-        bar = tqdm(desc="scan", unit=" files", disable=self.progress_disabled, leave=False)
-        scanned = scan_roots(roots, on_file=lambda: bar.update(1))
-        bar.close()
-        known = self.catalog.records_under(roots)
-
-        hash_bar = tqdm(desc="hash", unit=" files", disable=self.progress_disabled, leave=False)
-
-        def hasher(paths: Sequence[str]) -> dict[str, str | None]:
-            hash_bar.total = len(paths)
-            return hash_files(paths, threads=4, on_done=lambda: hash_bar.update(1))
-
-        diff = diff_scan(scanned.files, known, hasher, self.catalog.records_by_sha)
-        hash_bar.close()
-        for bad in scanned.unreadable:
-            report.failed.append(Failure(bad.path, "unreadable", bad.detail))
+        diff = self._scan_and_diff(roots, report)
         report.unchanged = diff.unchanged
         if not diff.has_changes:
             report.generation = state.generation
@@ -291,46 +215,7 @@ class IndexJob:
             identity = self._check_model(indexed_model)
         model_dict = identity.to_dict() if identity else dict(indexed_model or {})
 
-        next_id = self.catalog.max_image_id() + 1
-        items: list[_Item] = []
-        errors_now: list[ImageRecord] = []
-        # Ids follow the sorted path order, so a re-run after a crash assigns exactly the
-        # ids a clean run would have.
-        work: list[tuple[FileStat, str | None, ImageRecord | None, ImageRecord | None, int]] = []
-        for stat, digest in diff.new:
-            work.append((stat, digest, None, None, 0))
-        for stat, digest, old, source in diff.changed:
-            work.append((stat, digest, source, old, 0))
-        for stat, digest, source in diff.copied:
-            work.append((stat, digest, source, None, 0))
-        for stat, maybe_digest, failed_row in diff.retry:
-            work.append((stat, maybe_digest, None, None, failed_row.id))
-        for stat, old_rec in diff.unhashable:
-            # An error row keeps its id (it owns no vector); a live row is tombstoned.
-            keep = old_rec.id if old_rec is not None and old_rec.status == ERROR else 0
-            work.append((stat, None, None, old_rec, keep))
-        work.sort(key=lambda w: w[0].path)
-        for stat, item_digest, item_source, item_old, keep_id in work:
-            if keep_id:
-                image_id = keep_id
-            else:
-                image_id, next_id = next_id, next_id + 1
-            if item_digest is None:
-                errors_now.append(
-                    _row(
-                        image_id,
-                        stat,
-                        None,
-                        status=ERROR,
-                        error_reason="unreadable",
-                        error_detail="the file could not be read",
-                    )
-                )
-                if item_old is not None and item_old.status != ERROR:
-                    report.changed += 1
-                continue
-            items.append(_Item(image_id, stat, item_digest, source=item_source, replaces=item_old))
-
+        items, errors_now = self._assign_ids(diff, report)
         report.new = len(diff.new)
         report.changed += len(diff.changed)
         report.copied = len(diff.copied)
@@ -359,6 +244,68 @@ class IndexJob:
         if not report.generation:
             report.generation = self.catalog.generation()
 
+    def _scan_and_diff(self, roots: list[str], report: IndexReport) -> ScanDiff:
+        """Stat every file under the roots and diff them against the catalog (hashing suspects)."""
+        bar = tqdm(desc="scan", unit=" files", disable=self.progress_disabled, leave=False)
+        scanned = scan_roots(roots, on_file=lambda: bar.update(1))
+        bar.close()
+        known = self.catalog.records_under(roots)
+
+        hash_bar = tqdm(desc="hash", unit=" files", disable=self.progress_disabled, leave=False)
+
+        def hasher(paths: Sequence[str]) -> dict[str, str | None]:
+            hash_bar.total = len(paths)
+            return hash_files(paths, threads=4, on_done=lambda: hash_bar.update(1))
+
+        diff = diff_scan(scanned.files, known, hasher, self.catalog.records_by_sha)
+        hash_bar.close()
+        for bad in scanned.unreadable:
+            report.failed.append(Failure(bad.path, "unreadable", bad.detail))
+        return diff
+
+    def _assign_ids(
+        self, diff: ScanDiff, report: IndexReport
+    ) -> tuple[list[_Item], list[ImageRecord]]:
+        """Ids for every file to write: items to encode (or reuse), and rows for unreadable files.
+
+        Ids follow the sorted path order, so a re-run after a crash assigns exactly the ids a
+        clean run would have.
+        """
+        work = [_Work(stat, digest) for stat, digest in diff.new]
+        work += [_Work(stat, d, source, old) for stat, d, old, source in diff.changed]
+        work += [_Work(stat, digest, source) for stat, digest, source in diff.copied]
+        work += [_Work(stat, d, keep_id=failed.id) for stat, d, failed in diff.retry]
+        for stat, old_rec in diff.unhashable:
+            # An error row keeps its id (it owns no vector); a live row is tombstoned.
+            keep = old_rec.id if old_rec is not None and old_rec.status == ERROR else 0
+            work.append(_Work(stat, None, replaces=old_rec, keep_id=keep))
+        work.sort(key=lambda w: w.stat.path)
+
+        next_id = self.catalog.max_image_id() + 1
+        items: list[_Item] = []
+        errors_now: list[ImageRecord] = []
+        for entry in work:
+            if entry.keep_id:
+                image_id = entry.keep_id
+            else:
+                image_id, next_id = next_id, next_id + 1
+            if entry.sha256 is None:
+                errors_now.append(
+                    _row(
+                        image_id,
+                        entry.stat,
+                        None,
+                        status=ERROR,
+                        error_reason="unreadable",
+                        error_detail="the file could not be read",
+                    )
+                )
+                if entry.replaces is not None and entry.replaces.status != ERROR:
+                    report.changed += 1
+                continue
+            items.append(_Item(image_id, entry.stat, entry.sha256, entry.source, entry.replaces))
+        return items, errors_now
+
     def _reused_vectors(self, items: list[_Item]) -> dict[int, np.ndarray]:
         """Stored vectors for items that reuse one (copies, changed-to-known-bytes)."""
         by_shard: dict[str, list[_Item]] = {}
@@ -384,9 +331,8 @@ class IndexJob:
         shard_size = self.settings.shard_size
         # Items are committed in chunks of shard_size vectors: a job killed after hours of
         # encoding keeps every chunk it committed.
-        pending: list[tuple[_Item, np.ndarray | None, tuple[Any, ...]]] = []
         to_encode = [item for item in items if item.id not in reused]
-        reused_items = [item for item in items if item.id in reused]
+        pending = [_Outcome(item, reused[item.id]) for item in items if item.id in reused]
         bar = tqdm(
             total=len(to_encode),
             desc="encode",
@@ -394,14 +340,12 @@ class IndexJob:
             disable=self.progress_disabled,
             smoothing=0.1,
         )
-        for item in reused_items:
-            pending.append((item, reused[item.id], ("reused",)))
         encode_started = time.monotonic()
         batches = 0
         pending_vectors = len(pending)
         failed = 0
         if to_encode:
-            for indices, tensors, metas, failures in iterate_decoded(
+            for batch in iterate_decoded(
                 [item.stat.path for item in to_encode],
                 self.encoder.preprocess,
                 batch_size=self.settings.batch_size,
@@ -409,19 +353,17 @@ class IndexJob:
                 max_pixels=self.settings.max_image_pixels,
                 min_side=self.encoder.identity.image_size if self.settings.jpeg_draft else None,
             ):
-                vectors = (
-                    self.encoder.encode_image_tensors(tensors) if tensors is not None else None
-                )
-                for n, index in enumerate(indices):
-                    assert vectors is not None
-                    pending.append((to_encode[index], vectors[n], ("ok", *metas[n])))
-                for index, (reason, detail) in failures:
-                    pending.append((to_encode[index], None, ("error", reason, detail)))
-                pending_vectors += len(indices)
-                failed += len(failures)
-                report.encoded += len(indices)
-                report.decoded += len(indices) + len(failures)
-                bar.update(len(indices) + len(failures))
+                if batch.tensors is not None:
+                    vectors = self.encoder.encode_image_tensors(batch.tensors)
+                    for n, index in enumerate(batch.indices):
+                        pending.append(_Outcome(to_encode[index], vectors[n], batch.metas[n]))
+                for index, failure in batch.failures:
+                    pending.append(_Outcome(to_encode[index], None, failure=failure))
+                pending_vectors += len(batch.indices)
+                failed += len(batch.failures)
+                report.encoded += len(batch.indices)
+                report.decoded += len(batch.indices) + len(batch.failures)
+                bar.update(len(batch.indices) + len(batch.failures))
                 if failed:
                     bar.set_postfix(failed=failed, refresh=False)
                 batches += 1
@@ -436,87 +378,65 @@ class IndexJob:
         if pending:
             self._flush(pending, identity, report)
 
-    def _flush(
-        self,
-        pending: list[tuple[_Item, np.ndarray | None, tuple[Any, ...]]],
-        identity: ModelIdentity,
-        report: IndexReport,
-    ) -> None:
+    def _flush(self, pending: list[_Outcome], identity: ModelIdentity, report: IndexReport) -> None:
         """Write one shard (fsynced) and then commit its rows in one transaction."""
-        pending = sorted(pending, key=lambda p: p[0].id)
-        with_vectors = [(item, vec, meta) for item, vec, meta in pending if vec is not None]
+        pending = sorted(pending, key=lambda outcome: outcome.item.id)
+        with_vectors = [outcome for outcome in pending if outcome.vector is not None]
+        vectors = [outcome.vector for outcome in with_vectors if outcome.vector is not None]
         commit = GenerationCommit(model=identity.to_dict())
         shard_id: str | None = None
         if with_vectors:
-            ids = np.array([item.id for item, _, _ in with_vectors], dtype=np.int64)
-            matrix = np.stack([vec for _, vec, _ in with_vectors]).astype(np.float32)
-            params = choose_params(self.settings.index_kind, len(ids), matrix.shape[1])
-            shard_id = new_shard_id()
             crash_point("before_shard_write")
-            manifest = write_shard(
+            record = write_shard_record(
                 self.index_dir,
-                shard_id,
-                ids=ids,
-                embeddings=matrix,
-                params=params,
+                np.array([outcome.item.id for outcome in with_vectors], dtype=np.int64),
+                np.stack(vectors).astype(np.float32),
+                kind=self.settings.index_kind,
                 model=identity.to_dict(),
+                model_key=identity.key,
                 use_gpu=self.use_faiss_gpu,
             )
             crash_point("after_shard_write")
-            size = sum(int(f.get("bytes", 0)) for f in manifest.files.values())
-            commit.new_shards.append(
-                ShardRecord(
-                    id=shard_id,
-                    kind=manifest.kind,
-                    count=manifest.count,
-                    dim=manifest.dim,
-                    params=manifest.params,
-                    model_key=identity.key,
-                    bytes=size,
-                )
-            )
+            commit.new_shards.append(record)
+            shard_id = record.id
             report.shards_written.append(shard_id)
-        copied_meta = self._source_meta(
-            [item for item, vec, meta in pending if meta[0] == "reused"]
-        )
-        for item, vec, meta in pending:
+        for outcome in pending:
+            item = outcome.item
             if item.replaces is not None and item.replaces.status != ERROR:
                 commit.tombstones.append(item.replaces.id)
-            if vec is not None:
-                if meta[0] == "ok":
-                    width, height, fmt = meta[1], meta[2], meta[3]
-                else:
-                    width, height, fmt = copied_meta.get(item.id, (None, None, None))
-                record = _row(
-                    item.id,
-                    item.stat,
-                    item.sha256,
-                    status=ACTIVE,
-                    width=width,
-                    height=height,
-                    format=fmt,
-                    shard_id=shard_id,
-                )
-            else:
-                reason, detail = meta[1], meta[2]
-                report.failed.append(Failure(item.stat.path, reason, detail))
-                record = _row(
+            if outcome.vector is None:
+                failure = outcome.failure
+                assert failure is not None
+                report.failed.append(Failure(item.stat.path, failure.reason, failure.detail))
+                record_row = _row(
                     item.id,
                     item.stat,
                     item.sha256,
                     status=ERROR,
-                    error_reason=reason,
-                    error_detail=detail,
+                    error_reason=failure.reason,
+                    error_detail=failure.detail,
                 )
-            commit.upserts.append(record)
+            else:
+                record_row = _row(
+                    item.id,
+                    item.stat,
+                    item.sha256,
+                    status=ACTIVE,
+                    shard_id=shard_id,
+                    **_image_size(outcome),
+                )
+            commit.upserts.append(record_row)
         crash_point("before_commit")
         report.generation = self.catalog.commit(commit)
         crash_point("after_commit")
 
-    @staticmethod
-    def _source_meta(items: list[_Item]) -> dict[int, tuple[Any, Any, Any]]:
-        return {
-            item.id: (item.source.width, item.source.height, item.source.format)
-            for item in items
-            if item.source is not None
-        }
+
+def _image_size(outcome: _Outcome) -> dict[str, Any]:
+    """Width, height and format: as decoded now, or those of the row whose vector is reused."""
+    if outcome.decoded is not None:
+        meta = outcome.decoded
+        return {"width": meta.width, "height": meta.height, "format": meta.format}
+    source = outcome.item.source
+    if source is None:
+        return {"width": None, "height": None, "format": None}
+    return {"width": source.width, "height": source.height, "format": source.format}

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrieval.catalog import ERROR, ImageRecord
+from retrieval.catalog.records import ImageRecord
+from retrieval.catalog.tables import ERROR
 from retrieval.images import IMAGE_EXTENSIONS
 
 

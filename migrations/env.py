@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection
 
-from retrieval.catalog import Base
+from retrieval.catalog.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -8,8 +8,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 from sqlalchemy import ColumnElement, func, select
 
-from retrieval.catalog import ACTIVE, Catalog, ImageRow, escape_like
-from retrieval.label_store import LabelStore
+from retrieval.catalog.database import Catalog, escape_like
+from retrieval.catalog.tables import ACTIVE, ImageRow
+from retrieval.labels.store import LabelStore
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.catalog import Catalog
-from retrieval.encoder import Encoder, ModelIdentity
+from retrieval.catalog.database import Catalog
 from retrieval.errors import BadQuery, NotFound
-from retrieval.faiss_gpu import DevicePlacement
 from retrieval.images import decode_image
-from retrieval.label_store import ImageLabel, LabelStore
-from retrieval.shards import ShardSet
+from retrieval.index.faiss_gpu import DevicePlacement
+from retrieval.index.shard_set import ShardSet
+from retrieval.labels.store import ImageLabel, LabelStore
+from retrieval.models.encoder import Encoder
+from retrieval.models.identity import ModelIdentity
 
 
 @dataclass(frozen=True)

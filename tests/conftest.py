@@ -11,9 +11,11 @@ import pytest
 import torch
 from sqlalchemy import create_engine, text
 
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 from retrieval.config import Settings, load_settings
-from retrieval.encoder import Encoder, ModelSpec, load_encoder, register_model_configs
+from retrieval.models.encoder import Encoder, load_encoder
+from retrieval.models.identity import ModelSpec
+from retrieval.models.weights import register_model_configs
 
 TINY = "clipsearch-tiny"
 PG_URL = os.environ.get("CLIPSEARCH_TEST_DATABASE_URL")
@@ -112,8 +114,8 @@ def _semantic_cache_key() -> str:
 
     root = Path(__file__).resolve().parents[1] / "retrieval"
     digest = hashlib.sha256(f"{torch.__version__} {open_clip.__version__}".encode())
-    for path in sorted([*root.glob("*.py"), *(root / "model_configs").glob("*.json")]):
-        digest.update(path.name.encode() + path.read_bytes())
+    for path in sorted([*root.rglob("*.py"), *root.rglob("model_configs/*.json")]):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -125,7 +127,7 @@ def semantic_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     that directory); the file name holds a digest of retrieval/ and the library versions, so
     any change to the code that makes it trains a new one.
     """
-    from retrieval.shapes_model import STEPS, cached_shapes_model, train_shapes_model
+    from retrieval.training.shapes_model import STEPS, cached_shapes_model, train_shapes_model
 
     cache = os.environ.get("CLIPSEARCH_TEST_MODEL_CACHE")
     if cache:

@@ -13,17 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from indexer.demo import MODEL_FILE, run_demo
 from indexer.pipeline import IndexJob
-from retrieval import evaluate as ev
-from retrieval.catalog import Catalog
+from indexer.tour import MODEL_FILE, run_demo
+from retrieval.catalog.database import Catalog
 from retrieval.config import load_settings
-from retrieval.demo import COLOURS, SHAPES, draw_shape, generate_shapes
-from retrieval.encoder import Encoder, ModelSpec, load_encoder
-from retrieval.finetune import report_path_for
+from retrieval.models.encoder import Encoder, load_encoder
+from retrieval.models.identity import ModelSpec
 from retrieval.search import Searcher
-from retrieval.shapes_model import SHAPES_MODEL, SHAPES_TEMPLATES
-from retrieval.training_data import load_training_set
+from retrieval.training import evaluate as ev
+from retrieval.training.data import load_training_set
+from retrieval.training.finetune import report_path_for
+from retrieval.training.shapes import COLOURS, SHAPES, draw_shape, generate_shapes
+from retrieval.training.shapes_model import SHAPES_MODEL, SHAPES_TEMPLATES
 
 pytestmark = pytest.mark.slow  # trains the semantic model once per session
 

@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 
 from indexer.pipeline import IndexJob
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 from retrieval.config import load_settings
-from retrieval.demo import COLOURS, SHAPES, generate_shapes
-from retrieval.encoder import ModelSpec, load_encoder
 from retrieval.filters import SearchFilters, allowed_ids
-from retrieval.label_store import LabelStore
-from retrieval.labels import LabelSet
+from retrieval.labels.definitions import LabelSet
+from retrieval.labels.store import LabelStore
+from retrieval.models.encoder import load_encoder
+from retrieval.models.identity import ModelSpec
 from retrieval.search import Searcher
-from retrieval.shapes_model import SHAPES_MODEL, SHAPES_TEMPLATES
+from retrieval.training.shapes import COLOURS, SHAPES, generate_shapes
+from retrieval.training.shapes_model import SHAPES_MODEL, SHAPES_TEMPLATES
 
 pytestmark = pytest.mark.slow  # trains the semantic model once per session
 

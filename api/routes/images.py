@@ -12,7 +12,8 @@ from api.deps import ReadAccess, ServicesDep
 from api.files import MEDIA_TYPES, make_thumbnail, resolve_inside
 from api.schemas import ERROR_RESPONSES, HitLabel, ImageMetadata
 from api.services import Services
-from retrieval.catalog import ACTIVE, ImageRecord
+from retrieval.catalog.records import ImageRecord
+from retrieval.catalog.tables import ACTIVE
 from retrieval.errors import NotFound
 
 router = APIRouter(tags=["images"], dependencies=[ReadAccess], responses=ERROR_RESPONSES)

@@ -23,8 +23,9 @@ from api.schemas import (
 )
 from api.services import Services
 from retrieval.errors import BadQuery
-from retrieval.label_store import StoredLabelSet
-from retrieval.labels import DEFAULT_TEMPLATES, ClassEmbeddings, LabelSet, rank_labels
+from retrieval.labels.definitions import DEFAULT_TEMPLATES, LabelSet
+from retrieval.labels.scoring import ClassEmbeddings, rank_labels
+from retrieval.labels.store import StoredLabelSet
 
 router = APIRouter(tags=["labels"], responses=ERROR_RESPONSES)
 

@@ -1,0 +1,1 @@
+"""Tests of the HTTP API through FastAPI's TestClient and a real uvicorn server."""

@@ -10,10 +10,10 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from indexer.pipeline import IndexJob
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
-from retrieval.demo import generate_shapes
-from retrieval.encoder import Encoder
+from retrieval.models.encoder import Encoder
+from retrieval.training.shapes import generate_shapes
 from tests.conftest import fresh_database
 from tests.fixtures.bad_images import write_good_images
 

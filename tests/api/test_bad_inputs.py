@@ -12,7 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from retrieval.catalog import ACTIVE, Catalog, GenerationCommit, ImageRecord
+from retrieval.catalog.database import Catalog
+from retrieval.catalog.records import GenerationCommit, ImageRecord
+from retrieval.catalog.tables import ACTIVE
 from tests.fixtures.bad_images import png_declaring
 
 

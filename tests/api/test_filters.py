@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from retrieval.catalog import Catalog
-from retrieval.encoder import Encoder
+from retrieval.catalog.database import Catalog
 from retrieval.filters import SearchFilters, allowed_ids
+from retrieval.models.encoder import Encoder
 from tests.conftest import BOTH_DATABASES, fresh_database
 
 

@@ -9,10 +9,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from indexer.pipeline import IndexJob
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
-from retrieval.demo import generate_shapes
-from retrieval.encoder import Encoder
+from retrieval.models.encoder import Encoder
+from retrieval.training.shapes import generate_shapes
 from tests.api.conftest import CORPUS_SIZE
 
 

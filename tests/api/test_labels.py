@@ -14,11 +14,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from indexer.labelling import LabelJob
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
-from retrieval.demo import COLOURS, SHAPES
-from retrieval.encoder import Encoder
-from retrieval.label_store import LabelStore
+from retrieval.labels.store import LabelStore
+from retrieval.models.encoder import Encoder
+from retrieval.training.shapes import COLOURS, SHAPES
 from tests.api.conftest import ADMIN_KEY, CORPUS_SIZE, READ_KEY
 
 NAMES = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]

@@ -8,7 +8,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 
 
 def test_text_search_returns_results_with_urls_and_timings(client: TestClient) -> None:

@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from indexer.pipeline import IndexJob
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 from retrieval.config import load_settings
-from retrieval.demo import generate_shapes
-from retrieval.encoder import Encoder
+from retrieval.models.encoder import Encoder
+from retrieval.training.shapes import generate_shapes
 from tests.conftest import TINY
 from tests.serving import running_server
 

@@ -1,0 +1,1 @@
+"""Tests of what ships: packaging, Dockerfiles and compose, the README, example configs."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from indexer.cli import app
+from indexer.cli.app import app
 
 
 def cli_error(args: Sequence[str]) -> str | None:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from indexer.jobs import IndexLock
+from indexer.lock import IndexLock
 from indexer.pipeline import IndexJob
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
-from retrieval.demo import generate_shapes
-from retrieval.encoder import Encoder
 from retrieval.errors import IndexLocked
+from retrieval.models.encoder import Encoder
+from retrieval.training.shapes import generate_shapes
 
 
 @pytest.mark.skipif(shutil.which("flock") is None, reason="util-linux flock not found")

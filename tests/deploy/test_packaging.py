@@ -50,4 +50,4 @@ def test_wheel_contains_every_package_and_data_file(tmp_path: Path) -> None:
     missing = sorted(_shipped_files() - names)
     assert not missing, f"not in the wheel: {missing}"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "clipsearch = indexer.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "clipsearch = indexer.cli.app:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

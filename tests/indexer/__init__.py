@@ -1,0 +1,1 @@
+"""Tests of the indexer's jobs and the clipsearch command."""

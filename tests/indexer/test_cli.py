@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from indexer.cli import main
+from indexer.cli.app import main
 from retrieval.config import Settings
-from retrieval.demo import generate_shapes
+from retrieval.training.shapes import generate_shapes
 
 
 def run_cli(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.demo import generate_shapes
+from retrieval.training.shapes import generate_shapes
 from tests.indexer.test_cli import run_cli
 
 TINY = "clipsearch-tiny"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from retrieval.config import Settings
-from retrieval.demo import COLOURS, SHAPES, generate_shapes
-from retrieval.labels import load_label_set_file
+from retrieval.labels.definitions import load_label_set_file
+from retrieval.training.shapes import COLOURS, SHAPES, generate_shapes
 from tests.indexer.test_cli import env, run_cli  # noqa: F401 - `env` is a fixture
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "labels"

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from indexer.jobs import CRASH_ENV, IndexLock
+from indexer.crash import CRASH_ENV
+from indexer.lock import IndexLock
 from indexer.pipeline import IndexJob
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
-from retrieval.demo import generate_shapes
-from retrieval.encoder import Encoder
+from retrieval.index.shard import list_shard_dirs
+from retrieval.models.encoder import Encoder
 from retrieval.search import Searcher
-from retrieval.shards import list_shard_dirs
+from retrieval.training.shapes import generate_shapes
 from tests.serving import run_cli
 
 QUERIES = ["a red circle", "a blue square", "a green star"]

@@ -10,16 +10,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from indexer.jobs import CRASH_ENV, compact_index
+from indexer.compact import compact_index
+from indexer.crash import CRASH_ENV
 from indexer.labelling import LabelJob
 from indexer.pipeline import IndexJob, IndexReport
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
-from retrieval.demo import COLOURS, SHAPES, generate_shapes
-from retrieval.encoder import Encoder
 from retrieval.images import decode_image
-from retrieval.label_store import LabelStore
-from retrieval.labels import LabelSet
+from retrieval.labels.definitions import LabelSet
+from retrieval.labels.store import LabelStore
+from retrieval.models.encoder import Encoder
+from retrieval.training.shapes import COLOURS, SHAPES, generate_shapes
 from tests.serving import run_cli
 
 NAMES = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from retrieval.demo import generate_shapes
+from retrieval.training.shapes import generate_shapes
 from tests.conftest import BOTH_DATABASES, TINY, fresh_database
 from tests.indexer.test_cli import run_cli
 

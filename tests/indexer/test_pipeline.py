@@ -11,16 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.jobs import compact_index
+from indexer.compact import compact_index
 from indexer.pipeline import IndexJob, IndexReport
-from retrieval.catalog import ACTIVE, DELETED, ERROR, Catalog
+from retrieval.catalog.database import Catalog
+from retrieval.catalog.tables import ACTIVE, DELETED, ERROR
 from retrieval.config import Settings
-from retrieval.demo import draw_shape, generate_shapes
-from retrieval.encoder import Encoder
 from retrieval.errors import ConfigError
-from retrieval.faiss_gpu import gpu_available
+from retrieval.index.faiss_gpu import gpu_available
+from retrieval.index.shard import Shard, list_shard_dirs
+from retrieval.models.encoder import Encoder
 from retrieval.search import Searcher
-from retrieval.shards import Shard, list_shard_dirs
+from retrieval.training.shapes import draw_shape, generate_shapes
 from tests.fixtures.bad_images import write_bad_images, write_good_images
 from tests.retrieval.test_faiss_gpu import SelectorBlindCopies
 

@@ -25,11 +25,11 @@ from indexer.schedule import (
     next_slot,
     stop_on_signals,
 )
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
-from retrieval.demo import draw_shape, generate_shapes
-from retrieval.encoder import Encoder
 from retrieval.errors import ConfigError
+from retrieval.models.encoder import Encoder
+from retrieval.training.shapes import draw_shape, generate_shapes
 
 COUNTS = ("new", "changed", "moved", "copied", "touched", "deleted", "unchanged", "encoded")
 

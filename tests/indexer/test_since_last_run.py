@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
-from retrieval.demo import generate_shapes
+from retrieval.training.shapes import generate_shapes
 from tests.indexer.test_cli import run_cli
 
 

@@ -1,0 +1,1 @@
+"""Tests of the core library, mirroring retrieval's sub-packages."""

@@ -7,17 +7,11 @@ import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
-from retrieval.catalog import (
-    ACTIVE,
-    DELETED,
-    ERROR,
-    Catalog,
-    GenerationCommit,
-    ImageRecord,
-    ShardRecord,
-)
+from retrieval.catalog.database import Catalog
+from retrieval.catalog.migrate import current_revision
+from retrieval.catalog.records import GenerationCommit, ImageRecord, ShardRecord
+from retrieval.catalog.tables import ACTIVE, DELETED, ERROR
 from retrieval.errors import NotFound
-from retrieval.migrate import current_revision
 
 MODEL = {"name": "m", "key": "k1"}
 

@@ -10,15 +10,10 @@ from typing import Any
 import pytest
 from sqlalchemy import MetaData, insert, select, text
 
-from retrieval.catalog import (
-    ACTIVE,
-    Catalog,
-    GenerationCommit,
-    ImageRecord,
-    ImageRow,
-    ShardRecord,
-)
-from retrieval.catalog_copy import copy_catalog
+from retrieval.catalog.copy import copy_catalog
+from retrieval.catalog.database import Catalog
+from retrieval.catalog.records import GenerationCommit, ImageRecord, ShardRecord
+from retrieval.catalog.tables import ACTIVE, ImageRow
 from retrieval.errors import CatalogCopyError, CatalogNotEmpty
 from tests.conftest import BOTH_DATABASES, fresh_database
 

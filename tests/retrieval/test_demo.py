@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.demo import (
+from retrieval.images import decode_image
+from retrieval.training.shapes import (
     COLOURS,
     SHAPES,
     ShapeSample,
@@ -19,7 +20,6 @@ from retrieval.demo import (
     generate_photos,
     generate_shapes,
 )
-from retrieval.images import decode_image
 
 CAP = 100_000_000
 CLASSES = len(COLOURS) * len(SHAPES)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval.encoder import Encoder, ModelIdentity, ModelSpec, load_encoder
 from retrieval.errors import ModelMismatch, WeightsUnavailable
+from retrieval.models.encoder import Encoder, load_encoder
+from retrieval.models.identity import ModelIdentity, ModelSpec
 
 TEXTS = ["a red circle", "a photo of a blue square on a wooden table", "x", "a b c d e f g h"]
 
@@ -104,10 +105,10 @@ def test_unknown_model_name() -> None:
 def test_uncached_tag_offline_fails_fast_with_instructions(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import retrieval.encoder as enc
+    import retrieval.models.weights as weights
 
     # Simulate a machine with no route to the hub and an empty cache.
-    monkeypatch.setattr(enc, "_host_resolves", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(weights, "_host_resolves", lambda url, timeout=3.0: False)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(WeightsUnavailable) as info:
         load_encoder(ModelSpec("ViT-B-32", "laion2b_s34b_b79k", cache_dir=tmp_path, device="cpu"))
@@ -125,7 +126,7 @@ def test_fp16_on_cpu_is_refused_clearly(tiny_checkpoint: Path) -> None:
 
 def test_encoder_from_settings_applies_torch_threads(tmp_path: Path, tiny_checkpoint: Path) -> None:
     from retrieval.config import load_settings
-    from retrieval.encoder import encoder_from_settings
+    from retrieval.models.encoder import encoder_from_settings
 
     before = torch.get_num_threads()
     try:

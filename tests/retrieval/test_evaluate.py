@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.evaluate import ann_quality, retrieval_metrics, zero_shot_accuracy
-from retrieval.prompts import class_text_embeddings
+from retrieval.index.ann_quality import ann_quality
+from retrieval.models.prompts import class_text_embeddings
+from retrieval.training.evaluate import retrieval_metrics, zero_shot_accuracy
 
 
 def unit(*rows: list[float]) -> np.ndarray:

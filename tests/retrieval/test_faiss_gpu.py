@@ -18,14 +18,14 @@ import pytest
 
 from retrieval.config import load_settings
 from retrieval.errors import ConfigError
-from retrieval.faiss_gpu import (
+from retrieval.index.faiss_gpu import (
     DevicePlacement,
     device_number,
     gpu_available,
     placement_from_settings,
     resolve_faiss_gpu,
 )
-from retrieval.shards import ShardSet
+from retrieval.index.shard_set import ShardSet
 from tests.retrieval.test_shards import (
     assert_same_results,
     brute_force,

@@ -10,21 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retrieval.demo import generate_shapes
-from retrieval.encoder import ModelSpec, load_encoder, sha256_file
 from retrieval.errors import ConfigError, TrainingDataError
-from retrieval.finetune import (
-    FinetuneConfig,
-    choose_loss,
-    class_aware_loss,
-    clip_loss,
-    finetune,
-    image_pair_loss,
-    lr_at,
-    report_path_for,
-    split_samples,
-)
-from retrieval.training_data import TrainingSample
+from retrieval.models.encoder import load_encoder
+from retrieval.models.identity import ModelSpec
+from retrieval.models.weights import sha256_file
+from retrieval.training.batches import split_samples
+from retrieval.training.data import TrainingSample
+from retrieval.training.finetune import FinetuneConfig, finetune, lr_at, report_path_for
+from retrieval.training.losses import choose_loss, class_aware_loss, clip_loss, image_pair_loss
+from retrieval.training.shapes import generate_shapes
 
 TINY = "clipsearch-tiny"
 
@@ -151,14 +145,12 @@ def config(shapes: Path, out: Path, **overrides: object) -> FinetuneConfig:
     base: dict[str, object] = {
         "data": shapes,
         "out": out,
-        "model": TINY,
-        "pretrained": "none",
+        "model": ModelSpec(TINY, "none", device="cpu"),
         "templates": ("a {}",),
         "steps": 4,
         "batch_size": 12,
         "lr": 1e-3,
         "val_fraction": 0.25,
-        "device": "cpu",
         "workers": 1,
     }
     base.update(overrides)
@@ -175,7 +167,7 @@ def test_checkpoint_loads_everywhere_and_report_describes_the_run(
     assert result.checkpoint == out and out.is_file()
     assert result.report_path == report_path_for(out) == tmp_path / "run" / "tiny.report.json"
     report = json.loads(result.report_path.read_text())
-    assert report == result.report
+    assert report == result.report.to_dict()
     assert report["steps"] == 4 and report["loss"] == "class-aware"
     assert report["data"] == {
         "format": "folder",
@@ -205,7 +197,8 @@ def test_training_lowers_the_loss(shapes: Path, tmp_path: Path) -> None:
         config(shapes, tmp_path / "m.pt", steps=40, batch_size=24, lr=2e-3, val_fraction=0.0)
     )
     # Colour alone tells most of the 24 classes apart; 40 steps learn that much.
-    assert result.report["final_train_loss"] < result.report["first_train_loss"] - 0.4
+    final = result.report.final_train_loss
+    assert final is not None and final < result.report.first_train_loss - 0.4
 
 
 def test_runs_are_reproducible_per_seed(shapes: Path, tmp_path: Path) -> None:
@@ -223,14 +216,19 @@ def test_freezing_a_tower_keeps_its_weights(
     frozen: str, shapes: Path, tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
     result = finetune(
-        config(shapes, tmp_path / "m.pt", pretrained=str(tiny_checkpoint), freeze=frozen)
+        config(
+            shapes,
+            tmp_path / "m.pt",
+            model=ModelSpec(TINY, str(tiny_checkpoint), device="cpu"),
+            freeze=frozen,
+        )
     )
     before = torch.load(tiny_checkpoint, weights_only=True)["state_dict"]
     after = torch.load(result.checkpoint, weights_only=True)["state_dict"]
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     visual = {k for k in changed if k.startswith("visual.")}
     text = changed - visual - {"logit_scale"}
-    assert result.report["start_weights"] == sha256_file(tiny_checkpoint)
+    assert result.report.start_weights == sha256_file(tiny_checkpoint)
     if frozen == "image":
         assert not visual and text
     else:
@@ -252,11 +250,11 @@ def test_csv_streaming_accumulation_and_plain_clip_loss(shapes: Path, tmp_path: 
             cache_bytes=0,
         )
     )
-    assert cached.report["pre_decoded"] is True and streamed.report["pre_decoded"] is False
-    assert cached.report["loss"] == "clip" and cached.report["data"]["format"] == "csv"
-    assert cached.report["val_zero_shot"] is None  # a caption table has no classes
-    assert streamed.report["final_train_loss"] == pytest.approx(
-        cached.report["final_train_loss"], rel=1e-2
+    assert cached.report.pre_decoded is True and streamed.report.pre_decoded is False
+    assert cached.report.loss == "clip" and cached.report.data.format == "csv"
+    assert cached.report.val_zero_shot is None  # a caption table has no classes
+    assert streamed.report.final_train_loss == pytest.approx(
+        cached.report.final_train_loss, rel=1e-2
     )
 
 
@@ -268,7 +266,7 @@ def test_undecodable_images_are_skipped_and_reported(shapes: Path, tmp_path: Pat
     broken = data / "red_circle" / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     result = finetune(config(data, tmp_path / "m.pt", val_fraction=0.0))
-    assert result.report["data"]["train"] == 48
+    assert result.report.data.train == 48
     assert any("broken.jpg" in w for w in result.warnings)
 
 
@@ -282,6 +280,6 @@ def test_pretrained_tag_needing_quickgelu_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="quickgelu"):
         finetune(
             FinetuneConfig(
-                data=tmp_path, out=tmp_path / "m.pt", model="ViT-B-32", pretrained="openai"
+                data=tmp_path, out=tmp_path / "m.pt", model=ModelSpec("ViT-B-32", "openai")
             )
         )

@@ -6,20 +6,15 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from retrieval.catalog import (
-    ACTIVE,
-    Catalog,
-    GenerationCommit,
-    ImageLabelRow,
-    ImageRecord,
-    LabelledShardRow,
-    ShardRecord,
-)
+from retrieval.catalog.database import Catalog
+from retrieval.catalog.migrate import current_revision
+from retrieval.catalog.records import GenerationCommit, ImageRecord, ShardRecord
+from retrieval.catalog.tables import ACTIVE, ImageLabelRow, LabelledShardRow
 from retrieval.errors import BadQuery, NotFound
 from retrieval.filters import SearchFilters, allowed_ids
-from retrieval.label_store import LabelStore
-from retrieval.labels import BlockLabels, ClassEmbeddings, LabelSet
-from retrieval.migrate import current_revision
+from retrieval.labels.definitions import LabelSet
+from retrieval.labels.scoring import BlockLabels, ClassEmbeddings
+from retrieval.labels.store import LabelStore
 
 MODEL = {"name": "m", "key": "k1"}
 ANIMAL_NAMES = ["cat", "dog", "bird"]

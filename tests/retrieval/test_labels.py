@@ -9,15 +9,11 @@ import numpy as np
 import pytest
 
 from retrieval.errors import LabelSetError
-from retrieval.labels import (
-    ClassEmbeddings,
-    LabelSet,
-    load_label_set_file,
-    rank_labels,
-    score_block,
-)
-from retrieval.prompts import prompt_group_embeddings, resolve_templates
-from retrieval.shards import IndexParams, iter_embedding_blocks, write_shard
+from retrieval.index.kinds import IndexParams
+from retrieval.index.shard import iter_embedding_blocks, write_shard
+from retrieval.labels.definitions import LabelSet, load_label_set_file
+from retrieval.labels.scoring import ClassEmbeddings, rank_labels, score_block
+from retrieval.models.prompts import prompt_group_embeddings, resolve_templates
 
 
 def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:

@@ -14,24 +14,26 @@ import numpy as np
 import pytest
 
 from retrieval.errors import CorruptShard, EmptyIndex, ModelMismatch
-from retrieval.shards import (
-    EMBEDDINGS_FILE,
-    INDEX_FILE,
+from retrieval.index.kinds import (
     INDEX_KINDS,
-    MANIFEST_FILE,
     IndexParams,
-    Shard,
-    ShardSet,
     build_index,
     choose_params,
     default_pq_m,
+    resolve_params,
+)
+from retrieval.index.shard import (
+    EMBEDDINGS_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    Shard,
     iter_live_vectors,
     list_shard_dirs,
     read_manifest,
     remove_shard_dir,
-    resolve_params,
     write_shard,
 )
+from retrieval.index.shard_set import ShardSet
 
 DIM = 64
 MODEL = {"name": "tiny", "pretrained": "/tmp/tiny.pt", "sha256": "ab" * 32, "dim": DIM}

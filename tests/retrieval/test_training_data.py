@@ -8,14 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from retrieval.demo import generate_shapes
 from retrieval.errors import TrainingDataError
-from retrieval.prompts import resolve_templates
-from retrieval.training_data import (
-    detect_format,
-    load_sample_image,
-    load_training_set,
-)
+from retrieval.models.prompts import resolve_templates
+from retrieval.training.data import detect_format, load_sample_image, load_training_set
+from retrieval.training.shapes import generate_shapes
 
 TEMPLATES = ("a {}", "a photo of a {}.")
 

@@ -23,11 +23,12 @@ import httpx
 import pytest
 
 from indexer.pipeline import IndexJob
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 from retrieval.config import load_settings
-from retrieval.demo import COLOURS, SHAPES, draw_shape, generate_shapes
-from retrieval.encoder import ModelSpec, load_encoder
-from retrieval.shapes_model import SHAPES_MODEL, SHAPES_TEMPLATES
+from retrieval.models.encoder import load_encoder
+from retrieval.models.identity import ModelSpec
+from retrieval.training.shapes import COLOURS, SHAPES, draw_shape, generate_shapes
+from retrieval.training.shapes_model import SHAPES_MODEL, SHAPES_TEMPLATES
 from tests.serving import REPO, running_server, serve_env
 from tests.web.conftest import OpenPage, screenshot
 from tests.web.search_page import SearchPage

@@ -18,9 +18,9 @@ from sqlalchemy import Integer, MetaData, Table, delete, func, insert, select, t
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.types import DateTime
 
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
+from retrieval.catalog.migrate import current_revision
 from retrieval.errors import CatalogCopyError, CatalogNotEmpty
-from retrieval.migrate import current_revision
 
 # Alembic's own bookkeeping: the target gets its row from its own migration run.
 _SKIP_TABLES = frozenset({"alembic_version"})

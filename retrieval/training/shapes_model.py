@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from retrieval.demo import generate_shapes
-from retrieval.encoder import sha256_file
-from retrieval.finetune import FinetuneConfig, FinetuneResult, finetune, report_path_for
+from retrieval.models.identity import ModelSpec
+from retrieval.models.weights import sha256_file
+from retrieval.training.finetune import FinetuneConfig, FinetuneResult, finetune, report_path_for
+from retrieval.training.shapes import generate_shapes
 
 # A tiny ResNet (open_clip's ModifiedResNet, stem width 8) and a 2-layer text tower. Its
 # convolutions learn shapes far faster per CPU second than the tiny ViT: measured on 2 cores,
@@ -37,8 +38,7 @@ def shapes_config(
     return FinetuneConfig(
         data=data,
         out=out,
-        model=SHAPES_MODEL,
-        pretrained="none",
+        model=ModelSpec(SHAPES_MODEL, "none", device=device),
         templates=SHAPES_TEMPLATES,
         steps=steps,
         batch_size=96,
@@ -49,7 +49,6 @@ def shapes_config(
         image_pairs=IMAGE_PAIRS,
         val_fraction=0.05,
         seed=seed,
-        device=device,
     )
 
 

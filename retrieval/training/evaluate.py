@@ -1,4 +1,5 @@
-"""Model and index quality: caption retrieval, zero-shot classification, ANN recall.
+"""Model quality: caption retrieval and zero-shot classification (ANN recall of an index is
+`retrieval.index.ann_quality`).
 
 The metric functions work on embeddings, so tests can hand-make cases whose answer is known;
 the `evaluate_*` functions embed a `TrainingSet` with an `Encoder` first.
@@ -6,8 +7,6 @@ the `evaluate_*` functions embed a `TrainingSet` with an `Encoder` first.
 
 from __future__ import annotations
 
-import tempfile
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -16,12 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.catalog import Catalog
-from retrieval.encoder import Encoder
-from retrieval.errors import EmptyIndex, ImageError, TrainingDataError
-from retrieval.prompts import class_text_embeddings, render
-from retrieval.shards import INDEX_KINDS, IndexParams, ShardSet, iter_live_vectors, write_shard
-from retrieval.training_data import DEFAULT_MAX_PIXELS, TrainingSet, load_sample_image
+from retrieval.errors import ImageError, TrainingDataError
+from retrieval.index.ann_quality import AnnReport
+from retrieval.models.encoder import Encoder
+from retrieval.models.identity import ModelIdentity
+from retrieval.models.prompts import class_text_embeddings, render
+from retrieval.training.data import (
+    DEFAULT_MAX_PIXELS,
+    TrainingSet,
+    load_sample_image,
+    load_training_set,
+)
 
 RECALL_KS = (1, 5, 10)
 _BLOCK = 1024  # query rows scored at once: bounds a (block x corpus) float32 score matrix
@@ -311,129 +315,103 @@ def evaluate_zero_shot(
 
 
 # --------------------------------------------------------------------------------------------
-# ANN quality
+# One evaluation run (`clipsearch eval`)
 
 
 @dataclass(frozen=True)
-class AnnKindResult:
-    kind: str  # as asked
-    built: str  # what choose_params made of it for this many vectors (tiny sets give flat)
-    params: dict[str, Any]
-    recall: float
-    build_seconds: float
-    latency_ms_p50: float
-    latency_ms_p95: float
+class RetrievalEvaluation:
+    data: str
+    images: int
+    captions: int
+    metrics: RetrievalMetrics
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("recall", "build_seconds", "latency_ms_p50", "latency_ms_p95"):
-            data[key] = round(data[key], 4)
+        return {
+            "data": self.data,
+            "images": self.images,
+            "captions": self.captions,
+            "metrics": self.metrics.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class ZeroShotEvaluation:
+    data: str
+    metrics: ZeroShotReport
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": self.data, "metrics": self.metrics.to_dict()}
+
+
+@dataclass
+class EvaluationReport:
+    """What one `clipsearch eval` measured; each part is None when it was not asked for."""
+
+    model: ModelIdentity | None = None
+    retrieval: RetrievalEvaluation | None = None
+    zero_shot: ZeroShotEvaluation | None = None
+    ann: AnnReport | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        if self.model is not None:
+            data["model"] = self.model.to_dict()
+        if self.retrieval is not None:
+            data["retrieval"] = self.retrieval.to_dict()
+        if self.zero_shot is not None:
+            data["zero_shot"] = self.zero_shot.to_dict()
+        if self.ann is not None:
+            data["ann"] = self.ann.to_dict()
+        data["warnings"] = self.warnings
         return data
 
 
 @dataclass(frozen=True)
-class AnnReport:
-    vectors: int
-    queries: int
-    k: int
-    ef_search: int
-    nprobe: int
-    kinds: list[AnnKindResult]
+class EvaluationSets:
+    """The labelled sets to measure a model on, and how to read and prompt them."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "vectors": self.vectors,
-            "queries": self.queries,
-            "k": self.k,
-            "ef_search": self.ef_search,
-            "nprobe": self.nprobe,
-            "kinds": [kind.to_dict() for kind in self.kinds],
-        }
+    retrieval: Path | None = None
+    zero_shot: Path | None = None
+    data_format: str = "auto"
+    prompt: str = "a photo of a {}."  # the single zero-shot prompt; class-folder captions
+    templates: tuple[str, ...] = ()  # the zero-shot ensemble
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-def live_embeddings(catalog: Catalog, index_dir: Path) -> np.ndarray:
-    """The stored (float16 -> float32) vectors of the current generation, tombstones excluded."""
-    shard_ids = [row.id for row in catalog.shards()]
-    deleted = catalog.tombstoned_ids()
-    with ShardSet.open(index_dir, shard_ids, deleted_ids=deleted) as shards:
-        parts = [
-            np.asarray(vectors, dtype=np.float32)
-            for _, vectors in iter_live_vectors(shards.shards, deleted)
-        ]
-    if not parts or not sum(len(p) for p in parts):
-        raise EmptyIndex("the index has no live vectors to evaluate")
-    return np.concatenate(parts)
-
-
-def ann_quality(
-    vectors: np.ndarray,
-    *,
-    kinds: Sequence[str] = INDEX_KINDS,
-    k: int = 10,
-    queries: int = 200,
-    ef_search: int = 128,
-    nprobe: int = 32,
-    seed: int = 0,
-) -> AnnReport:
-    """Recall@k of each index kind against exact search, and single-query latency.
-
-    `queries` rows are held out as queries and the rest indexed, so no query finds itself.
-    Each kind is written and searched through the product's own shard code (IVF-PQ results
-    are re-scored from the stored embeddings, as in serving).
-    """
-    data = np.ascontiguousarray(vectors, dtype=np.float32)
-    if data.ndim != 2 or len(data) < 2:
-        raise EmptyIndex("ANN evaluation needs at least two vectors")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(data))
-    n_queries = max(1, min(queries, len(data) // 2))
-    q, base = data[order[:n_queries]], data[order[n_queries:]]
-    k = min(k, len(base))
-    ids = np.arange(len(base), dtype=np.int64)
-    # Ground truth from the float16 values a shard stores, as serving scores them.
-    stored = base.astype(np.float16).astype(np.float32)
-    truth = np.argsort(-(q @ stored.T), axis=1, kind="stable")[:, :k]
-    results = []
-    with tempfile.TemporaryDirectory(prefix="clipsearch-ann-") as tmp:
-        for kind in kinds:
-            started = time.perf_counter()
-            manifest = write_shard(
-                Path(tmp),
-                f"eval-{kind}",
-                ids=ids,
-                embeddings=base,
-                params=IndexParams(kind=kind),
-                model={"evaluation": True},
-            )
-            build = time.perf_counter() - started
-            with ShardSet.open(Path(tmp), [manifest.shard_id], threads=1) as shard_set:
-                found = np.empty((n_queries, k), dtype=np.int64)
-                latencies = []
-                shard_set.search(q[:1], k, ef_search=ef_search, nprobe=nprobe)  # warm-up
-                for row in range(n_queries):
-                    started = time.perf_counter()
-                    _, labels = shard_set.search(
-                        q[row : row + 1], k, ef_search=ef_search, nprobe=nprobe
-                    )
-                    latencies.append((time.perf_counter() - started) * 1000)
-                    found[row] = labels[0]
-            hits = sum(len(np.intersect1d(found[r], truth[r])) for r in range(n_queries))
-            results.append(
-                AnnKindResult(
-                    kind=kind,
-                    built=manifest.kind,
-                    params=manifest.params,
-                    recall=hits / (n_queries * k),
-                    build_seconds=build,
-                    latency_ms_p50=float(np.percentile(latencies, 50)),
-                    latency_ms_p95=float(np.percentile(latencies, 95)),
-                )
-            )
-    return AnnReport(
-        vectors=len(base),
-        queries=n_queries,
-        k=k,
-        ef_search=ef_search,
-        nprobe=nprobe,
-        kinds=results,
-    )
+def evaluate_sets(encoder: Encoder, sets: EvaluationSets) -> EvaluationReport:
+    """Retrieval and zero-shot metrics of `encoder` on the given sets (each read and embedded
+    once, even when one set serves both)."""
+    report = EvaluationReport(model=encoder.identity)
+    loaded: dict[Path, TrainingSet] = {}
+    embedded: dict[Path, EmbeddedSet] = {}
+    for path in (sets.retrieval, sets.zero_shot):
+        if path is None or path in loaded:
+            continue
+        # Class folders get the single prompt as caption for retrieval; zero-shot renders its
+        # templates itself.
+        loaded[path] = load_training_set(
+            path, fmt=sets.data_format, templates=(sets.prompt,), max_pixels=sets.max_pixels
+        )
+        report.warnings += loaded[path].warnings
+        embedded[path] = embed_set_images(encoder, loaded[path], max_pixels=sets.max_pixels)
+        report.warnings += embedded[path].warnings
+    if sets.retrieval is not None:
+        dataset = loaded[sets.retrieval]
+        metrics, used = evaluate_retrieval(encoder, dataset, embedded=embedded[sets.retrieval])
+        report.retrieval = RetrievalEvaluation(
+            data=str(sets.retrieval),
+            images=len(used.sample_indices),
+            captions=len({dataset.samples[i].caption for i in used.sample_indices}),
+            metrics=metrics,
+        )
+    if sets.zero_shot is not None:
+        zero_shot, _ = evaluate_zero_shot(
+            encoder,
+            loaded[sets.zero_shot],
+            prompt=sets.prompt,
+            templates=sets.templates,
+            embedded=embedded[sets.zero_shot],
+        )
+        report.zero_shot = ZeroShotEvaluation(data=str(sets.zero_shot), metrics=zero_shot)
+    return report

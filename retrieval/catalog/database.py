@@ -6,303 +6,43 @@ import datetime as dt
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sqlalchemy import (
-    JSON,
-    BigInteger,
-    DateTime,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    LargeBinary,
-    SmallInteger,
-    String,
-    Text,
-    UniqueConstraint,
     create_engine,
     delete,
     event,
     func,
     insert,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
+from retrieval.catalog.records import GenerationCommit, ImageRecord, IndexState
+from retrieval.catalog.tables import (
+    ACTIVE,
+    DELETED,
+    ERROR,
+    ImageLabelRow,
+    ImageRow,
+    IndexJobRow,
+    IndexStateRow,
+    LabelledShardRow,
+    LabelSetVersionRow,
+    ShardRow,
+    utcnow,
+)
 from retrieval.errors import NotFound
 
-ACTIVE, DELETED, ERROR = "active", "deleted", "error"
 # SQLite caps bound parameters per statement; chunk large id lists below it.
 _CHUNK = 5000
 
 
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class ShardRow(Base):
-    __tablename__ = "shards"
-
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))
-    count: Mapped[int] = mapped_column(Integer)
-    dim: Mapped[int] = mapped_column(Integer)
-    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    model_key: Mapped[str] = mapped_column(String(32))
-    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
-    generation: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16), default=ACTIVE, index=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-    retired_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-
-
-class ImageRow(Base):
-    __tablename__ = "images"
-
-    # Ids are assigned by the (single) writer, not by a sequence: a Postgres sequence
-    # is not rolled back with a killed transaction, and a re-run after a crash must
-    # give exactly the ids a clean run would have given.
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    path: Mapped[str] = mapped_column(Text)
-    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
-    size: Mapped[int] = mapped_column(BigInteger)
-    mtime_ns: Mapped[int] = mapped_column(BigInteger)
-    width: Mapped[int | None] = mapped_column(Integer)
-    height: Mapped[int | None] = mapped_column(Integer)
-    format: Mapped[str | None] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    error_reason: Mapped[str | None] = mapped_column(String(32))
-    error_detail: Mapped[str | None] = mapped_column(Text)
-    shard_id: Mapped[str | None] = mapped_column(ForeignKey("shards.id"), index=True)
-    indexed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-    deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-
-    __table_args__ = (
-        # One live row per path; deleted rows (tombstones) keep their old path.
-        Index(
-            "ix_images_live_path",
-            "path",
-            unique=True,
-            sqlite_where=text("status != 'deleted'"),
-            postgresql_where=text("status != 'deleted'"),
-        ),
-    )
-
-
-class IndexJobRow(Base):
-    __tablename__ = "index_jobs"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16))
-    pid: Mapped[int] = mapped_column(Integer)
-    host: Mapped[str] = mapped_column(String(255))
-    roots: Mapped[list[str]] = mapped_column(JSON, default=list)
-    stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    error: Mapped[str | None] = mapped_column(Text)
-    generation: Mapped[int | None] = mapped_column(Integer)
-    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-
-
-class IndexStateRow(Base):
-    __tablename__ = "index_state"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    generation: Mapped[int] = mapped_column(Integer, default=0)
-    model: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    model_key: Mapped[str | None] = mapped_column(String(32))
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-
-
-class LabelSetRow(Base):
-    """A named label set. `version` is its newest definition; `labelled_version` is the one
-    whose corpus labels are complete and served (None until the first labelling finishes)."""
-
-    __tablename__ = "label_sets"
-    __table_args__ = {"sqlite_autoincrement": True}
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(128), unique=True)
-    version: Mapped[int] = mapped_column(Integer)
-    labelled_version: Mapped[int | None] = mapped_column(Integer)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-
-
-class LabelSetVersionRow(Base):
-    """One immutable definition of a label set; corpus labels point to it."""
-
-    __tablename__ = "label_set_versions"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    set_id: Mapped[int] = mapped_column(ForeignKey("label_sets.id", ondelete="CASCADE"))
-    version: Mapped[int] = mapped_column(Integer)
-    definition: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-
-    __table_args__ = (
-        UniqueConstraint("set_id", "version", name="uq_label_set_versions"),
-        # Never reuse the id of a deleted version: processes cache definitions by id.
-        {"sqlite_autoincrement": True},
-    )
-
-
-class LabelEmbeddingRow(Base):
-    """Cached class embeddings (float32 rows) of one label set version under one model."""
-
-    __tablename__ = "label_embeddings"
-
-    version_id: Mapped[int] = mapped_column(
-        ForeignKey("label_set_versions.id", ondelete="CASCADE"), primary_key=True
-    )
-    model_key: Mapped[str] = mapped_column(String(32), primary_key=True)
-    count: Mapped[int] = mapped_column(Integer)
-    dim: Mapped[int] = mapped_column(Integer)
-    logit_scale: Mapped[float] = mapped_column(Float)
-    vectors: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-
-
-class LabelledShardRow(Base):
-    """This shard's vectors are labelled under this label set version (committed with its rows).
-
-    No foreign key to shards: rows of forgotten shards are deleted with them."""
-
-    __tablename__ = "labelled_shards"
-
-    version_id: Mapped[int] = mapped_column(
-        ForeignKey("label_set_versions.id", ondelete="CASCADE"), primary_key=True
-    )
-    shard_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    labelled_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-
-
-class ImageLabelRow(Base):
-    """One stored label of one image: its rank among the image's labels, the label's index in
-    its version's label list, the probability, and optionally the raw cosine.
-
-    No foreign key to images: a million-row relabel pays for no per-row check, and purged
-    images lose their rows in the same commit (Catalog.commit).
-    """
-
-    __tablename__ = "image_labels"
-
-    version_id: Mapped[int] = mapped_column(
-        ForeignKey("label_set_versions.id", ondelete="CASCADE"), primary_key=True
-    )
-    image_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    rank: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
-    label: Mapped[int] = mapped_column(Integer)
-    score: Mapped[float] = mapped_column(Float)
-    cosine: Mapped[float | None] = mapped_column(Float)
-
-    __table_args__ = (
-        # Label filters and counts read by (version, label, score).
-        Index("ix_image_labels_label", "version_id", "label", "score"),
-        # On SQLite the primary key is the table itself: rows are written in key order, one
-        # B-tree instead of two (measured: 3 million rows in 5.7 s instead of 25 s).
-        {"sqlite_with_rowid": False},
-    )
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One catalog row as plain data."""
-
-    id: int
-    path: str
-    sha256: str | None
-    size: int
-    mtime_ns: int
-    status: str
-    width: int | None = None
-    height: int | None = None
-    format: str | None = None
-    error_reason: str | None = None
-    error_detail: str | None = None
-    shard_id: str | None = None
-    indexed_at: dt.datetime | None = None
-
-    def to_row(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "path": self.path,
-            "sha256": self.sha256,
-            "size": self.size,
-            "mtime_ns": self.mtime_ns,
-            "status": self.status,
-            "width": self.width,
-            "height": self.height,
-            "format": self.format,
-            "error_reason": self.error_reason,
-            "error_detail": self.error_detail,
-            "shard_id": self.shard_id,
-            "indexed_at": self.indexed_at or utcnow(),
-        }
-
-
-@dataclass(frozen=True)
-class ShardRecord:
-    id: str
-    kind: str
-    count: int
-    dim: int
-    params: dict[str, Any]
-    model_key: str
-    bytes: int = 0
-
-
-@dataclass(frozen=True)
-class IndexState:
-    generation: int
-    model: dict[str, Any] | None
-
-
-@dataclass
-class GenerationCommit:
-    """Everything one commit changes; applied in one transaction by Catalog.commit.
-
-    Order inside the transaction matters for the live-path unique index: tombstones
-    first, then moves, then new rows.
-    """
-
-    model: dict[str, Any]
-    new_shards: list[ShardRecord] = field(default_factory=list)
-    tombstones: list[int] = field(default_factory=list)
-    moves: list[tuple[int, str, int, int]] = field(default_factory=list)  # id, path, size, mtime
-    touches: list[tuple[int, int, int]] = field(default_factory=list)  # id, size, mtime_ns
-    upserts: list[ImageRecord] = field(default_factory=list)
-    reassign: list[tuple[int, str]] = field(default_factory=list)  # id -> shard (compaction)
-    retire_shards: list[str] = field(default_factory=list)
-    purge_ids: list[int] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not (
-            self.new_shards
-            or self.tombstones
-            or self.moves
-            or self.touches
-            or self.upserts
-            or self.reassign
-            or self.retire_shards
-            or self.purge_ids
-        )
-
-
-def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+def chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -370,7 +110,7 @@ class Catalog:
 
     def upgrade(self) -> None:
         """Bring the schema to the newest migration (idempotent)."""
-        from retrieval.migrate import upgrade_database
+        from retrieval.catalog.migrate import upgrade_database
 
         upgrade_database(self.engine)
 
@@ -419,7 +159,7 @@ class Catalog:
         """Drop rows of retired shards whose files are gone."""
         ids = list(shard_ids)
         with self.session() as session:
-            for chunk in _chunks(ids):
+            for chunk in chunks(ids):
                 retired = list(
                     session.scalars(
                         select(ShardRow.id).where(
@@ -473,7 +213,7 @@ class Catalog:
         wanted = sorted(set(shas))
         result: dict[str, list[ImageRecord]] = {}
         with self.session() as session:
-            for chunk in _chunks(wanted):
+            for chunk in chunks(wanted):
                 query = (
                     select(ImageRow)
                     .where(ImageRow.sha256.in_(chunk), ImageRow.shard_id.is_not(None))
@@ -487,7 +227,7 @@ class Catalog:
         wanted = sorted({int(i) for i in ids})
         result: dict[int, ImageRecord] = {}
         with self.session() as session:
-            for chunk in _chunks(wanted):
+            for chunk in chunks(wanted):
                 for row in session.scalars(select(ImageRow).where(ImageRow.id.in_(chunk))):
                     result[row.id] = _record(row)
         return result
@@ -544,7 +284,7 @@ class Catalog:
                     )
                 )
             session.flush()
-            for chunk in _chunks(change.tombstones):
+            for chunk in chunks(change.tombstones):
                 session.execute(
                     update(ImageRow)
                     .where(ImageRow.id.in_(chunk))
@@ -566,7 +306,7 @@ class Catalog:
             if change.upserts:
                 existing: set[int] = set()
                 upsert_ids = [record.id for record in change.upserts]
-                for chunk in _chunks(upsert_ids):
+                for chunk in chunks(upsert_ids):
                     existing.update(
                         session.execute(select(ImageRow.id).where(ImageRow.id.in_(chunk))).scalars()
                     )
@@ -584,7 +324,7 @@ class Catalog:
                 # Purged images take their labels with them. Deleting per label version
                 # lets the (version_id, image_id, rank) key find the rows.
                 versions = list(session.scalars(select(LabelSetVersionRow.id)))
-                for chunk in _chunks(change.purge_ids):
+                for chunk in chunks(change.purge_ids):
                     for version_id in versions:
                         session.execute(
                             delete(ImageLabelRow).where(
@@ -593,7 +333,7 @@ class Catalog:
                             )
                         )
                     session.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
-            for chunk in _chunks(change.retire_shards):
+            for chunk in chunks(change.retire_shards):
                 session.execute(
                     update(ShardRow)
                     .where(ShardRow.id.in_(chunk))

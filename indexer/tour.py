@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from retrieval.catalog import Catalog
+from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
-from retrieval.demo import COLOURS, SHAPES
-from retrieval.encoder import Encoder, ModelSpec, load_encoder, resolve_device
 from retrieval.errors import WeightsUnavailable
-from retrieval.label_store import LabelStore
-from retrieval.labels import LabelSet
+from retrieval.labels.definitions import LabelSet
+from retrieval.labels.store import LabelStore
+from retrieval.models.encoder import Encoder, load_encoder, model_spec, resolve_device
+from retrieval.models.identity import ModelSpec
 from retrieval.search import Searcher
-from retrieval.shapes_model import SHAPES_TEMPLATES
+from retrieval.training.shapes import COLOURS, SHAPES
+from retrieval.training.shapes_model import SHAPES_TEMPLATES
 
 DEMO_QUERIES = ("a red circle", "a blue square", "a green triangle")
 DEMO_LABEL_SET = "shapes"
@@ -22,7 +23,7 @@ MODEL_FILE = "shapes-tiny.pt"
 
 def _trained_tiny_encoder(directory: Path, device: str, echo: Callable[[str], None]) -> Encoder:
     """The tiny model trained on generated shapes: from the demo dir's cache, or trained now."""
-    from retrieval.shapes_model import (
+    from retrieval.training.shapes_model import (
         SHAPES_MODEL,
         STEPS,
         TRAIN_IMAGES,
@@ -42,10 +43,10 @@ def _trained_tiny_encoder(directory: Path, device: str, echo: Callable[[str], No
         result = train_shapes_model(
             model_dir, checkpoint, steps=STEPS, device=resolve_device(device), progress=True
         )
-        zero_shot = result.report["val_zero_shot"]
+        zero_shot = result.report.val_zero_shot
         echo(
-            f"trained in {result.report['seconds']:.0f}s; zero-shot accuracy on held-out "
-            f"pictures {zero_shot['top1']:.2f}"
+            f"trained in {result.report.seconds:.0f}s; zero-shot accuracy on held-out "
+            f"pictures {zero_shot.top1:.2f}"
             if zero_shot
             else "trained"
         )
@@ -53,16 +54,8 @@ def _trained_tiny_encoder(directory: Path, device: str, echo: Callable[[str], No
 
 
 def _demo_encoder(directory: Path, base: Settings, echo: Callable[[str], None]) -> Encoder:
-    spec = ModelSpec(
-        base.model,
-        base.pretrained,
-        device=base.device,
-        precision=base.precision,
-        config_dir=base.model_config_dir,
-        cache_dir=base.model_cache_dir,
-    )
     try:
-        return load_encoder(spec)
+        return load_encoder(model_spec(base))
     except WeightsUnavailable:
         echo(
             f"Weights {base.model}/{base.pretrained} are not available offline; falling back to "
@@ -73,7 +66,7 @@ def _demo_encoder(directory: Path, base: Settings, echo: Callable[[str], None]) 
 
 def run_demo(directory: Path, count: int, *, base: Settings, echo: Callable[[str], None]) -> None:
     from indexer.pipeline import IndexJob
-    from retrieval.demo import generate_shapes
+    from retrieval.training.shapes import generate_shapes
 
     directory = directory.resolve()
     images = directory / "images"

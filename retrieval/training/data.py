@@ -21,7 +21,7 @@ from PIL import Image
 
 from retrieval.errors import ImageError, TrainingDataError
 from retrieval.images import IMAGE_EXTENSIONS, decode_image, read_header
-from retrieval.prompts import DEFAULT_PROMPT, class_name_from_folder, render
+from retrieval.models.prompts import DEFAULT_PROMPT, class_name_from_folder, render
 
 FORMATS = ("auto", "csv", "jsonl", "folder", "labelme")
 IMAGE_COLUMNS = ("image", "path", "file", "filename", "filepath")

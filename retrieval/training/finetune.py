@@ -1,16 +1,8 @@
 """Contrastive fine-tuning of any open_clip model on captioned, class-folder or labelme data.
 
 The checkpoint it writes is a plain open_clip state dict, so every command accepts it as
-`pretrained=<path>`, and `open_clip.create_model(name, pretrained=path)` loads it too.
-
-Two objectives:
-- `clip`: open_clip's `ClipLoss`. Every other caption in the batch is a negative, which is
-  right for unique captions and wrong for repeated ones: two pictures captioned "a red circle"
-  are then pushed apart, and training plateaus (near 0.5 zero-shot accuracy on the shapes).
-- `class-aware`: each image is scored against the batch's DISTINCT captions, and every caption
-  of its group (same class, else same caption text) is a positive; each caption's positives are
-  all the images of its group. With unique captions and no classes it equals `clip`.
-`auto` picks class-aware whenever a group occurs more than once in the training set.
+`pretrained=<path>`, and `open_clip.create_model(name, pretrained=path)` loads it too. The
+objectives are in `retrieval.training.losses`.
 """
 
 from __future__ import annotations
@@ -22,39 +14,32 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from retrieval.encoder import (
-    RANDOM_INIT,
-    ModelSpec,
-    load_encoder,
-    register_model_configs,
-    resolve_device,
-    sha256_file,
-)
-from retrieval.errors import ConfigError, ImageError, TrainingDataError, WeightsUnavailable
-from retrieval.evaluate import ZeroShotAccuracy, zero_shot_accuracy
-from retrieval.prompts import DEFAULT_PROMPT, class_text_embeddings
-from retrieval.training_data import (
+from retrieval.errors import ConfigError, TrainingDataError, WeightsUnavailable
+from retrieval.models.encoder import load_encoder, resolve_device
+from retrieval.models.identity import ModelSpec
+from retrieval.models.prompts import DEFAULT_PROMPT, class_text_embeddings
+from retrieval.models.weights import RANDOM_INIT, register_model_configs, sha256_file
+from retrieval.training.batches import ImageSource, micro_batches, split_samples
+from retrieval.training.data import (
     DEFAULT_MAX_PIXELS,
     TrainingSample,
     TrainingSet,
-    load_sample_image,
     load_training_set,
 )
+from retrieval.training.evaluate import ZeroShotAccuracy, zero_shot_accuracy
+from retrieval.training.losses import LOSSES, choose_loss, class_aware_loss, clip_loss, group_keys
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("auto", "clip", "class-aware")
 FREEZE = ("none", "image", "text")
 REPORT_SUFFIX = ".report.json"
 # open_clip clamps the learned temperature at 100 (ln 100 = 4.6052) in its own training.
@@ -67,8 +52,9 @@ class FinetuneConfig:
 
     data: Path
     out: Path
-    model: str = "ViT-B-32"
-    pretrained: str = "laion2b_s34b_b79k"  # a tag, a checkpoint path, or "none" (random init)
+    # The starting model: its pretrained is a tag, a checkpoint path, or "none" (random init).
+    # Training always runs in fp32 (with autocast on CUDA), whatever its precision says.
+    model: ModelSpec = ModelSpec("ViT-B-32", "laion2b_s34b_b79k")
     data_format: str = "auto"
     templates: tuple[str, ...] = (DEFAULT_PROMPT,)  # class name -> caption; one drawn per use
     epochs: float = 1.0
@@ -85,7 +71,6 @@ class FinetuneConfig:
     freeze: str = "none"  # none, image or text: that tower's weights stay as loaded
     val_fraction: float = 0.1
     seed: int = 0
-    device: str = "auto"
     amp: bool = True  # torch.autocast on CUDA (bf16 where supported, else fp16); no-op on CPU
     patch_dropout: float = 0.0  # drop this fraction of ViT patches while training (FLIP)
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -93,8 +78,6 @@ class FinetuneConfig:
     # decoding every step costs far more than the small models' forward pass.
     cache_bytes: int = 2 * 2**30
     workers: int = min(4, os.cpu_count() or 1)
-    config_dir: Path | None = None
-    cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -117,190 +100,72 @@ class FinetuneConfig:
                 raise ConfigError(f"finetune {name}", f"{message} (got {getattr(self, name)!r})")
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        """Flat, JSON-ready arguments (the report's "args"): the model spec's fields inline."""
+        spec = self.model
+        data = {key: value for key, value in asdict(self).items() if key != "model"}
+        data.update(
+            model=spec.name,
+            pretrained=spec.pretrained,
+            device=spec.device,
+            config_dir=spec.config_dir,
+            cache_dir=spec.cache_dir,
+        )
         plain = {key: str(v) if isinstance(v, Path) else v for key, v in data.items()}
         plain["templates"] = list(self.templates)
         return plain
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What the training set held, and how it was split."""
+
+    format: str
+    samples: int
+    train: int  # decodable training samples
+    val: int  # decodable validation samples
+    classes: int
+    warnings: int
+
+
+@dataclass(frozen=True)
+class FinetuneReport:
+    """What a run did; written beside the checkpoint as <name>.report.json."""
+
+    checkpoint: str
+    checkpoint_sha256: str
+    model: str
+    started_from: str
+    start_weights: str  # the sha256 of the starting weights, or "random"
+    args: dict[str, Any]
+    data: DataSummary
+    loss: str
+    device: str
+    amp: str | None
+    pre_decoded: bool
+    steps: int
+    epochs: float
+    first_train_loss: float
+    final_train_loss: float | None
+    val_loss: float | None
+    val_zero_shot: ZeroShotAccuracy | None
+    logit_scale: float
+    seconds: float
+    prepare_seconds: float
+    train_seconds: float
+    warnings: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["val_zero_shot"] = self.val_zero_shot.to_dict() if self.val_zero_shot else None
+        return data
 
 
 @dataclass
 class FinetuneResult:
     checkpoint: Path
     report_path: Path
-    report: dict[str, Any]
+    report: FinetuneReport
     warnings: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------
-# Losses
-
-
-def class_aware_loss(
-    image_features: torch.Tensor,
-    caption_features: torch.Tensor,
-    image_groups: torch.Tensor,
-    caption_groups: torch.Tensor,
-    logit_scale: torch.Tensor,
-    image_pairs: float = 0.0,
-) -> torch.Tensor:
-    """Symmetric contrastive loss over DISTINCT captions with group-level positives.
-
-    image_features (B, D) and caption_features (U, D) are unit vectors; image_groups (B,) and
-    caption_groups (U,) are group ids. Image i's target is spread evenly over the captions of
-    its group; caption u's target over the images of its group. `image_pairs` > 0 adds that
-    weight of `image_pair_loss`.
-    """
-    logits = logit_scale * image_features @ caption_features.T  # (B, U)
-    positive = (image_groups[:, None] == caption_groups[None, :]).to(logits.dtype)
-    image_targets = positive / positive.sum(dim=1, keepdim=True)
-    caption_targets = positive.T / positive.T.sum(dim=1, keepdim=True)
-    loss = (F.cross_entropy(logits, image_targets) + F.cross_entropy(logits.T, caption_targets)) / 2
-    if image_pairs:
-        loss = loss + image_pairs * image_pair_loss(image_features, image_groups, logit_scale)
-    return loss
-
-
-def image_pair_loss(
-    image_features: torch.Tensor, image_groups: torch.Tensor, logit_scale: torch.Tensor
-) -> torch.Tensor:
-    """Supervised-contrastive term between images: the same group's images are positives.
-
-    Text-image terms alone leave each class's images in a loose cone around its caption, so
-    two classes with close captions ("a green star", "a green triangle") can overlap in
-    image-to-image search. Images without another of their group in the batch add nothing.
-    """
-    count = image_features.shape[0]
-    logits = logit_scale * image_features @ image_features.T
-    itself = torch.eye(count, dtype=torch.bool, device=logits.device)
-    logits = logits.masked_fill(itself, float("-inf"))
-    positive = (image_groups[:, None] == image_groups[None, :]) & ~itself
-    rows = positive.any(dim=1)
-    if not bool(rows.any()):
-        return logits.new_zeros(())
-    targets = positive[rows].to(logits.dtype)
-    targets = targets / targets.sum(dim=1, keepdim=True)
-    log_probs = F.log_softmax(logits[rows], dim=1).masked_fill(itself[rows], 0.0)
-    return -(targets * log_probs).sum(dim=1).mean()
-
-
-def clip_loss(
-    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
-) -> torch.Tensor:
-    """open_clip's ClipLoss (single process): the i-th caption is the i-th image's only positive."""
-    from open_clip.loss import ClipLoss
-
-    return ClipLoss()(image_features, text_features, logit_scale)
-
-
-# --------------------------------------------------------------------------------------------
-# Data on the way to the model
-
-
-def split_samples(
-    samples: Sequence[TrainingSample], fraction: float, seed: int
-) -> tuple[list[TrainingSample], list[TrainingSample]]:
-    """(train, val) with round(fraction * n) validation samples, stratified by class.
-
-    Each class gives its proportional share (the rounding remainders go to randomly chosen
-    classes), and always keeps at least one training sample.
-    """
-    target = round(len(samples) * fraction)
-    if target == 0 or len(samples) < 2:
-        return list(samples), []
-    rng = random.Random(seed)
-    by_class: dict[str | None, list[int]] = {}
-    for index, sample in enumerate(samples):
-        by_class.setdefault(sample.label, []).append(index)
-    groups = list(by_class.values())
-    quotas = [math.floor(len(members) * fraction) for members in groups]
-    spare = sorted(
-        range(len(groups)),
-        key=lambda g: (-(len(groups[g]) * fraction - quotas[g]), rng.random()),
-    )
-    for g in spare[: max(0, target - sum(quotas))]:
-        quotas[g] += 1
-    val: set[int] = set()
-    for members, quota in zip(groups, quotas, strict=True):
-        val.update(rng.sample(members, min(quota, len(members) - 1)))
-    train = [s for i, s in enumerate(samples) if i not in val]
-    return train, [s for i, s in enumerate(samples) if i in val]
-
-
-class ImageSource:
-    """Preprocessed pixels of samples, by index: pre-decoded in one tensor, or decoded on demand."""
-
-    def __init__(
-        self,
-        samples: Sequence[TrainingSample],
-        preprocess: Callable[[Any], torch.Tensor],
-        *,
-        max_pixels: int,
-        cache_bytes: int,
-        workers: int,
-    ) -> None:
-        self.samples = list(samples)
-        self.preprocess = preprocess
-        self.max_pixels = max_pixels
-        self.workers = max(1, workers)
-        self.warnings: list[str] = []
-        self.cache: torch.Tensor | None = None
-        # The first decodable sample tells the tensor size (map is lazy: it stops there).
-        loaded = map(self._load, range(len(self.samples)))
-        probe = next((t for t in loaded if isinstance(t, torch.Tensor)), None)
-        per_sample = int(probe.numel()) * 2 if isinstance(probe, torch.Tensor) else 0
-        self.usable = list(range(len(self.samples)))
-        if per_sample and per_sample * len(self.samples) <= cache_bytes:
-            self._fill_cache(probe.shape)  # type: ignore[union-attr]
-
-    def _load(self, index: int) -> torch.Tensor | ImageError:
-        try:
-            image = load_sample_image(self.samples[index], max_pixels=self.max_pixels)
-        except ImageError as exc:
-            return exc
-        return self.preprocess(image)
-
-    def _fill_cache(self, shape: torch.Size) -> None:
-        cache = torch.empty((len(self.samples), *shape), dtype=torch.float16)
-        ok = []
-        # Pillow and torchvision release the GIL for most of the work, so threads help.
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            for index, item in enumerate(pool.map(self._load, range(len(self.samples)))):
-                if isinstance(item, ImageError):
-                    self.warnings.append(f"{self.samples[index].image}: {item.reason}; skipped")
-                    continue
-                cache[index] = item
-                ok.append(index)
-        self.cache = cache
-        self.usable = ok
-
-    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
-        """Pixels (float32) of the given sample indices; undecodable ones are dropped."""
-        if self.cache is not None:
-            return self.cache[list(indices)].float(), list(indices)
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            loaded = list(pool.map(self._load, indices))
-        kept = [i for i, t in zip(indices, loaded, strict=True) if isinstance(t, torch.Tensor)]
-        for index, item in zip(indices, loaded, strict=True):
-            if isinstance(item, ImageError):
-                message = f"{self.samples[index].image}: {item.reason}; skipped"
-                if message not in self.warnings:
-                    self.warnings.append(message)
-        tensors = [t for t in loaded if isinstance(t, torch.Tensor)]
-        if not tensors:
-            return torch.empty(0), []
-        return torch.stack(tensors), kept
-
-
-def _group_keys(samples: Sequence[TrainingSample]) -> list[str]:
-    # A class groups its samples whatever the caption; without one, identical text does.
-    return [f"class:{s.label}" if s.label is not None else f"text:{s.caption}" for s in samples]
-
-
-def choose_loss(config_loss: str, samples: Sequence[TrainingSample]) -> str:
-    if config_loss != "auto":
-        return config_loss
-    keys = _group_keys(samples)
-    return "class-aware" if len(set(keys)) < len(keys) else "clip"
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,19 +184,20 @@ def check_model(config: FinetuneConfig) -> None:
     """Refuse, before any work, a model that is unknown or whose checkpoint would load wrong."""
     import open_clip
 
-    register_model_configs(config.config_dir)
-    if open_clip.get_model_config(config.model) is None:
+    register_model_configs(config.model.config_dir)
+    spec = config.model
+    if open_clip.get_model_config(spec.name) is None:
         raise WeightsUnavailable(
-            f"Unknown model '{config.model}' (add your own JSON config with "
+            f"Unknown model '{spec.name}' (add your own JSON config with "
             "CLIPSEARCH_MODEL_CONFIG_DIR)."
         )
-    tag_cfg = open_clip.get_pretrained_cfg(config.model, config.pretrained)
-    if tag_cfg.get("quick_gelu") and "quickgelu" not in config.model.lower():
-        # A checkpoint path carries no architecture flags: loaded later as `config.model`, it
+    tag_cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained)
+    if tag_cfg.get("quick_gelu") and "quickgelu" not in spec.name.lower():
+        # A checkpoint path carries no architecture flags: loaded later as `spec.name`, it
         # would get GELU where these weights were trained with QuickGELU.
         raise ConfigError(
             "CLIPSEARCH_MODEL",
-            f"weights '{config.pretrained}' need QuickGELU; fine-tune {config.model}-quickgelu "
+            f"weights '{spec.pretrained}' need QuickGELU; fine-tune {spec.name}-quickgelu "
             "instead, so the checkpoint loads with the same activation everywhere",
         )
 
@@ -340,29 +206,21 @@ def _load_start_model(config: FinetuneConfig, device: str) -> _StartModel:
     import open_clip
 
     extra = {"force_patch_dropout": config.patch_dropout} if config.patch_dropout else {}
-    if config.pretrained.lower() in RANDOM_INIT:
+    spec = config.model
+    if spec.pretrained.lower() in RANDOM_INIT:
         torch.manual_seed(config.seed)
         model, _, preprocess = open_clip.create_model_and_transforms(
-            config.model, pretrained=None, device=device, **extra
+            spec.name, pretrained=None, device=device, **extra
         )
-        return _StartModel(model, preprocess, open_clip.get_tokenizer(config.model), "random")
-    encoder = load_encoder(
-        ModelSpec(
-            config.model,
-            config.pretrained,
-            device=device,
-            precision="fp32",
-            config_dir=config.config_dir,
-            cache_dir=config.cache_dir,
-        )
-    )
+        return _StartModel(model, preprocess, open_clip.get_tokenizer(spec.name), "random")
+    encoder = load_encoder(replace(spec, device=device, precision="fp32"))
     model = encoder.model
     if config.patch_dropout:
         from open_clip.transformer import PatchDropout
 
         visual: Any = getattr(model, "visual", None)
         if visual is None or not hasattr(visual, "patch_dropout"):
-            raise ConfigError("finetune patch_dropout", f"{config.model} has no ViT patches")
+            raise ConfigError("finetune patch_dropout", f"{spec.name} has no ViT patches")
         visual.patch_dropout = PatchDropout(config.patch_dropout)
     return _StartModel(
         model, encoder.preprocess, encoder.tokenizer, encoder.identity.weights_sha256
@@ -494,15 +352,6 @@ class _Trainer:
                     module.eval()
 
 
-def _micro_batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
-    """Endless shuffled batches of positions 0..count-1; each epoch drops its short remainder."""
-    size = min(batch_size, count)
-    while True:
-        order = torch.randperm(count, generator=generator).tolist()
-        for start in range(0, count - size + 1, size):
-            yield order[start : start + size]
-
-
 def _validate(
     trainer: _Trainer,
     source: ImageSource,
@@ -527,7 +376,7 @@ def _validate(
             embedded += kept
             if len(kept) >= 2:
                 captions = [samples[i].caption for i in kept]
-                groups = _group_keys([samples[i] for i in kept])
+                groups = group_keys([samples[i] for i in kept])
                 value, image = trainer.batch_loss(pixels, captions, groups, loss)
                 losses.append(float(value))
                 weights.append(len(kept))
@@ -573,6 +422,128 @@ def report_path_for(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.stem + REPORT_SUFFIX)
 
 
+@dataclass
+class _Run:
+    """A prepared run: the data split, the starting model and the pixels of both splits."""
+
+    data: TrainingSet
+    train_samples: list[TrainingSample]
+    val_samples: list[TrainingSample]
+    loss: str
+    start: _StartModel
+    train: ImageSource
+    val: ImageSource
+    device: str
+    prepare_seconds: float
+
+
+@dataclass
+class _Progress:
+    """The training loop's outcome: steps taken, and the losses the report gives."""
+
+    total_steps: int
+    per_step: int
+    first_loss: float
+    recent: list[float]
+    seconds: float
+
+
+def _prepare(config: FinetuneConfig, dataset: TrainingSet | None, started: float) -> _Run:
+    """Seed everything, read and split the data, load the model, and pre-decode the pixels."""
+    random.seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.model.device)
+    check_model(config)
+    data = dataset or load_training_set(
+        config.data,
+        fmt=config.data_format,
+        templates=config.templates,
+        max_pixels=config.max_pixels,
+    )
+    train_samples, val_samples = split_samples(data.samples, config.val_fraction, config.seed)
+    if len(train_samples) < 2:
+        raise TrainingDataError(str(config.data), "fewer than two training samples")
+    loss_name = choose_loss(config.loss, train_samples)
+    start = _load_start_model(config, device)
+    train, val = (
+        ImageSource(
+            samples,
+            start.preprocess,
+            max_pixels=config.max_pixels,
+            cache_bytes=config.cache_bytes,
+            workers=config.workers,
+        )
+        for samples in (train_samples, val_samples)
+    )
+    if len(train.usable) < 2:
+        raise TrainingDataError(str(config.data), "fewer than two decodable training images")
+    # Data, model and pre-decoding.
+    prepare_seconds = time.monotonic() - started
+    return _Run(
+        data, train_samples, val_samples, loss_name, start, train, val, device, prepare_seconds
+    )
+
+
+def _train(
+    config: FinetuneConfig, run: _Run, trainer: _Trainer, progress: bool | None
+) -> _Progress:
+    """The optimizer steps, with a tqdm bar of the running loss."""
+    per_step = config.batch_size * config.accum_steps
+    total_steps = config.steps or max(
+        1, math.ceil(config.epochs * len(run.train.usable) / per_step)
+    )
+    warmup_steps = max(1, round(config.warmup * total_steps)) if config.warmup else 0
+    optimizer, trainable = _optimizer(run.start.model, config)
+    if not trainable:
+        raise ConfigError("finetune freeze", "nothing left to train")
+    generator = torch.Generator().manual_seed(config.seed)
+    caption_rng = random.Random(config.seed)
+    batches = micro_batches(len(run.train.usable), config.batch_size, generator)
+    model: Any = run.start.model
+    trainer.train_mode()
+    outcome = _Progress(total_steps, per_step, float("nan"), [], 0.0)
+    window = max(1, min(20, total_steps // 5))  # steps averaged into the reported final loss
+    bar = tqdm(
+        total=total_steps,
+        desc=f"finetune {config.model.name}",
+        unit="step",
+        disable=None if progress is None else not progress,
+        dynamic_ncols=True,
+    )
+    started = time.monotonic()
+    with bar:
+        for step in range(total_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_at(step, total_steps, warmup_steps)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _ in range(config.accum_steps):
+                positions = [run.train.usable[p] for p in next(batches)]
+                pixels, kept = run.train.batch(positions)
+                if len(kept) < 2:
+                    continue
+                chosen = [run.train_samples[i] for i in kept]
+                captions = [caption_rng.choice(s.captions) for s in chosen]
+                loss, _ = trainer.batch_loss(pixels, captions, group_keys(chosen), run.loss)
+                trainer.scaler.scale(loss / config.accum_steps).backward()
+                step_loss += float(loss.detach()) / config.accum_steps
+            trainer.scaler.step(optimizer)
+            trainer.scaler.update()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            if step == 0:
+                outcome.first_loss = step_loss
+            outcome.recent = (outcome.recent + [step_loss])[-window:]
+            bar.set_postfix(
+                loss=f"{np.mean(outcome.recent):.4f}",
+                lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+            )
+            bar.update()
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
 def finetune(
     config: FinetuneConfig,
     *,
@@ -585,131 +556,49 @@ def finetune(
     reading `config.data` (for callers that already loaded it).
     """
     started = time.monotonic()
-    random.seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-    torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
-    check_model(config)
-    data = dataset or load_training_set(
-        config.data,
-        fmt=config.data_format,
-        templates=config.templates,
-        max_pixels=config.max_pixels,
-    )
-    warnings = list(data.warnings)
-    train_samples, val_samples = split_samples(data.samples, config.val_fraction, config.seed)
-    if len(train_samples) < 2:
-        raise TrainingDataError(str(config.data), "fewer than two training samples")
-    loss_name = choose_loss(config.loss, train_samples)
-
-    start = _load_start_model(config, device)
-    sources = {
-        name: ImageSource(
-            samples,
-            start.preprocess,
-            max_pixels=config.max_pixels,
-            cache_bytes=config.cache_bytes,
-            workers=config.workers,
-        )
-        for name, samples in (("train", train_samples), ("val", val_samples))
-    }
-    train_source = sources["train"]
-    if len(train_source.usable) < 2:
-        raise TrainingDataError(str(config.data), "fewer than two decodable training images")
-    prepare_seconds = time.monotonic() - started  # data, model and pre-decoding
-
-    per_step = config.batch_size * config.accum_steps
-    total_steps = config.steps or max(
-        1, math.ceil(config.epochs * len(train_source.usable) / per_step)
-    )
-    warmup_steps = max(1, round(config.warmup * total_steps)) if config.warmup else 0
-    trainer = _Trainer(config, start, device)
-    optimizer, trainable = _optimizer(start.model, config)
-    if not trainable:
-        raise ConfigError("finetune freeze", "nothing left to train")
-    generator = torch.Generator().manual_seed(config.seed)
-    caption_rng = random.Random(config.seed)
-    batches = _micro_batches(len(train_source.usable), config.batch_size, generator)
-    model: Any = start.model
-    trainer.train_mode()
-    recent: list[float] = []
-    window = max(1, min(20, total_steps // 5))  # steps averaged into the reported final loss
-    first_loss = float("nan")
-    bar = tqdm(
-        total=total_steps,
-        desc=f"finetune {config.model}",
-        unit="step",
-        disable=None if progress is None else not progress,
-        dynamic_ncols=True,
-    )
-    train_started = time.monotonic()
-    with bar:
-        for step in range(total_steps):
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_at(step, total_steps, warmup_steps)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for _ in range(config.accum_steps):
-                positions = [train_source.usable[p] for p in next(batches)]
-                pixels, kept = train_source.batch(positions)
-                if len(kept) < 2:
-                    continue
-                chosen = [train_samples[i] for i in kept]
-                captions = [caption_rng.choice(s.captions) for s in chosen]
-                loss, _ = trainer.batch_loss(pixels, captions, _group_keys(chosen), loss_name)
-                trainer.scaler.scale(loss / config.accum_steps).backward()
-                step_loss += float(loss.detach()) / config.accum_steps
-            trainer.scaler.step(optimizer)
-            trainer.scaler.update()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            if step == 0:
-                first_loss = step_loss
-            recent = (recent + [step_loss])[-window:]
-            bar.set_postfix(
-                loss=f"{np.mean(recent):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}"
-            )
-            bar.update()
-    train_seconds = time.monotonic() - train_started
-
+    run = _prepare(config, dataset, started)
+    trainer = _Trainer(config, run.start, run.device)
+    trained = _train(config, run, trainer, progress)
+    data = run.data
     val_loss, zero_shot = _validate(
-        trainer, sources["val"], val_samples, loss_name, data.classes if data.has_classes else []
+        trainer, run.val, run.val_samples, run.loss, data.classes if data.has_classes else []
     )
-    warnings += train_source.warnings + sources["val"].warnings
+    warnings = list(data.warnings) + run.train.warnings + run.val.warnings
+    model: Any = run.start.model
     model.eval()
-    meta = {"model": config.model, "started_from": config.pretrained, "steps": total_steps}
-    checkpoint_sha = _save_checkpoint(model, config.out, meta)
-    report = {
-        "checkpoint": str(config.out),
-        "checkpoint_sha256": checkpoint_sha,
-        "model": config.model,
-        "started_from": config.pretrained,
-        "start_weights": start.weights,
-        "args": config.to_dict(),
-        "data": {
-            "format": data.format,
-            "samples": len(data.samples),
-            "train": len(train_source.usable),
-            "val": len(sources["val"].usable),
-            "classes": len(data.classes),
-            "warnings": len(warnings),
-        },
-        "loss": loss_name,
-        "device": device,
-        "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else None,
-        "pre_decoded": train_source.cache is not None,
-        "steps": total_steps,
-        "epochs": round(total_steps * per_step / len(train_source.usable), 3),
-        "first_train_loss": round(first_loss, 5),
-        "final_train_loss": round(float(np.mean(recent)), 5) if recent else None,
-        "val_loss": round(val_loss, 5) if val_loss is not None else None,
-        "val_zero_shot": zero_shot.to_dict() if zero_shot else None,
-        "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
-        "seconds": round(time.monotonic() - started, 2),
-        "prepare_seconds": round(prepare_seconds, 2),
-        "train_seconds": round(train_seconds, 2),
-        "warnings": warnings[:100],
-    }
+    spec = config.model
+    meta = {"model": spec.name, "started_from": spec.pretrained, "steps": trained.total_steps}
+    report = FinetuneReport(
+        checkpoint=str(config.out),
+        checkpoint_sha256=_save_checkpoint(model, config.out, meta),
+        model=spec.name,
+        started_from=spec.pretrained,
+        start_weights=run.start.weights,
+        args=config.to_dict(),
+        data=DataSummary(
+            format=data.format,
+            samples=len(data.samples),
+            train=len(run.train.usable),
+            val=len(run.val.usable),
+            classes=len(data.classes),
+            warnings=len(warnings),
+        ),
+        loss=run.loss,
+        device=run.device,
+        amp=str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else None,
+        pre_decoded=run.train.cache is not None,
+        steps=trained.total_steps,
+        epochs=round(trained.total_steps * trained.per_step / len(run.train.usable), 3),
+        first_train_loss=round(trained.first_loss, 5),
+        final_train_loss=round(float(np.mean(trained.recent)), 5) if trained.recent else None,
+        val_loss=round(val_loss, 5) if val_loss is not None else None,
+        val_zero_shot=zero_shot,
+        logit_scale=round(float(model.logit_scale.detach().exp()), 3),
+        seconds=round(time.monotonic() - started, 2),
+        prepare_seconds=round(run.prepare_seconds, 2),
+        train_seconds=round(trained.seconds, 2),
+        warnings=warnings[:100],
+    )
     report_path = report_path_for(config.out)
-    report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    report_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     return FinetuneResult(config.out, report_path, report, warnings)

@@ -1,102 +1,22 @@
-"""Writer-side housekeeping: the single-writer lock, orphan/retired cleanup, and compaction."""
+"""`clipsearch compact`: merge small shards and drop tombstoned vectors, from stored embeddings."""
 
 from __future__ import annotations
 
-import datetime as dt
-import fcntl
-import logging
-import os
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from retrieval.catalog import Catalog, GenerationCommit, ShardRecord, utcnow
-from retrieval.encoder import ModelIdentity
-from retrieval.errors import IndexLocked
-from retrieval.label_store import LabelStore
-from retrieval.shards import Shard, choose_params, list_shard_dirs, remove_shard_dir, write_shard
-
-log = logging.getLogger(__name__)
-
-
-CRASH_ENV = "CLIPSEARCH_CRASH_AT"
-
-
-def crash_point(name: str) -> None:
-    """Fault injection for the crash-safety tests: SIGKILL ourselves at a named point.
-
-    Set CLIPSEARCH_CRASH_AT=<name> (before_shard_write, after_shard_write, before_commit,
-    after_commit, during_encode; during_labels, before_label_publish). Unset in normal use;
-    costs one dict lookup.
-    """
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-class IndexLock:
-    """An exclusive flock on index_dir/indexer.lock. The kernel drops it when we die."""
-
-    def __init__(self, index_dir: Path) -> None:
-        self.path = Path(index_dir) / "indexer.lock"
-        self._handle: Any = None
-
-    def __enter__(self) -> IndexLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown process"
-            handle.close()
-            raise IndexLocked(str(self.path), holder) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {os.uname().nodename} since {utcnow().isoformat()}")
-        handle.flush()
-        self._handle = handle
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._handle is not None:
-            self._handle.seek(0)
-            self._handle.truncate()
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
-
-
-def cleanup_index_dir(catalog: Catalog, index_dir: Path, grace_seconds: float) -> list[str]:
-    """Delete orphan shard dirs (no catalog row) and retired shards past the grace period.
-
-    Must run under the IndexLock: an uncommitted shard of a live job also has no row.
-    """
-    removed: list[str] = []
-    known = catalog.known_shard_ids()
-    for shard_id in list_shard_dirs(index_dir):
-        if shard_id not in known:
-            remove_shard_dir(index_dir, shard_id)
-            removed.append(shard_id)
-            log.info("removed orphan shard %s (written by a job that did not commit)", shard_id)
-    cutoff = utcnow() - dt.timedelta(seconds=grace_seconds)
-    expired = catalog.retired_before(cutoff)
-    for shard_id in expired:
-        remove_shard_dir(index_dir, shard_id)
-        removed.append(shard_id)
-    if expired:
-        catalog.forget_shards(expired)
-    return removed
+from indexer.lock import IndexLock
+from indexer.publish import cleanup_index_dir, write_shard_record
+from retrieval.catalog.database import Catalog
+from retrieval.catalog.records import GenerationCommit
+from retrieval.index.shard import Shard
+from retrieval.labels.store import LabelStore
+from retrieval.models.identity import ModelIdentity
 
 
 @dataclass
@@ -131,8 +51,6 @@ def compact_index(
     shard_size when there are two or more such, every shard whose kind differs from an
     explicitly requested one, or all with merge_all. Nothing is re-encoded.
     """
-    from indexer.pipeline import new_shard_id
-
     started = time.monotonic()
     report = CompactReport()
     with IndexLock(index_dir):
@@ -180,31 +98,18 @@ def compact_index(
             commit = GenerationCommit(model=state.model)
             for start in range(0, len(ids), shard_size):
                 chunk_ids = ids[start : start + shard_size]
-                chunk_vecs = vecs[start : start + shard_size].astype(np.float32)
-                params = choose_params(kind, len(chunk_ids), identity.dim)
-                shard_id = new_shard_id()
-                manifest = write_shard(
+                record = write_shard_record(
                     index_dir,
-                    shard_id,
-                    ids=chunk_ids,
-                    embeddings=chunk_vecs,
-                    params=params,
+                    chunk_ids,
+                    vecs[start : start + shard_size].astype(np.float32),
+                    kind=kind,
                     model=state.model,
+                    model_key=identity.key,
                     use_gpu=use_gpu,
                 )
-                commit.new_shards.append(
-                    ShardRecord(
-                        id=shard_id,
-                        kind=manifest.kind,
-                        count=manifest.count,
-                        dim=manifest.dim,
-                        params=manifest.params,
-                        model_key=identity.key,
-                        bytes=sum(int(f.get("bytes", 0)) for f in manifest.files.values()),
-                    )
-                )
-                commit.reassign.extend((int(i), shard_id) for i in chunk_ids)
-                report.written.append(shard_id)
+                commit.new_shards.append(record)
+                commit.reassign.extend((int(i), record.id) for i in chunk_ids)
+                report.written.append(record.id)
             merged = {row.id for row in candidates}
             commit.purge_ids = [int(i) for shard_id in merged for i in by_shard.get(shard_id, [])]
             commit.retire_shards = sorted(merged)

@@ -1,0 +1,51 @@
+"""The `clipsearch` command: every command group registered on one Typer app, and `main`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from indexer.cli import db, demo, index, labels, search, serve, train
+from indexer.cli.output import exit_code
+from retrieval.errors import ClipsearchError
+
+# Typer's rich help keeps single newlines, so each paragraph is one line and the terminal wraps.
+HELP = (
+    "Self-hosted CLIP image search.\n\n"
+    "Index image folders with `clipsearch index DIR`, then query them with "
+    '`clipsearch search "a red car"`. Every option can also be set with a CLIPSEARCH_* '
+    "environment variable (flags win).\n\n"
+    "Exit codes: 0 ok (bad images are reported, not fatal), 1 unexpected error, "
+    "2 bad setting, usage or input, 3 another indexer is running, 4 model differs from the "
+    "index's, 5 model weights unavailable, 6 corrupt shard, 7 not found."
+)
+
+
+app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False)
+# Registration order is the order `clipsearch --help` lists the commands in.
+app.command()(index.index)
+app.command(help=index.SCHEDULE_HELP)(index.schedule)
+app.command()(index.compact)
+app.command()(search.search)
+app.command()(search.status)
+app.command()(serve.serve)
+app.command()(train.finetune)
+app.command("eval")(train.evaluate)
+app.command()(demo.demo)
+app.command()(labels.label)
+app.add_typer(db.db_app, name="db")
+app.add_typer(labels.labels_app, name="labels")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except ClipsearchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exit_code(exc))
+    except KeyboardInterrupt:
+        typer.echo("interrupted; nothing uncommitted was published", err=True)
+        sys.exit(130)

@@ -1,0 +1,209 @@
+"""`clipsearch labels` (label set definitions) and `label` (labelling the corpus)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from indexer.cli.options import (
+    DataDirOpt,
+    DbOpt,
+    DeviceOpt,
+    IndexDirOpt,
+    JsonOpt,
+    ModelOpt,
+    PretrainedOpt,
+    ProgressOpt,
+    encoder_factory,
+    open_catalog,
+)
+from indexer.cli.output import echo_table, print_json
+from retrieval.config import Settings, load_settings
+from retrieval.errors import ConfigError
+
+labels_app = typer.Typer(
+    help="Zero-shot label sets: add (or change) from a file, list, show, delete.",
+    no_args_is_help=True,
+)
+
+
+def _label_store(settings: Settings) -> Any:
+    from retrieval.labels.store import LabelStore
+
+    catalog = open_catalog(settings)
+    catalog.upgrade()
+    return LabelStore(catalog)
+
+
+@labels_app.command("add")
+def labels_add(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="A YAML or JSON label set: name, labels (names, or objects with synonyms, "
+            "prompts, threshold, min_cosine), templates (openai, simple, photo, a list, or a "
+            "file of one template per line), top_k, threshold, min_cosine, store_cosine."
+        ),
+    ],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Set name (default: the file's, or its stem).")
+    ] = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add a label set, or change one: a changed definition becomes a new version, and the next
+    `clipsearch label` (or `clipsearch index`) relabels the corpus with it."""
+    from retrieval.labels.definitions import load_label_set_file
+
+    settings = load_settings(data_dir=data_dir, database_url=database_url)
+    stored, outcome = _label_store(settings).put(load_label_set_file(file, name=name))
+    if as_json:
+        print_json({"outcome": outcome, **stored.to_dict()})
+        return
+    typer.echo(
+        f"{outcome} label set {stored.name}: version {stored.version}, "
+        f"{len(stored.definition.labels)} labels"
+        + ("" if outcome == "unchanged" else "; run `clipsearch label` to label the corpus")
+    )
+
+
+@labels_app.command("list")
+def labels_list(
+    data_dir: DataDirOpt = None, database_url: DbOpt = None, as_json: JsonOpt = False
+) -> None:
+    """List the label sets: version, the version labelled in the corpus, label count."""
+    settings = load_settings(data_dir=data_dir, database_url=database_url)
+    stored = _label_store(settings).all()
+    if as_json:
+        print_json({"label_sets": [s.to_dict() for s in stored]})
+        return
+    if not stored:
+        typer.echo("no label sets (add one with `clipsearch labels add FILE`)")
+        return
+    rows = [["name", "version", "labelled", "labels", "templates"]]
+    for s in stored:
+        templates = s.definition.templates
+        rows.append(
+            [
+                s.name,
+                str(s.version),
+                "-" if s.labelled_version is None else str(s.labelled_version),
+                str(len(s.definition.labels)),
+                templates if isinstance(templates, str) else f"{len(templates)} own",
+            ]
+        )
+    echo_table(rows)
+
+
+@labels_app.command("show")
+def labels_show(
+    name: Annotated[str, typer.Argument(help="Label set name.")],
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a label set's definition and how many images carry each label."""
+    settings = load_settings(data_dir=data_dir, database_url=database_url)
+    store = _label_store(settings)
+    stored = store.get(name)
+    counts = store.counts(name)
+    if as_json:
+        print_json({**stored.to_dict(), "counts": counts.to_dict()})
+        return
+    definition = stored.definition
+    labelled = "never" if counts.version is None else f"version {counts.version}"
+    typer.echo(
+        f"label set {stored.name}: version {stored.version}, corpus labelled with {labelled}; "
+        f"top {definition.top_k} stored, threshold {definition.threshold}"
+        + (f", min cosine {definition.min_cosine}" if definition.min_cosine is not None else "")
+    )
+    rows = [["label", "images", "settings"]]
+    for label in definition.labels:
+        options = label.options()
+        rows.append(
+            [
+                label.name,
+                str(counts.counts.get(label.name, 0)),
+                json.dumps(options) if options else "",
+            ]
+        )
+    rows.append(["(unlabelled)", str(counts.unlabelled), ""])
+    echo_table(rows)
+
+
+@labels_app.command("delete")
+def labels_delete(
+    name: Annotated[str, typer.Argument(help="Label set name.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Delete a label set with all its versions and every label stored under it."""
+    settings = load_settings(data_dir=data_dir, database_url=database_url)
+    store = _label_store(settings)
+    store.get(name)  # NotFound (exit 7) before asking
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ConfigError("--yes", "deleting a label set needs --yes when not on a terminal")
+        typer.confirm(f"Delete label set {name} and all its labels?", abort=True)
+    store.delete(name)
+    typer.echo(f"deleted label set {name}")
+
+
+def label(
+    set_names: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Label with this set only (repeatable; default: all)."),
+    ] = None,
+    block_size: Annotated[
+        int | None,
+        typer.Option(help="CLIPSEARCH_LABEL_BLOCK_SIZE: vectors scored at once (bounds memory)."),
+    ] = None,
+    progress: ProgressOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    index_dir: IndexDirOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Label the corpus with every label set (or --set NAME), from the stored embeddings.
+
+    No image is decoded: stored vectors are scored against each set's class embeddings in
+    blocks. Only images not yet labelled under a set's newest version are scored; an edited
+    set relabels everything beside the served labels and switches over in one commit. The
+    model is loaded only to encode the labels' prompts, once per set version (then cached).
+    """
+    from indexer.labelling import LabelJob
+
+    settings = load_settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        index_dir=index_dir,
+        model=model,
+        pretrained=pretrained,
+        device=device,
+        label_block_size=block_size,
+    )
+    job = LabelJob(settings, open_catalog(settings), encoder_factory(settings), progress=progress)
+    report = job.run(set_names)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    if not report.sets:
+        typer.echo("no label sets (add one with `clipsearch labels add FILE`)")
+    for entry in report.sets:
+        if entry.skipped:
+            typer.echo(f"{entry.set}: skipped ({entry.skipped})")
+            continue
+        typer.echo(
+            f"{entry.set} version {entry.version}: {entry.images} images labelled in "
+            f"{entry.shards} shards ({entry.images - entry.labelled} under every threshold) "
+            f"in {entry.seconds:.1f}s" + ("; now served" if entry.published else "")
+        )

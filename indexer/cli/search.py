@@ -1,0 +1,139 @@
+"""`clipsearch search` and `status`: reading the index from the shell."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from indexer.cli.options import (
+    DataDirOpt,
+    DbOpt,
+    DeviceOpt,
+    IndexDirOpt,
+    JsonOpt,
+    ModelOpt,
+    PretrainedOpt,
+    encoder_factory,
+    open_catalog,
+)
+from indexer.cli.output import print_json
+from retrieval.config import load_settings
+from retrieval.errors import ConfigError
+
+
+def search(
+    query: Annotated[str | None, typer.Argument(help="Text to search for.")] = None,
+    image: Annotated[
+        Path | None, typer.Option("--image", help="Search by this image instead of text.")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", help="Number of results.")] = 10,
+    label_names: Annotated[
+        list[str] | None,
+        typer.Option("--label", help="Only images carrying this zero-shot label (repeatable)."),
+    ] = None,
+    labels_mode: Annotated[
+        str, typer.Option(help="With several --label: any (one of them) or all.")
+    ] = "any",
+    label_min_score: Annotated[
+        float, typer.Option(help="Smallest probability a --label counts with.")
+    ] = 0.0,
+    label_set: Annotated[
+        str | None, typer.Option(help="Match --label in this label set only (default: all).")
+    ] = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    index_dir: IndexDirOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search the index from the shell by text or by an example image."""
+    from retrieval.filters import SearchFilters, allowed_ids
+    from retrieval.index.faiss_gpu import placement_from_settings
+    from retrieval.search import Searcher, SearchOptions
+
+    if (query is None) == (image is None):
+        raise ConfigError("query", "give either a text QUERY or --image PATH")
+    settings = load_settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        index_dir=index_dir,
+        model=model,
+        pretrained=pretrained,
+        device=device,
+    )
+    catalog = open_catalog(settings)
+    catalog.upgrade()
+    searcher = Searcher(
+        catalog,
+        settings.resolved_index_dir,
+        encoder_factory(settings)(),
+        SearchOptions(
+            ef_search=settings.hnsw_ef_search,
+            nprobe=settings.ivf_nprobe,
+            jpeg_draft=settings.jpeg_draft,
+        ),
+        gpu=placement_from_settings(settings.faiss_gpu, settings.device),
+    )
+    try:
+        filters = SearchFilters(
+            labels=tuple(label_names or ()),
+            labels_mode=labels_mode,
+            label_min_score=label_min_score,
+            label_set=label_set,
+        )
+        ids = allowed_ids(catalog, filters, searcher.labels) if label_names else None
+        if image is not None:
+            result = searcher.search_image(
+                image, k, max_pixels=settings.max_image_pixels, allowed_ids=ids
+            )
+        else:
+            assert query is not None
+            result = searcher.search_text(query, k, allowed_ids=ids)
+    finally:
+        searcher.close()
+    if as_json:
+        print_json(result.to_dict())
+        return
+    if not result.hits:
+        typer.echo("no results (is anything indexed? run `clipsearch index DIR`)")
+    for hit in result.hits:
+        labels = ", ".join(f"{x.label} {x.score:.2f}" for x in hit.labels[:3])
+        suffix = f"  [{labels}]" if labels else ""
+        typer.echo(f"{hit.score:8.4f}  {hit.id:>8}  {hit.path}{suffix}")
+
+
+def status(
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    index_dir: IndexDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the index generation, shard and image counts, model, and recent failures."""
+    settings = load_settings(data_dir=data_dir, database_url=database_url, index_dir=index_dir)
+    catalog = open_catalog(settings)
+    catalog.upgrade()
+    state = catalog.state()
+    shards = catalog.shards()
+    counts = catalog.counts()
+    info = {
+        "generation": state.generation,
+        "model": state.model,
+        "shards": [{"id": s.id, "kind": s.kind, "count": s.count} for s in shards],
+        "images": counts,
+        "database": settings.resolved_database_url,
+        "index_dir": str(settings.resolved_index_dir),
+    }
+    if as_json:
+        print_json(info)
+        return
+    model_name = f"{state.model['name']} / {state.model['pretrained']}" if state.model else "none"
+    typer.echo(f"generation {state.generation}, model {model_name}")
+    typer.echo(
+        f"images: {counts.get('active', 0)} active, {counts.get('deleted', 0)} deleted, "
+        f"{counts.get('error', 0)} failed; {len(shards)} shards "
+        f"({sum(s.count for s in shards)} vectors)"
+    )

@@ -1,0 +1,1 @@
+"""The metadata catalog: tables, the single commit transaction, migrations, copying."""

@@ -1,0 +1,105 @@
+"""Scoring vectors against a label set: class embeddings, and the labels of a block of images.
+
+Each label becomes one class embedding: the mean of its prompts' text embeddings (its name and
+synonyms rendered through the set's templates, or its own prompts), renormalised. An image's
+labels are the softmax, at the model's logit scale, of its cosine to every class: the
+probabilities CLIP itself would give.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from retrieval.labels.definitions import LabelSet
+from retrieval.models.prompts import prompt_group_embeddings
+
+
+@dataclass(frozen=True)
+class ClassEmbeddings:
+    """Unit class vectors (C, d) float32 and the model's logit scale that turns cosines into
+    logits."""
+
+    vectors: np.ndarray
+    logit_scale: float
+
+    @property
+    def count(self) -> int:
+        return int(self.vectors.shape[0])
+
+
+def class_embeddings(
+    encode_texts: Callable[[list[str]], np.ndarray], label_set: LabelSet, logit_scale: float
+) -> ClassEmbeddings:
+    """Encode every label's prompts and average them per label (see prompt_group_embeddings)."""
+    vectors = prompt_group_embeddings(encode_texts, label_set.prompt_groups())
+    return ClassEmbeddings(vectors, float(logit_scale))
+
+
+@dataclass(frozen=True)
+class BlockLabels:
+    """The stored labels of a block of images: per image up to k labels, best first.
+
+    `labels`, `scores` and `cosines` are (n, k); `keep` says which entries passed their
+    thresholds. Kept entries come first in each row, so a row's kept labels are its prefix.
+    """
+
+    labels: np.ndarray  # int64 label indices
+    scores: np.ndarray  # float32 probabilities
+    cosines: np.ndarray  # float32
+    keep: np.ndarray  # bool
+
+
+def score_block(
+    vectors: np.ndarray,
+    classes: ClassEmbeddings,
+    top_k: int,
+    min_probability: np.ndarray | None = None,
+    min_cosine: np.ndarray | None = None,
+) -> BlockLabels:
+    """The top-k labels of each row of `vectors` (unit rows, float16 or float32).
+
+    Probabilities are the softmax over all classes of logit_scale * cosine, computed exactly;
+    labels under their thresholds are dropped and the survivors keep their order.
+    """
+    k = min(top_k, classes.count)
+    scale = classes.logit_scale
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(vectors)).float()
+        # The scale goes into the (small) class matrix, not the (n, C) product.
+        logits = x @ (torch.from_numpy(classes.vectors) * scale).T
+        top_logits, top_idx = torch.topk(logits, k, dim=1)
+        # Softmax denominators shifted by each row's maximum, in place: the (n, C) matrix is
+        # the largest thing a block holds, so no second copy of it is made.
+        best = top_logits[:, :1]
+        total = logits.sub_(best).exp_().sum(dim=1, keepdim=True)
+        probs = torch.exp(top_logits - best) / total
+    labels = top_idx.numpy().astype(np.int64)
+    scores = probs.numpy().astype(np.float32)
+    cos = (top_logits / scale).numpy().astype(np.float32)
+    keep = np.ones(labels.shape, dtype=bool)
+    if min_probability is not None:
+        keep &= scores >= min_probability[labels]
+    if min_cosine is not None:
+        keep &= cos >= min_cosine[labels]
+    if not keep.all():
+        # Move the survivors to the front of each row, in their order (a stable sort).
+        order = np.argsort(~keep, axis=1, kind="stable")
+        labels, scores, cos, keep = (
+            np.take_along_axis(a, order, axis=1) for a in (labels, scores, cos, keep)
+        )
+    return BlockLabels(labels, scores, cos, keep)
+
+
+def rank_labels(vector: np.ndarray, classes: ClassEmbeddings) -> list[tuple[int, float, float]]:
+    """Every label for one image vector: (label index, probability, cosine), best first."""
+    block = score_block(vector.reshape(1, -1), classes, classes.count)
+    return [
+        (int(label), float(score), float(cosine))
+        for label, score, cosine in zip(
+            block.labels[0], block.scores[0], block.cosines[0], strict=True
+        )
+    ]

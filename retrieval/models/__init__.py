@@ -1,0 +1,1 @@
+"""Model families behind one encoder seam: weights, model identity, prompts, bundled configs."""

@@ -1,0 +1,164 @@
+"""Finding model weights: a local checkpoint, the hub cache, or a download; never a silent miss.
+
+A machine without internet gets one clear error that says what to do, after a quick DNS probe
+instead of a minute of retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from retrieval.errors import WeightsUnavailable
+from retrieval.models.identity import ModelSpec
+
+# `pretrained` values that mean "no weights": only for timing benchmarks and the
+# no-weights demo; results carry no meaning and the CLI says so.
+RANDOM_INIT = frozenset({"", "none", "random"})
+BUNDLED_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered_dirs: set[str] = set()
+_register_lock = threading.Lock()
+
+
+def register_model_configs(extra_dir: Path | None = None) -> None:
+    """Register the bundled configs and any user configs (open_clip JSON files) once."""
+    import open_clip
+
+    dirs = [BUNDLED_CONFIG_DIR] + ([extra_dir] if extra_dir else [])
+    with _register_lock:
+        for directory in dirs:
+            key = str(Path(directory).resolve())
+            if key in _registered_dirs:
+                continue
+            if not Path(directory).is_dir():
+                raise WeightsUnavailable(f"Model config directory {directory} does not exist.")
+            open_clip.add_model_config(directory)
+            _registered_dirs.add(key)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _host_resolves(url: str, timeout: float = 3.0) -> bool:
+    """A quick DNS probe, so an offline machine fails in seconds, not after a minute of retries."""
+    host = urlparse(url).hostname or ""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def weights_help(spec: ModelSpec, reason: str) -> str:
+    return (
+        f"Cannot load weights '{spec.pretrained}' for model {spec.name}: {reason}\n"
+        "Do one of these:\n"
+        "  * set CLIPSEARCH_PRETRAINED (or --pretrained) to a local checkpoint file "
+        "(.pt, .bin or .safetensors), or\n"
+        "  * pre-populate the model cache on a machine with internet access, e.g.\n"
+        f"      python -c \"import open_clip; open_clip.create_model('{spec.name}', "
+        f"pretrained='{spec.pretrained}')\"\n"
+        "    then copy the Hugging Face cache (~/.cache/huggingface, or HF_HOME) here and "
+        "point HF_HOME or CLIPSEARCH_MODEL_CACHE_DIR at it."
+    )
+
+
+def _cached_tag_file(cfg: dict[str, Any], cache_dir: Path | None) -> str | None:
+    """The local file for a pretrained tag if it is already cached; never touches the network."""
+    from huggingface_hub import hf_hub_download
+    from open_clip import pretrained as oc_pretrained
+
+    if cfg.get("file"):
+        return str(cfg["file"])
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        model_id, filename = os.path.split(hub)
+        filename = filename or "open_clip_pytorch_model.bin"
+        alternatives: Callable[[str], list[str]] = getattr(
+            oc_pretrained, "_get_safe_alternatives", lambda name: []
+        )
+        for candidate in [*alternatives(filename), filename]:
+            try:
+                return str(
+                    hf_hub_download(
+                        model_id,
+                        candidate,
+                        cache_dir=str(cache_dir) if cache_dir else None,
+                        local_files_only=True,
+                    )
+                )
+            except Exception:  # noqa: BLE001 - any failure here just means "not cached"
+                continue
+    url = cfg.get("url", "")
+    if url:
+        root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "clip"
+        target = root / os.path.basename(urlparse(url).path)
+        if target.is_file():
+            return str(target)
+    return None
+
+
+def resolve_weights(spec: ModelSpec) -> tuple[str | None, dict[str, Any]]:
+    """Return (checkpoint path or None for random init, preprocess overrides from the tag)."""
+    import open_clip
+
+    if spec.pretrained.lower() in RANDOM_INIT:
+        return None, {}
+    if os.path.isfile(spec.pretrained):
+        return spec.pretrained, {}
+    cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained)
+    if not cfg:
+        if os.sep in spec.pretrained or spec.pretrained.endswith((".pt", ".bin", ".safetensors")):
+            raise WeightsUnavailable(weights_help(spec, "that checkpoint file does not exist."))
+        tags = open_clip.list_pretrained_tags_by_model(spec.name)
+        raise WeightsUnavailable(
+            weights_help(
+                spec,
+                f"it is neither an existing file nor a known tag for {spec.name} "
+                f"(known tags: {', '.join(tags) or 'none'}).",
+            )
+        )
+    overrides = {
+        "image_mean": cfg.get("mean"),
+        "image_std": cfg.get("std"),
+        "image_interpolation": cfg.get("interpolation"),
+        "image_resize_mode": cfg.get("resize_mode"),
+        "force_quick_gelu": bool(cfg.get("quick_gelu", False)),
+    }
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    cached = _cached_tag_file(cfg, spec.cache_dir)
+    if cached:
+        return cached, overrides
+    source = f"https://huggingface.co/{cfg['hf_hub']}" if cfg.get("hf_hub") else cfg.get("url", "")
+    if not source or not _host_resolves(source):
+        raise WeightsUnavailable(
+            weights_help(spec, "they are not in the local cache and the hub is unreachable.")
+        )
+    try:
+        path = open_clip.download_pretrained(
+            cfg, cache_dir=str(spec.cache_dir) if spec.cache_dir else None
+        )
+    except Exception as exc:  # noqa: BLE001 - hub errors are many; the user needs one message
+        raise WeightsUnavailable(weights_help(spec, f"download failed ({exc}).")) from None
+    if not path:
+        raise WeightsUnavailable(weights_help(spec, "the tag has no download source."))
+    return str(path), overrides

@@ -1,0 +1,1 @@
+"""Training and measuring models: fine-tuning, losses, data readers, evaluation, demo shapes."""
