@@ -24,9 +24,8 @@ from api.services import Services
 from api.text_queries import TextQueryEncoder
 from retrieval.catalog.database import Catalog
 from retrieval.config import Settings, load_settings
-from retrieval.index.faiss_gpu import placement_from_settings
 from retrieval.models.encoder import Encoder, encoder_from_settings
-from retrieval.search import Searcher, SearchOptions
+from retrieval.search import Searcher
 
 log = logging.getLogger("clipsearch.api")
 
@@ -40,19 +39,7 @@ Every error is JSON `{"code": "...", "message": "..."}` with a stable code.
 def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> Services:
     catalog = Catalog(settings.resolved_database_url)
     catalog.upgrade()
-    searcher = Searcher(
-        catalog,
-        settings.resolved_index_dir,
-        encoder,
-        SearchOptions(
-            max_k=settings.max_k,
-            max_query_chars=settings.max_query_chars,
-            ef_search=settings.hnsw_ef_search,
-            nprobe=settings.ivf_nprobe,
-            jpeg_draft=settings.jpeg_draft,
-        ),
-        gpu=placement_from_settings(settings.faiss_gpu, settings.device),
-    )
+    searcher = Searcher.from_settings(catalog, settings, encoder)
     searcher.refresh()  # fail at start-up (model mismatch, corrupt shard), not on a query
     text_encoder = TextQueryEncoder(encoder, EmbeddingCache(settings.query_cache_size), None)
     services = Services(

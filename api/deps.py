@@ -13,6 +13,7 @@ from api.services import Services
 from api.text_queries import TextQueryEncoder
 from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
+from retrieval.labels.store import LabelStore
 from retrieval.models.encoder import Encoder
 from retrieval.search import Searcher
 
@@ -43,6 +44,10 @@ def get_catalog(services: ServicesDep) -> Catalog:
     return services.catalog
 
 
+def get_label_store(services: ServicesDep) -> LabelStore:
+    return services.searcher.label_store
+
+
 def get_text_encoder(services: ServicesDep) -> TextQueryEncoder:
     return services.text_encoder
 
@@ -55,6 +60,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 EncoderDep = Annotated[Encoder, Depends(get_encoder)]
 SearcherDep = Annotated[Searcher, Depends(get_searcher)]
 CatalogDep = Annotated[Catalog, Depends(get_catalog)]
+LabelStoreDep = Annotated[LabelStore, Depends(get_label_store)]
 TextEncoderDep = Annotated[TextQueryEncoder, Depends(get_text_encoder)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 

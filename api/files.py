@@ -1,4 +1,5 @@
-"""Serving indexed files safely: only paths that resolve inside a configured root."""
+"""Files in and out of the API: uploads read within a size limit, and indexed files served
+only from paths that resolve inside a configured root."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import io
 import os
 from collections.abc import Iterable
 
+from fastapi import UploadFile
 from PIL import Image
 
+from api.errors import ApiError
 from retrieval.catalog.records import ImageRecord
 from retrieval.errors import ImageError, NotFound, PathNotAllowed
 from retrieval.images import decode_image
+
+UPLOAD_CHUNK = 1 << 16
 
 MEDIA_TYPES = {
     "JPEG": "image/jpeg",
@@ -55,3 +60,15 @@ def make_thumbnail(path: str, *, side: int, max_pixels: int) -> bytes:
     except OSError as exc:
         raise ImageError("decode_failed", str(exc), path) from exc
     return out.getvalue()
+
+
+async def read_upload(upload: UploadFile, limit: int) -> bytes:
+    """The whole upload; 413 as soon as it passes `limit` bytes (never read past it)."""
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := await upload.read(UPLOAD_CHUNK):
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, "payload_too_large", f"The upload exceeds {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)

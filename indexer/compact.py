@@ -14,6 +14,7 @@ from indexer.lock import IndexLock
 from indexer.publish import cleanup_index_dir, write_shard_record
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.records import GenerationCommit
+from retrieval.catalog.tables import ShardRow
 from retrieval.index.shard import Shard
 from retrieval.labels.store import LabelStore
 from retrieval.models.identity import ModelIdentity
@@ -62,38 +63,16 @@ def compact_index(
             shards = catalog.shards()
             report.shards_before = len(shards)
             by_shard = catalog.tombstones_by_shard()
-            with_tombstones = set(by_shard)
-            small = [row.id for row in shards if row.count < shard_size // 2]
-            candidates = [
-                row
-                for row in shards
-                if merge_all
-                or row.id in with_tombstones
-                or (len(small) >= 2 and row.id in small)
-                or (kind != "auto" and row.kind != kind)
-            ]
+            candidates = _candidates(shards, set(by_shard), kind, shard_size, merge_all)
             if not candidates or state.model is None:
                 report.shards_after = len(shards)
                 report.generation = state.generation
                 catalog.finish_job(job_id, "succeeded", report.to_dict(), state.generation)
                 return report
             identity = ModelIdentity.from_dict(state.model)
-            live_ids: list[np.ndarray] = []
-            live_vecs: list[np.ndarray] = []
-            bar = tqdm(candidates, desc="read shards", unit=" shard", disable=progress is False)
-            for row in bar:
-                shard = Shard.open(index_dir, row.id)
-                dead = by_shard.get(row.id, np.zeros(0, dtype=np.int64))
-                keep = ~np.isin(shard.ids, dead)
-                report.dropped_vectors += int((~keep).sum())
-                live_ids.append(np.asarray(shard.ids[keep], dtype=np.int64))
-                live_vecs.append(np.asarray(shard.embeddings[keep], dtype=np.float16))
-            ids = np.concatenate(live_ids) if live_ids else np.zeros(0, dtype=np.int64)
-            vecs = (
-                np.concatenate(live_vecs) if live_vecs else np.zeros((0, identity.dim), np.float16)
+            ids, vecs, report.dropped_vectors = _live_vectors(
+                index_dir, candidates, by_shard, identity.dim, progress
             )
-            order = np.argsort(ids, kind="stable")
-            ids, vecs = ids[order], vecs[order]
             report.live_vectors = len(ids)
             commit = GenerationCommit(model=state.model)
             for start in range(0, len(ids), shard_size):
@@ -127,3 +106,42 @@ def compact_index(
             catalog.finish_job(job_id, "failed", report.to_dict(), None, str(exc))
             raise
     return report
+
+
+def _candidates(
+    shards: list[ShardRow], with_tombstones: set[str], kind: str, shard_size: int, merge_all: bool
+) -> list[ShardRow]:
+    """The shards a compaction rewrites (see `compact_index`)."""
+    small = {row.id for row in shards if row.count < shard_size // 2}
+    return [
+        row
+        for row in shards
+        if merge_all
+        or row.id in with_tombstones
+        or (len(small) >= 2 and row.id in small)
+        or (kind != "auto" and row.kind != kind)
+    ]
+
+
+def _live_vectors(
+    index_dir: Path,
+    rows: list[ShardRow],
+    tombstones: dict[str, np.ndarray],
+    dim: int,
+    progress: bool | None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The live ids (ascending) and float16 vectors of these shards, and how many vectors of
+    theirs were tombstoned (dropped)."""
+    live_ids: list[np.ndarray] = []
+    live_vecs: list[np.ndarray] = []
+    dropped = 0
+    for row in tqdm(rows, desc="read shards", unit=" shard", disable=progress is False):
+        shard = Shard.open(index_dir, row.id)
+        keep = ~np.isin(shard.ids, tombstones.get(row.id, np.zeros(0, dtype=np.int64)))
+        dropped += int((~keep).sum())
+        live_ids.append(np.asarray(shard.ids[keep], dtype=np.int64))
+        live_vecs.append(np.asarray(shard.embeddings[keep], dtype=np.float16))
+    ids = np.concatenate(live_ids) if live_ids else np.zeros(0, dtype=np.int64)
+    vecs = np.concatenate(live_vecs) if live_vecs else np.zeros((0, dim), np.float16)
+    order = np.argsort(ids, kind="stable")
+    return ids[order], vecs[order], dropped

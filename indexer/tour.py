@@ -105,7 +105,7 @@ def run_demo(directory: Path, count: int, *, base: Settings, echo: Callable[[str
         f"{len(report.failed)} failed, generation {report.generation} "
         f"(state in {data_dir})"
     )
-    searcher = Searcher(catalog, settings.resolved_index_dir, encoder, labels=labels)
+    searcher = Searcher(catalog, settings.resolved_index_dir, encoder, label_store=labels)
     try:
         for query in DEMO_QUERIES:
             result = searcher.search_text(query, k=3)

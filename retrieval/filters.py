@@ -62,7 +62,7 @@ def _conditions(filters: SearchFilters) -> list[ColumnElement[bool]]:
     return conds
 
 
-def allowed_ids(
+def ids_passing(
     catalog: Catalog, filters: SearchFilters | None, labels: LabelStore | None = None
 ) -> np.ndarray | None:
     """The ids (sorted int64) that pass `filters`; None when there is nothing to filter.

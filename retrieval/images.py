@@ -72,13 +72,13 @@ def decode_image(
     `max_pixels` and Pillow's own decompression-bomb limit (2 * Image.MAX_IMAGE_PIXELS),
     because Pillow refuses larger images while opening them and we leave its globals alone.
     """
-    label = _label(source, name)
-    data = _read_source(source, label)
+    shown_as = _shown_as(source, name)
+    data = _read_source(source, shown_as)
     with _pillow_warnings_silenced():
-        opened = _open_allowed(data, label)
+        opened = _open_allowed(data, shown_as)
         with opened:
             fmt = opened.format or "unknown"
-            _check_pixels(opened.size, max_pixels, label)
+            _check_pixels(opened.size, max_pixels, shown_as)
             full_size: tuple[int, int] | None = None
             if min_side and fmt in ("JPEG", "MPO"):
                 width, height = opened.size
@@ -91,7 +91,7 @@ def decode_image(
                 # Read orientation after load: a PNG may keep its eXIf chunk after the pixels.
                 rgb = _to_rgb(_upright(opened, _orientation(opened)))
             except Exception as exc:  # Pillow raises almost anything on bad data
-                raise _classify(exc, data, label) from exc
+                raise _classify(exc, data, shown_as) from exc
             if rgb is opened:
                 # The opened image is closed on leaving the block; return an independent copy.
                 rgb = rgb.copy()
@@ -107,20 +107,21 @@ def read_header(
     Runs every check of `decode_image` except those that need the pixel data (truncation,
     a broken stream). Orientation stored after the pixels (rare, PNG only) is not seen.
     """
-    label = _label(source, name)
-    data = _read_source(source, label)
+    shown_as = _shown_as(source, name)
+    data = _read_source(source, shown_as)
     with _pillow_warnings_silenced():
-        opened = _open_allowed(data, label)
+        opened = _open_allowed(data, shown_as)
         with opened:
             fmt = opened.format or "unknown"
-            _check_pixels(opened.size, max_pixels, label)
+            _check_pixels(opened.size, max_pixels, shown_as)
             width, height = _stored_size(opened)
             if _orientation(opened, header_only=True) in _SWAPS_AXES:
                 width, height = height, width
     return fmt, width, height
 
 
-def _label(source: Source, name: str | None) -> str | None:
+def _shown_as(source: Source, name: str | None) -> str | None:
+    """How errors name the image: the caller's name for it, else its path (bytes: nothing)."""
     if name is not None:
         return name
     if isinstance(source, bytes):
@@ -128,37 +129,41 @@ def _label(source: Source, name: str | None) -> str | None:
     return os.fspath(source)
 
 
-def _read_source(source: Source, label: str | None) -> bytes:
+def _read_source(source: Source, shown_as: str | None) -> bytes:
     if isinstance(source, bytes):
         data = source
     else:
-        data = _read_file(os.fspath(source), label)
+        data = _read_file(os.fspath(source), shown_as)
     if not data:
-        raise ImageError("empty", "the file has zero bytes", label)
+        raise ImageError("empty", "the file has zero bytes", shown_as)
     if len(data) > MAX_FILE_BYTES:
-        raise ImageError("too_large", _too_many_bytes(len(data)), label)
+        raise ImageError("too_large", _too_many_bytes(len(data)), shown_as)
     return data
 
 
-def _read_file(path: str, label: str | None) -> bytes:
+def _read_file(path: str, shown_as: str | None) -> bytes:
     # O_NONBLOCK keeps a FIFO in the corpus from hanging the open; fstat then turns away
     # anything that is not a regular file (directories, devices) before we read it.
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags)
     except OSError as exc:
-        raise ImageError("unreadable", f"cannot open the file ({_os_reason(exc)})", label) from exc
+        raise ImageError(
+            "unreadable", f"cannot open the file ({_os_reason(exc)})", shown_as
+        ) from exc
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ImageError("unreadable", "not a regular file", label)
+            raise ImageError("unreadable", "not a regular file", shown_as)
         if info.st_size > MAX_FILE_BYTES:
-            raise ImageError("too_large", _too_many_bytes(info.st_size), label)
+            raise ImageError("too_large", _too_many_bytes(info.st_size), shown_as)
         with os.fdopen(fd, "rb", closefd=False) as stream:
             # One byte past the cap, so a file that grew after fstat is still caught.
             return stream.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise ImageError("unreadable", f"cannot read the file ({_os_reason(exc)})", label) from exc
+        raise ImageError(
+            "unreadable", f"cannot read the file ({_os_reason(exc)})", shown_as
+        ) from exc
     finally:
         os.close(fd)
 
@@ -190,18 +195,18 @@ def _allowed_openers() -> tuple[str, ...]:
     return tuple(sorted(f for f in ALLOWED_FORMATS if f in Image.OPEN))
 
 
-def _open_allowed(data: bytes, label: str | None) -> ImageFile.ImageFile:
+def _open_allowed(data: bytes, shown_as: str | None) -> ImageFile.ImageFile:
     """Identify `data` among the allowed formats only; no other plugin sees the bytes first."""
     try:
         return Image.open(io.BytesIO(data), formats=_allowed_openers())
     except UnidentifiedImageError:
         pass
     except Exception as exc:  # a plugin recognised the header, then failed
-        raise _classify(exc, data, label) from exc
-    raise _unidentified(data, label)
+        raise _classify(exc, data, shown_as) from exc
+    raise _unidentified(data, shown_as)
 
 
-def _unidentified(data: bytes, label: str | None) -> ImageError:
+def _unidentified(data: bytes, shown_as: str | None) -> ImageError:
     """Tell an unsupported image format from bytes that are no image at all."""
     others = tuple(f for f in Image.ID if f not in ALLOWED_FORMATS)
     try:
@@ -209,26 +214,28 @@ def _unidentified(data: bytes, label: str | None) -> ImageError:
         with Image.open(io.BytesIO(data), formats=others) as other:
             found = other.format
     except Exception:  # any failure here just means "not an image"
-        return ImageError("not_an_image", "the data is not an image Pillow can identify", label)
+        return ImageError("not_an_image", "the data is not an image Pillow can identify", shown_as)
     allowed = ", ".join(sorted(ALLOWED_FORMATS))
     return ImageError(
-        "unsupported_format", f"{found} images are not supported (allowed: {allowed})", label
+        "unsupported_format", f"{found} images are not supported (allowed: {allowed})", shown_as
     )
 
 
-def _check_pixels(size: tuple[int, int], max_pixels: int, label: str | None) -> None:
+def _check_pixels(size: tuple[int, int], max_pixels: int, shown_as: str | None) -> None:
     width, height = size
     if width <= 0 or height <= 0:
-        raise ImageError("decode_failed", f"the image declares no pixels ({width}x{height})", label)
+        raise ImageError(
+            "decode_failed", f"the image declares no pixels ({width}x{height})", shown_as
+        )
     if width * height > max_pixels:
         raise ImageError(
             "too_large",
             f"{width}x{height} is {width * height} pixels, more than the {max_pixels} allowed",
-            label,
+            shown_as,
         )
 
 
-def _classify(exc: BaseException, data: bytes, label: str | None) -> ImageError:
+def _classify(exc: BaseException, data: bytes, shown_as: str | None) -> ImageError:
     """Map whatever Pillow raised to the reason that best explains it."""
     if isinstance(exc, ImageError):
         return exc
@@ -236,21 +243,21 @@ def _classify(exc: BaseException, data: bytes, label: str | None) -> ImageError:
         return ImageError(
             "too_large",
             "the header declares more pixels than Pillow's decompression-bomb limit",
-            label,
+            shown_as,
         )
     message = str(exc)
     if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and "out of memory" in message):
-        return ImageError("too_large", "not enough memory to decode the image", label)
+        return ImageError("too_large", "not enough memory to decode the image", shown_as)
     if (
         isinstance(exc, EOFError)
         or (isinstance(exc, OSError) and _says_truncated(message))
         or _riff_is_short(data)
     ):
-        return ImageError("truncated", "the data ends before the image does", label)
+        return ImageError("truncated", "the data ends before the image does", shown_as)
     if isinstance(exc, ValueError) and "too large" in message.lower():
         # PNG text chunks that decompress past Pillow's limit land here.
-        return ImageError("too_large", _short(message), label)
-    return ImageError("decode_failed", _short(f"{type(exc).__name__}: {message}"), label)
+        return ImageError("too_large", _short(message), shown_as)
+    return ImageError("decode_failed", _short(f"{type(exc).__name__}: {message}"), shown_as)
 
 
 def _says_truncated(message: str) -> bool:

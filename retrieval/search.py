@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 
 from retrieval.catalog.database import Catalog
+from retrieval.config import Settings
 from retrieval.errors import BadQuery, NotFound
+from retrieval.filters import SearchFilters, ids_passing
 from retrieval.images import decode_image
-from retrieval.index.faiss_gpu import DevicePlacement
+from retrieval.index.faiss_gpu import DevicePlacement, placement_from_settings
 from retrieval.index.shard_set import ShardSet
 from retrieval.labels.store import ImageLabel, LabelStore
 from retrieval.models.encoder import Encoder
@@ -76,6 +78,8 @@ class IndexSnapshot:
 
 @dataclass(frozen=True)
 class SearchOptions:
+    """Per-search limits and index parameters, the same for every query of one Searcher."""
+
     max_k: int = 1000
     max_query_chars: int = 1000
     ef_search: int = 128
@@ -83,6 +87,18 @@ class SearchOptions:
     # Same JPEG decoding as the indexer, so an indexed file uploaded as a query gets
     # exactly its stored vector.
     jpeg_draft: bool = True
+    max_pixels: int = 100_000_000  # decompression-bomb cap of query images
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SearchOptions:
+        return cls(
+            max_k=settings.max_k,
+            max_query_chars=settings.max_query_chars,
+            ef_search=settings.hnsw_ef_search,
+            nprobe=settings.ivf_nprobe,
+            jpeg_draft=settings.jpeg_draft,
+            max_pixels=settings.max_image_pixels,
+        )
 
 
 class Searcher:
@@ -94,18 +110,37 @@ class Searcher:
         index_dir: Path,
         encoder: Encoder | None,
         options: SearchOptions | None = None,
-        labels: LabelStore | None = None,
+        label_store: LabelStore | None = None,
         gpu: DevicePlacement | None = None,
     ) -> None:
         self.catalog = catalog
         self.index_dir = Path(index_dir)
         self.encoder = encoder
         self.options = options or SearchOptions()
-        self.labels = labels or LabelStore(catalog)
+        self.label_store = label_store or LabelStore(catalog)
         self.gpu = gpu  # flat/IVF shards searched on this GPU (CLIPSEARCH_FAISS_GPU)
         self._lock = threading.Lock()
         self._snapshot: IndexSnapshot | None = None
         self._previous: IndexSnapshot | None = None
+
+    @classmethod
+    def from_settings(
+        cls,
+        catalog: Catalog,
+        settings: Settings,
+        encoder: Encoder | None,
+        *,
+        label_store: LabelStore | None = None,
+    ) -> Searcher:
+        """The searcher the settings describe: index dir, limits, index parameters, FAISS GPU."""
+        return cls(
+            catalog,
+            settings.resolved_index_dir,
+            encoder,
+            SearchOptions.from_settings(settings),
+            label_store=label_store,
+            gpu=placement_from_settings(settings.faiss_gpu, settings.device),
+        )
 
     def snapshot(self) -> IndexSnapshot:
         current = self._snapshot
@@ -150,9 +185,14 @@ class Searcher:
             if snap is not None:
                 snap.shards.close()
 
-    def _check_k(self, k: int) -> None:
+    def check_k(self, k: int) -> None:
+        """Raise BadQuery unless 1 <= k <= max_k."""
         if not 1 <= k <= self.options.max_k:
             raise BadQuery(f"k must be between 1 and {self.options.max_k} (got {k}).")
+
+    def allowed_ids(self, filters: SearchFilters | None) -> np.ndarray | None:
+        """The ids (sorted) that pass `filters`, for `allowed_ids=`; None: nothing to filter."""
+        return ids_passing(self.catalog, filters, self.label_store)
 
     def _require_encoder(self) -> Encoder:
         if self.encoder is None:
@@ -168,7 +208,7 @@ class Searcher:
         exclude_id: int | None = None,
         took: dict[str, float] | None = None,
     ) -> SearchResult:
-        self._check_k(k)
+        self.check_k(k)
         took = dict(took or {})
         snap = self.snapshot()
         started = time.perf_counter()
@@ -188,7 +228,7 @@ class Searcher:
             if i >= 0 and int(i) != exclude_id
         ][:k]
         records = self.catalog.records(i for i, _ in pairs)
-        labels = self.labels.labels_for([i for i, _ in pairs])
+        labels = self.label_store.labels_for([i for i, _ in pairs])
         hits = [
             Hit(
                 id=i,
@@ -207,10 +247,6 @@ class Searcher:
         took["total"] = sum(v for key, v in took.items() if key != "total")
         return SearchResult(hits, snap.generation, snap.model_name, took)
 
-    def check_k(self, k: int) -> None:
-        """Raise BadQuery unless 1 <= k <= max_k."""
-        self._check_k(k)
-
     def clean_query(self, query: str) -> str:
         """The query text as it is encoded; BadQuery when empty or over the length limit."""
         text = query.strip()
@@ -226,7 +262,7 @@ class Searcher:
         self, query: str, k: int = 10, *, allowed_ids: np.ndarray | None = None
     ) -> SearchResult:
         text = self.clean_query(query)
-        self._check_k(k)
+        self.check_k(k)
         started = time.perf_counter()
         vector = self._require_encoder().encode_texts([text])[0]
         took = {"encode": (time.perf_counter() - started) * 1000}
@@ -237,23 +273,20 @@ class Searcher:
         source: bytes | str | Path,
         k: int = 10,
         *,
-        max_pixels: int = 100_000_000,
         allowed_ids: np.ndarray | None = None,
     ) -> SearchResult:
-        self._check_k(k)
+        self.check_k(k)
         started = time.perf_counter()
-        vector = self.embed_image(source, max_pixels=max_pixels)
+        vector = self.embed_image(source)
         took = {"encode": (time.perf_counter() - started) * 1000}
         return self.search_vector(vector, k, allowed_ids=allowed_ids, took=took)
 
-    def embed_image(
-        self, source: bytes | str | Path, *, max_pixels: int = 100_000_000
-    ) -> np.ndarray:
+    def embed_image(self, source: bytes | str | Path) -> np.ndarray:
         """Decode (safely) and encode one query image, exactly as the indexer would."""
         encoder = self._require_encoder()
         decoded = decode_image(
             source if isinstance(source, bytes) else str(source),
-            max_pixels=max_pixels,
+            max_pixels=self.options.max_pixels,
             min_side=encoder.identity.image_size if self.options.jpeg_draft else None,
         )
         return encoder.encode_images([decoded.image])[0]

@@ -142,3 +142,20 @@ def test_every_package_says_what_it_is_for(init: str) -> None:
     docstring = ast.get_docstring(tree)
     assert docstring, f"{init} has no opening docstring"
     assert "\n" not in docstring.strip(), f"{init}: the opening docstring is one line"
+
+
+def test_the_command_line_imports_no_heavy_library_before_a_command_runs() -> None:
+    # `clipsearch --help`, a usage error and every command's start stay instant: torch, FAISS,
+    # SQLAlchemy and numpy are imported inside the commands that use them.
+    import subprocess
+    import sys
+
+    heavy = ("torch", "faiss", "sqlalchemy", "numpy", "open_clip", "fastapi")
+    code = (
+        "import sys, indexer.cli.app; "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"

@@ -21,8 +21,8 @@ from retrieval.models.encoder import Encoder, load_encoder
 from retrieval.models.identity import ModelSpec
 from retrieval.search import Searcher
 from retrieval.training import evaluate as ev
+from retrieval.training.config import report_path_for
 from retrieval.training.data import load_training_set
-from retrieval.training.finetune import report_path_for
 from retrieval.training.shapes import COLOURS, SHAPES, draw_shape, generate_shapes
 from retrieval.training.shapes_model import SHAPES_MODEL, SHAPES_TEMPLATES
 

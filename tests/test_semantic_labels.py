@@ -15,7 +15,7 @@ import pytest
 from indexer.pipeline import IndexJob
 from retrieval.catalog.database import Catalog
 from retrieval.config import load_settings
-from retrieval.filters import SearchFilters, allowed_ids
+from retrieval.filters import SearchFilters, ids_passing
 from retrieval.labels.definitions import LabelSet
 from retrieval.labels.store import LabelStore
 from retrieval.models.encoder import load_encoder
@@ -67,7 +67,7 @@ def labelled(
     )
     report = IndexJob(settings, catalog, lambda: encoder, progress=False).run([root])
     assert report.new == HELDOUT_IMAGES and report.labelled == {"shapes": HELDOUT_IMAGES}
-    searcher = Searcher(catalog, settings.resolved_index_dir, encoder, labels=store)
+    searcher = Searcher(catalog, settings.resolved_index_dir, encoder, label_store=store)
     yield Labelled(searcher, store, catalog, root)
     searcher.close()
     catalog.dispose()
@@ -95,7 +95,7 @@ def test_a_label_filtered_search_returns_only_images_with_that_label(
 ) -> None:
     for min_score in (0.0, 0.5):
         filters = SearchFilters(labels=(label,), label_min_score=min_score)
-        ids = allowed_ids(labelled.catalog, filters, labelled.store)
+        ids = ids_passing(labelled.catalog, filters, labelled.store)
         assert ids is not None and len(ids) >= 5
         # The query asks for something else: only the filter decides what may come back.
         hits = labelled.searcher.search_text("a green triangle", k=len(ids) + 5, allowed_ids=ids)

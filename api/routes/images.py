@@ -8,10 +8,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ReadAccess, ServicesDep
+from api.deps import CatalogDep, LabelStoreDep, ReadAccess, ServicesDep
 from api.files import MEDIA_TYPES, make_thumbnail, resolve_inside
 from api.schemas import ERROR_RESPONSES, HitLabel, ImageMetadata
 from api.services import Services
+from retrieval.catalog.database import Catalog
 from retrieval.catalog.records import ImageRecord
 from retrieval.catalog.tables import ACTIVE
 from retrieval.errors import NotFound
@@ -21,8 +22,8 @@ router = APIRouter(tags=["images"], dependencies=[ReadAccess], responses=ERROR_R
 CACHE_SECONDS = 86_400
 
 
-async def _active_record(services: Services, image_id: int) -> ImageRecord:
-    record = await run_in_threadpool(services.catalog.record, image_id)
+async def _active_record(catalog: Catalog, image_id: int) -> ImageRecord:
+    record = await run_in_threadpool(catalog.record, image_id)
     if record.status != ACTIVE:
         raise NotFound(f"No indexed image with id {image_id}.")
     return record
@@ -38,9 +39,11 @@ def _etag(record: ImageRecord, extra: str = "") -> str:
 
 
 @router.get("/images/{image_id}", response_model=ImageMetadata, summary="Image metadata")
-async def image_metadata(request: Request, services: ServicesDep, image_id: int) -> ImageMetadata:
-    record = await _active_record(services, image_id)
-    labels = await run_in_threadpool(services.searcher.labels.labels_for, [record.id])
+async def image_metadata(
+    request: Request, catalog: CatalogDep, label_store: LabelStoreDep, image_id: int
+) -> ImageMetadata:
+    record = await _active_record(catalog, image_id)
+    labels = await run_in_threadpool(label_store.labels_for, [record.id])
     return ImageMetadata(
         id=record.id,
         path=record.path,
@@ -65,7 +68,7 @@ async def image_metadata(request: Request, services: ServicesDep, image_id: int)
     response_class=FileResponse,
 )
 async def image_file(services: ServicesDep, image_id: int) -> FileResponse:
-    record = await _active_record(services, image_id)
+    record = await _active_record(services.catalog, image_id)
     path = await _safe_path(services, record)
     return FileResponse(
         path,
@@ -86,7 +89,7 @@ async def image_thumbnail(
     image_id: int,
     size: Annotated[int, Query(ge=16, description="Longest side in pixels (capped).")] = 256,
 ) -> Response:
-    record = await _active_record(services, image_id)
+    record = await _active_record(services.catalog, image_id)
     path = await _safe_path(services, record)
     side = min(size, services.settings.thumbnail_max_side)
     etag = _etag(record, f"-{side}")

@@ -9,8 +9,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import AdminAccess, ReadAccess, ServicesDep
-from api.routes.search import read_upload
+from api.deps import (
+    AdminAccess,
+    EncoderDep,
+    LabelStoreDep,
+    ReadAccess,
+    SearcherDep,
+    SettingsDep,
+)
+from api.files import read_upload
 from api.schemas import (
     ERROR_RESPONSES,
     ClassifiedLabel,
@@ -21,11 +28,11 @@ from api.schemas import (
     LabelSetList,
     LabelSetOut,
 )
-from api.services import Services
 from retrieval.errors import BadQuery
 from retrieval.labels.definitions import DEFAULT_TEMPLATES, LabelSet
 from retrieval.labels.scoring import ClassEmbeddings, rank_labels
-from retrieval.labels.store import StoredLabelSet
+from retrieval.labels.store import LabelStore, StoredLabelSet
+from retrieval.models.encoder import Encoder
 
 router = APIRouter(tags=["labels"], responses=ERROR_RESPONSES)
 
@@ -43,8 +50,8 @@ def _out(stored: StoredLabelSet) -> LabelSetOut:
     summary="All label sets",
     dependencies=[ReadAccess],
 )
-async def list_label_sets(services: ServicesDep) -> LabelSetList:
-    stored = await run_in_threadpool(services.searcher.labels.all)
+async def list_label_sets(label_store: LabelStoreDep) -> LabelSetList:
+    stored = await run_in_threadpool(label_store.all)
     return LabelSetList(label_sets=[_out(s) for s in stored])
 
 
@@ -54,8 +61,8 @@ async def list_label_sets(services: ServicesDep) -> LabelSetList:
     summary="One label set",
     dependencies=[ReadAccess],
 )
-async def get_label_set(services: ServicesDep, name: str) -> LabelSetOut:
-    return _out(await run_in_threadpool(services.searcher.labels.get, name))
+async def get_label_set(label_store: LabelStoreDep, name: str) -> LabelSetOut:
+    return _out(await run_in_threadpool(label_store.get, name))
 
 
 @router.put(
@@ -66,12 +73,12 @@ async def get_label_set(services: ServicesDep, name: str) -> LabelSetOut:
     responses={201: {"model": LabelSetOut, "description": "Created"}},
 )
 async def put_label_set(
-    services: ServicesDep, name: str, body: LabelSetDefinition, response: Response
+    label_store: LabelStoreDep, name: str, body: LabelSetDefinition, response: Response
 ) -> LabelSetOut:
     """The corpus is labelled (or relabelled) under the new version by the next
     `clipsearch label` or `clipsearch index`; until then searches keep the served labels."""
     definition = LabelSet.from_dict(body.model_dump(exclude_none=True), name=name)
-    stored, outcome = await run_in_threadpool(services.searcher.labels.put, definition)
+    stored, outcome = await run_in_threadpool(label_store.put, definition)
     if outcome == "created":
         response.status_code = 201
     return _out(stored)
@@ -83,8 +90,8 @@ async def put_label_set(
     summary="Delete a label set and every label stored under it",
     dependencies=[AdminAccess],
 )
-async def delete_label_set(services: ServicesDep, name: str) -> Response:
-    await run_in_threadpool(services.searcher.labels.delete, name)
+async def delete_label_set(label_store: LabelStoreDep, name: str) -> Response:
+    await run_in_threadpool(label_store.delete, name)
     return Response(status_code=204)
 
 
@@ -94,8 +101,8 @@ async def delete_label_set(services: ServicesDep, name: str) -> Response:
     summary="How many live images have each label as their best one",
     dependencies=[ReadAccess],
 )
-async def label_counts(services: ServicesDep, set_name: str) -> LabelCountsOut:
-    counts = await run_in_threadpool(services.searcher.labels.counts, set_name)
+async def label_counts(label_store: LabelStoreDep, set_name: str) -> LabelCountsOut:
+    counts = await run_in_threadpool(label_store.counts, set_name)
     return LabelCountsOut.model_validate(counts.to_dict())
 
 
@@ -114,10 +121,12 @@ def parse_label_list(raw: str) -> list[Any]:
 
 
 def _classes(
-    services: Services, label_set: str | None, labels: str | None, templates: str | None
+    store: LabelStore,
+    encoder: Encoder,
+    label_set: str | None,
+    labels: str | None,
+    templates: str | None,
 ) -> tuple[list[str], ClassEmbeddings]:
-    store = services.searcher.labels
-    encoder = services.encoder
     if label_set:
         stored = store.get(label_set)
         return stored.definition.names, store.embeddings_for(stored.version_id, encoder)
@@ -142,7 +151,9 @@ def _classes(
     dependencies=[ReadAccess],
 )
 async def classify(
-    services: ServicesDep,
+    settings: SettingsDep,
+    searcher: SearcherDep,
+    encoder: EncoderDep,
     file: Annotated[UploadFile, File(description="JPEG, PNG, WebP, GIF, BMP or TIFF.")],
     label_set: Annotated[
         str | None, Form(description="A stored label set's name (or give `labels`).")
@@ -160,15 +171,14 @@ async def classify(
     """Every label, ranked by probability (the softmax of the model's scaled cosines)."""
     if bool(label_set) == bool(labels and labels.strip()):
         raise BadQuery("Give either label_set (a stored set's name) or labels (an inline list).")
-    settings = services.settings
     data = await read_upload(file, settings.max_upload_bytes)
     started = time.perf_counter()
-    names, classes = await run_in_threadpool(_classes, services, label_set, labels, templates)
+    names, classes = await run_in_threadpool(
+        _classes, searcher.label_store, encoder, label_set, labels, templates
+    )
     prompts_ms = (time.perf_counter() - started) * 1000
     started = time.perf_counter()
-    vector = await run_in_threadpool(
-        services.searcher.embed_image, data, max_pixels=settings.max_image_pixels
-    )
+    vector = await run_in_threadpool(searcher.embed_image, data)
     encode_ms = (time.perf_counter() - started) * 1000
     started = time.perf_counter()
     ranked = rank_labels(vector, classes)[:k]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
@@ -11,8 +12,10 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ReadAccess, ServicesDep
+from api.deps import MetricsDep, ReadAccess, SearcherDep, SettingsDep, TextEncoderDep
 from api.errors import ApiError
+from api.files import read_upload
+from api.metrics import Metrics
 from api.schemas import (
     ERROR_RESPONSES,
     Filters,
@@ -22,13 +25,10 @@ from api.schemas import (
     TextSearchRequest,
     Took,
 )
-from api.services import Services
-from retrieval.filters import allowed_ids
-from retrieval.search import SearchResult
+from api.text_queries import TextQueryEncoder
+from retrieval.search import Searcher, SearchResult
 
 router = APIRouter(tags=["search"], dependencies=[ReadAccess], responses=ERROR_RESPONSES)
-
-UPLOAD_CHUNK = 1 << 16
 
 
 def to_response(request: Request, result: SearchResult, *, cached: bool = False) -> SearchResponse:
@@ -57,8 +57,7 @@ def to_response(request: Request, result: SearchResult, *, cached: bool = False)
     )
 
 
-def _record_timings(services: Services, kind: str, result: SearchResult) -> None:
-    metrics = services.metrics
+def _record_timings(metrics: Metrics, kind: str, result: SearchResult) -> None:
     for part, name, help_text in (
         ("encode", "clipsearch_query_encode_seconds", "Query encoding time by query kind."),
         ("search", "clipsearch_search_seconds", "Vector search time by query kind."),
@@ -69,60 +68,69 @@ def _record_timings(services: Services, kind: str, result: SearchResult) -> None
     metrics.inc("clipsearch_queries_total", "Searches answered by kind.", kind=kind)
 
 
-async def _allowed(services: Services, filters: Filters | None) -> tuple[np.ndarray | None, float]:
+async def _allowed(searcher: Searcher, filters: Filters | None) -> tuple[np.ndarray | None, float]:
     if filters is None:
         return None, 0.0
     started = time.perf_counter()
-    ids = await run_in_threadpool(
-        allowed_ids, services.catalog, filters.to_domain(), services.searcher.labels
-    )
+    ids = await run_in_threadpool(searcher.allowed_ids, filters.to_domain())
     return ids, (time.perf_counter() - started) * 1000
 
 
+def _add_filter_time(result: SearchResult, filter_ms: float) -> None:
+    result.took_ms["filter"] = filter_ms
+    result.took_ms["total"] = result.took_ms.get("total", 0.0) + filter_ms
+
+
+@dataclass(frozen=True)
+class TextQuery:
+    text: str
+    k: int
+    filters: Filters | None = None
+
+
 async def _text_search(
-    request: Request, services: Services, query: str, k: int, filters: Filters | None
+    request: Request,
+    searcher: Searcher,
+    text_encoder: TextQueryEncoder,
+    metrics: Metrics,
+    query: TextQuery,
 ) -> SearchResponse:
-    searcher = services.searcher
-    text = searcher.clean_query(query)
-    searcher.check_k(k)
-    ids, filter_ms = await _allowed(services, filters)
+    text = searcher.clean_query(query.text)
+    searcher.check_k(query.k)
+    ids, filter_ms = await _allowed(searcher, query.filters)
     started = time.perf_counter()
-    vector, cached = await services.text_encoder.embed(text)
+    vector, cached = await text_encoder.embed(text)
     took = {"encode": (time.perf_counter() - started) * 1000, "filter": filter_ms}
     result = await run_in_threadpool(
-        lambda: searcher.search_vector(vector, k, allowed_ids=ids, took=took)
+        lambda: searcher.search_vector(vector, query.k, allowed_ids=ids, took=took)
     )
-    _record_timings(services, "text", result)
+    _record_timings(metrics, "text", result)
     return to_response(request, result, cached=cached)
 
 
 @router.post("/search/text", response_model=SearchResponse, summary="Search by text")
 async def search_text(
-    request: Request, body: TextSearchRequest, services: ServicesDep
+    request: Request,
+    body: TextSearchRequest,
+    searcher: SearcherDep,
+    text_encoder: TextEncoderDep,
+    metrics: MetricsDep,
 ) -> SearchResponse:
     """Encode the query with the CLIP text tower and return the k nearest images."""
-    return await _text_search(request, services, body.query, body.k, body.filters)
+    query = TextQuery(body.query, body.k, body.filters)
+    return await _text_search(request, searcher, text_encoder, metrics, query)
 
 
 @router.get("/search", response_model=SearchResponse, summary="Search by text (GET)")
 async def search_get(
     request: Request,
-    services: ServicesDep,
+    searcher: SearcherDep,
+    text_encoder: TextEncoderDep,
+    metrics: MetricsDep,
     q: Annotated[str, Query(description="Query text.", examples=["a red circle"])],
     k: Annotated[int, Query(description="Number of results.")] = 10,
 ) -> SearchResponse:
-    return await _text_search(request, services, q, k, None)
-
-
-async def read_upload(upload: UploadFile, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    while chunk := await upload.read(UPLOAD_CHUNK):
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, "payload_too_large", f"The upload exceeds {limit} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await _text_search(request, searcher, text_encoder, metrics, TextQuery(q, k))
 
 
 def _parse_filters(raw: str | None) -> Filters | None:
@@ -139,7 +147,9 @@ def _parse_filters(raw: str | None) -> Filters | None:
 @router.post("/search/image", response_model=SearchResponse, summary="Search by example image")
 async def search_image(
     request: Request,
-    services: ServicesDep,
+    settings: SettingsDep,
+    searcher: SearcherDep,
+    metrics: MetricsDep,
     file: Annotated[UploadFile, File(description="JPEG, PNG, WebP, GIF, BMP or TIFF.")],
     k: Annotated[int, Form()] = 10,
     filters: Annotated[
@@ -148,20 +158,13 @@ async def search_image(
     ] = None,
 ) -> SearchResponse:
     """Upload an image (multipart field `file`); the decoder refuses bombs and odd formats."""
-    settings = services.settings
-    searcher = services.searcher
     searcher.check_k(k)
     parsed = _parse_filters(filters)
     data = await read_upload(file, settings.max_upload_bytes)
-    ids, filter_ms = await _allowed(services, parsed)
-    result = await run_in_threadpool(
-        lambda: searcher.search_image(
-            data, k, max_pixels=settings.max_image_pixels, allowed_ids=ids
-        )
-    )
-    result.took_ms["filter"] = filter_ms
-    result.took_ms["total"] = result.took_ms.get("total", 0.0) + filter_ms
-    _record_timings(services, "image", result)
+    ids, filter_ms = await _allowed(searcher, parsed)
+    result = await run_in_threadpool(lambda: searcher.search_image(data, k, allowed_ids=ids))
+    _add_filter_time(result, filter_ms)
+    _record_timings(metrics, "image", result)
     return to_response(request, result)
 
 
@@ -172,7 +175,8 @@ async def search_image(
 )
 async def similar(
     request: Request,
-    services: ServicesDep,
+    searcher: SearcherDep,
+    metrics: MetricsDep,
     image_id: int,
     k: Annotated[int, Query(description="Number of results.")] = 10,
     filters: Annotated[
@@ -183,12 +187,10 @@ async def similar(
         ),
     ] = None,
 ) -> SearchResponse:
-    searcher = services.searcher
     searcher.check_k(k)
     parsed = _parse_filters(filters)
-    ids, filter_ms = await _allowed(services, parsed)
+    ids, filter_ms = await _allowed(searcher, parsed)
     result = await run_in_threadpool(lambda: searcher.similar(image_id, k, allowed_ids=ids))
-    result.took_ms["filter"] = filter_ms
-    result.took_ms["total"] = result.took_ms.get("total", 0.0) + filter_ms
-    _record_timings(services, "similar", result)
+    _add_filter_time(result, filter_ms)
+    _record_timings(metrics, "similar", result)
     return to_response(request, result)

@@ -8,9 +8,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import AdminAccess, ReadAccess, ServicesDep
+from api.deps import AdminAccess, CatalogDep, MetricsDep, ReadAccess, SearcherDep, ServicesDep
 from api.schemas import ERROR_RESPONSES, Health, IndexInfo, Readiness, ReloadResponse
 from api.services import Services
+from retrieval.catalog.database import Catalog
+from retrieval.search import Searcher
 
 router = APIRouter(tags=["system"])
 
@@ -46,14 +48,14 @@ async def ready(request: Request) -> JSONResponse:
     dependencies=[ReadAccess],
     responses=ERROR_RESPONSES,
 )
-async def metrics(services: ServicesDep) -> PlainTextResponse:
+async def metrics(metrics: MetricsDep) -> PlainTextResponse:
     return PlainTextResponse(
-        services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
     )
 
 
-def _index_info(services: Services) -> IndexInfo:
-    snap = services.searcher.snapshot()
+def _index_info(searcher: Searcher, catalog: Catalog) -> IndexInfo:
+    snap = searcher.snapshot()
     kinds = Counter(shard.kind for shard in snap.shards.shards)
     return IndexInfo(
         generation=snap.generation,
@@ -62,7 +64,7 @@ def _index_info(services: Services) -> IndexInfo:
         live_vector_count=snap.shards.live_count,
         index_kinds=dict(kinds),
         model=snap.model,
-        images=services.catalog.counts(),
+        images=catalog.counts(),
     )
 
 
@@ -73,8 +75,8 @@ def _index_info(services: Services) -> IndexInfo:
     dependencies=[ReadAccess],
     responses=ERROR_RESPONSES,
 )
-async def index_info(services: ServicesDep) -> IndexInfo:
-    return await run_in_threadpool(_index_info, services)
+async def index_info(searcher: SearcherDep, catalog: CatalogDep) -> IndexInfo:
+    return await run_in_threadpool(_index_info, searcher, catalog)
 
 
 @router.post(

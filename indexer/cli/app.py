@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from indexer.cli import db, demo, index, labels, search, serve, train
+from indexer.cli import db, demo, index, labels, schedule, search, serve, train
 from indexer.cli.output import exit_code
 from retrieval.errors import ClipsearchError
 
@@ -26,7 +26,7 @@ HELP = (
 app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False)
 # Registration order is the order `clipsearch --help` lists the commands in.
 app.command()(index.index)
-app.command(help=index.SCHEDULE_HELP)(index.schedule)
+app.command(help=schedule.SCHEDULE_HELP)(schedule.schedule)
 app.command()(index.compact)
 app.command()(search.search)
 app.command()(search.status)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from indexer.cli.options import DataDirOpt, DbOpt, IndexDirOpt, JsonOpt, open_catalog
 from indexer.cli.output import echo_table, print_json
 from retrieval.config import load_settings
+
+if TYPE_CHECKING:
+    from retrieval.catalog.copy import CatalogCopyReport
 
 db_app = typer.Typer(
     help="Catalog database: migrations, and copying it to another database.",
@@ -37,34 +41,37 @@ MIGRATE_TO_HELP = (
 )
 
 
+TargetUrlArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="URL",
+        help="Target database, e.g. postgresql://user:password@host/clipsearch (or "
+        "sqlite:///path). Migrated to the newest schema first; must be empty.",
+    ),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option("--force", help="Replace the rows a non-empty target holds (default: refuse)."),
+]
+RowsPerBatchOpt = Annotated[int, typer.Option(min=1, help="Rows per insert batch.")]
+CopyProgressOpt = Annotated[
+    bool | None,
+    typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal)."),
+]
+SourceDbOpt = Annotated[
+    str | None,
+    typer.Option("--database-url", help="The source catalog (default CLIPSEARCH_DATABASE_URL)."),
+]
+
+
 @db_app.command("migrate-to", help=MIGRATE_TO_HELP)
 def db_migrate_to(
-    target_url: Annotated[
-        str,
-        typer.Argument(
-            metavar="URL",
-            help="Target database, e.g. postgresql://user:password@host/clipsearch (or "
-            "sqlite:///path). Migrated to the newest schema first; must be empty.",
-        ),
-    ],
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force", help="Replace the rows a non-empty target holds (default: refuse)."
-        ),
-    ] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="Rows per insert batch.")] = 5000,
-    progress: Annotated[
-        bool | None,
-        typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal)."),
-    ] = None,
+    target_url: TargetUrlArg,
+    force: ForceOpt = False,
+    batch_size: RowsPerBatchOpt = 5000,
+    progress: CopyProgressOpt = None,
     data_dir: DataDirOpt = None,
-    database_url: Annotated[
-        str | None,
-        typer.Option(
-            "--database-url", help="The source catalog (default CLIPSEARCH_DATABASE_URL)."
-        ),
-    ] = None,
+    database_url: SourceDbOpt = None,
     index_dir: IndexDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -72,7 +79,7 @@ def db_migrate_to(
     from tqdm import tqdm
 
     from indexer.lock import IndexLock
-    from retrieval.catalog.copy import copy_catalog, display_url
+    from retrieval.catalog.copy import copy_catalog
     from retrieval.config import normalise_database_url
 
     settings = load_settings(data_dir=data_dir, database_url=database_url, index_dir=index_dir)
@@ -106,6 +113,12 @@ def db_migrate_to(
     if as_json:
         print_json({**report.to_dict(), "index_dir": str(settings.resolved_index_dir)})
         return
+    _echo_copy(report, target, settings.resolved_index_dir)
+
+
+def _echo_copy(report: CatalogCopyReport, target: str, index_dir: Path) -> None:
+    from retrieval.catalog.copy import display_url
+
     typer.echo(
         f"copied {report.rows} rows in {len(report.tables)} tables from {report.source} to "
         f"{report.target} in {report.seconds:.1f}s; row counts verified"
@@ -120,6 +133,6 @@ def db_migrate_to(
         typer.echo(f"sequences moved past the copied ids: {', '.join(report.sequences_reset)}")
     typer.echo(
         f"next: set CLIPSEARCH_DATABASE_URL={display_url(target)} for every clipsearch process "
-        f"and keep CLIPSEARCH_INDEX_DIR={settings.resolved_index_dir} (shard files are shared, "
+        f"and keep CLIPSEARCH_INDEX_DIR={index_dir} (shard files are shared, "
         "not copied); the source catalog is left as it was."
     )

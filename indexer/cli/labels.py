@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -25,13 +25,16 @@ from indexer.cli.output import echo_table, print_json
 from retrieval.config import Settings, load_settings
 from retrieval.errors import ConfigError
 
+if TYPE_CHECKING:
+    from retrieval.labels.store import LabelStore
+
 labels_app = typer.Typer(
     help="Zero-shot label sets: add (or change) from a file, list, show, delete.",
     no_args_is_help=True,
 )
 
 
-def _label_store(settings: Settings) -> Any:
+def _label_store(settings: Settings) -> LabelStore:
     from retrieval.labels.store import LabelStore
 
     catalog = open_catalog(settings)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -22,26 +22,35 @@ from indexer.cli.output import print_json
 from retrieval.config import load_settings
 from retrieval.errors import ConfigError
 
+if TYPE_CHECKING:
+    from retrieval.search import SearchResult
+
+QueryArg = Annotated[str | None, typer.Argument(help="Text to search for.")]
+ImageOpt = Annotated[
+    Path | None, typer.Option("--image", help="Search by this image instead of text.")
+]
+KOpt = Annotated[int, typer.Option("-k", help="Number of results.")]
+LabelNamesOpt = Annotated[
+    list[str] | None,
+    typer.Option("--label", help="Only images carrying this zero-shot label (repeatable)."),
+]
+LabelsModeOpt = Annotated[str, typer.Option(help="With several --label: any (one of them) or all.")]
+LabelMinScoreOpt = Annotated[
+    float, typer.Option(help="Smallest probability a --label counts with.")
+]
+LabelSetOpt = Annotated[
+    str | None, typer.Option(help="Match --label in this label set only (default: all).")
+]
+
 
 def search(
-    query: Annotated[str | None, typer.Argument(help="Text to search for.")] = None,
-    image: Annotated[
-        Path | None, typer.Option("--image", help="Search by this image instead of text.")
-    ] = None,
-    k: Annotated[int, typer.Option("-k", help="Number of results.")] = 10,
-    label_names: Annotated[
-        list[str] | None,
-        typer.Option("--label", help="Only images carrying this zero-shot label (repeatable)."),
-    ] = None,
-    labels_mode: Annotated[
-        str, typer.Option(help="With several --label: any (one of them) or all.")
-    ] = "any",
-    label_min_score: Annotated[
-        float, typer.Option(help="Smallest probability a --label counts with.")
-    ] = 0.0,
-    label_set: Annotated[
-        str | None, typer.Option(help="Match --label in this label set only (default: all).")
-    ] = None,
+    query: QueryArg = None,
+    image: ImageOpt = None,
+    k: KOpt = 10,
+    label_names: LabelNamesOpt = None,
+    labels_mode: LabelsModeOpt = "any",
+    label_min_score: LabelMinScoreOpt = 0.0,
+    label_set: LabelSetOpt = None,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
     index_dir: IndexDirOpt = None,
@@ -51,9 +60,8 @@ def search(
     as_json: JsonOpt = False,
 ) -> None:
     """Search the index from the shell by text or by an example image."""
-    from retrieval.filters import SearchFilters, allowed_ids
-    from retrieval.index.faiss_gpu import placement_from_settings
-    from retrieval.search import Searcher, SearchOptions
+    from retrieval.filters import SearchFilters
+    from retrieval.search import Searcher
 
     if (query is None) == (image is None):
         raise ConfigError("query", "give either a text QUERY or --image PATH")
@@ -67,17 +75,7 @@ def search(
     )
     catalog = open_catalog(settings)
     catalog.upgrade()
-    searcher = Searcher(
-        catalog,
-        settings.resolved_index_dir,
-        encoder_factory(settings)(),
-        SearchOptions(
-            ef_search=settings.hnsw_ef_search,
-            nprobe=settings.ivf_nprobe,
-            jpeg_draft=settings.jpeg_draft,
-        ),
-        gpu=placement_from_settings(settings.faiss_gpu, settings.device),
-    )
+    searcher = Searcher.from_settings(catalog, settings, encoder_factory(settings)())
     try:
         filters = SearchFilters(
             labels=tuple(label_names or ()),
@@ -85,11 +83,9 @@ def search(
             label_min_score=label_min_score,
             label_set=label_set,
         )
-        ids = allowed_ids(catalog, filters, searcher.labels) if label_names else None
+        ids = searcher.allowed_ids(filters)
         if image is not None:
-            result = searcher.search_image(
-                image, k, max_pixels=settings.max_image_pixels, allowed_ids=ids
-            )
+            result = searcher.search_image(image, k, allowed_ids=ids)
         else:
             assert query is not None
             result = searcher.search_text(query, k, allowed_ids=ids)
@@ -98,6 +94,10 @@ def search(
     if as_json:
         print_json(result.to_dict())
         return
+    echo_hits(result)
+
+
+def echo_hits(result: SearchResult) -> None:
     if not result.hits:
         typer.echo("no results (is anything indexed? run `clipsearch index DIR`)")
     for hit in result.hits:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -22,13 +22,15 @@ from indexer.cli.options import (
 from indexer.cli.output import echo_table, print_json, print_warnings
 from retrieval.config import load_settings
 from retrieval.errors import ConfigError
-from retrieval.index.ann_quality import AnnReport
-from retrieval.training.evaluate import (
-    EvaluationReport,
-    RetrievalEvaluation,
-    ZeroShotEvaluation,
-)
-from retrieval.training.finetune import FinetuneResult
+
+if TYPE_CHECKING:
+    from retrieval.index.ann_quality import AnnReport
+    from retrieval.training.config import FinetuneResult
+    from retrieval.training.evaluate import (
+        EvaluationReport,
+        RetrievalEvaluation,
+        ZeroShotEvaluation,
+    )
 
 FormatOpt = Annotated[str, typer.Option("--format", help="auto, csv, jsonl, folder or labelme.")]
 
@@ -148,7 +150,7 @@ def finetune(
     """Fine-tune the CLIP model contrastively and write a checkpoint plus a JSON report."""
     from retrieval.models.encoder import model_spec
     from retrieval.models.prompts import resolve_templates
-    from retrieval.training.finetune import FinetuneConfig
+    from retrieval.training.config import FinetuneConfig
     from retrieval.training.finetune import finetune as run_finetune
 
     settings = load_settings(model=model, pretrained=pretrained, device=device)
@@ -261,7 +263,7 @@ def evaluate(
     """Measure retrieval, zero-shot accuracy and ANN recall; a table, or --json."""
     from retrieval.index.ann_quality import ann_quality, live_embeddings
     from retrieval.models.prompts import resolve_templates
-    from retrieval.training.evaluate import EvaluationSets, evaluate_sets
+    from retrieval.training.evaluate import EvaluationReport, EvaluationSets, evaluate_sets
 
     if retrieval_set is None and zero_shot_set is None and not ann:
         raise ConfigError("eval", "give --retrieval PATH, --zero-shot PATH and/or --ann")

@@ -74,6 +74,36 @@ def _record(row: ImageRow) -> ImageRecord:
     )
 
 
+def _upsert_images(session: Session, records: Sequence[ImageRecord]) -> None:
+    """Insert new image rows and overwrite existing ones (a retried error row keeps its id)."""
+    existing: set[int] = set()
+    for chunk in chunks([record.id for record in records]):
+        existing.update(
+            session.execute(select(ImageRow.id).where(ImageRow.id.in_(chunk))).scalars()
+        )
+    fresh = [r.to_row() for r in records if r.id not in existing]
+    again = [r.to_row() for r in records if r.id in existing]
+    if again:
+        session.execute(update(ImageRow), again)
+    if fresh:
+        session.execute(insert(ImageRow), fresh)
+
+
+def _purge_images(session: Session, ids: Sequence[int]) -> None:
+    """Delete image rows for good, with their labels."""
+    # Deleting per label version lets the (version_id, image_id, rank) key find the rows.
+    versions = list(session.scalars(select(LabelSetVersionRow.id)))
+    for chunk in chunks(ids):
+        for version_id in versions:
+            session.execute(
+                delete(ImageLabelRow).where(
+                    ImageLabelRow.version_id == version_id,
+                    ImageLabelRow.image_id.in_(chunk),
+                )
+            )
+        session.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -304,35 +334,13 @@ class Catalog:
                     [{"id": i, "size": s, "mtime_ns": m} for i, s, m in change.touches],
                 )
             if change.upserts:
-                existing: set[int] = set()
-                upsert_ids = [record.id for record in change.upserts]
-                for chunk in chunks(upsert_ids):
-                    existing.update(
-                        session.execute(select(ImageRow.id).where(ImageRow.id.in_(chunk))).scalars()
-                    )
-                fresh = [r.to_row() for r in change.upserts if r.id not in existing]
-                again = [r.to_row() for r in change.upserts if r.id in existing]
-                if again:
-                    session.execute(update(ImageRow), again)
-                if fresh:
-                    session.execute(insert(ImageRow), fresh)
+                _upsert_images(session, change.upserts)
             if change.reassign:
                 session.execute(
                     update(ImageRow), [{"id": i, "shard_id": s} for i, s in change.reassign]
                 )
             if change.purge_ids:
-                # Purged images take their labels with them. Deleting per label version
-                # lets the (version_id, image_id, rank) key find the rows.
-                versions = list(session.scalars(select(LabelSetVersionRow.id)))
-                for chunk in chunks(change.purge_ids):
-                    for version_id in versions:
-                        session.execute(
-                            delete(ImageLabelRow).where(
-                                ImageLabelRow.version_id == version_id,
-                                ImageLabelRow.image_id.in_(chunk),
-                            )
-                        )
-                    session.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
+                _purge_images(session, change.purge_ids)
             for chunk in chunks(change.retire_shards):
                 session.execute(
                     update(ShardRow)
@@ -394,3 +402,13 @@ class Catalog:
             return list(
                 session.scalars(select(IndexJobRow).order_by(IndexJobRow.id.desc()).limit(limit))
             )
+
+    def last_finished_job(self, kind: str) -> IndexJobRow | None:
+        """The newest job of this kind that is no longer running (succeeded, failed, killed)."""
+        with self.session() as session:
+            return session.scalars(
+                select(IndexJobRow)
+                .where(IndexJobRow.kind == kind, IndexJobRow.status != "running")
+                .order_by(IndexJobRow.id.desc())
+                .limit(1)
+            ).first()

@@ -243,14 +243,14 @@ class LabelStore:
             session.execute(delete(table).where(table.version_id == version_id))
 
     # --- class embeddings ----------------------------------------------------------------
-    def _recall(self, key: tuple[str, str]) -> ClassEmbeddings | None:
+    def _cache_get(self, key: tuple[str, str]) -> ClassEmbeddings | None:
         with self._lock:
             found = self._embeddings.get(key)
             if found is not None:
                 self._embeddings.move_to_end(key)
             return found
 
-    def _remember(self, key: tuple[str, str], value: ClassEmbeddings) -> None:
+    def _cache_put(self, key: tuple[str, str], value: ClassEmbeddings) -> None:
         with self._lock:
             self._embeddings[key] = value
             self._embeddings.move_to_end(key)
@@ -260,7 +260,7 @@ class LabelStore:
     def cached_embeddings(self, version_id: int, model_key: str) -> ClassEmbeddings | None:
         """Class embeddings of a stored version: from memory, else from the catalog."""
         key = (f"version:{version_id}", model_key)
-        found = self._recall(key)
+        found = self._cache_get(key)
         if found is not None:
             return found
         with self.catalog.engine.connect() as conn:
@@ -280,7 +280,7 @@ class LabelStore:
         count, dim, scale, blob = row
         vectors = np.frombuffer(bytes(blob), dtype="<f4").reshape(int(count), int(dim)).copy()
         found = ClassEmbeddings(vectors.astype(np.float32, copy=False), float(scale))
-        self._remember(key, found)
+        self._cache_put(key, found)
         return found
 
     def save_embeddings(self, version_id: int, model_key: str, value: ClassEmbeddings) -> None:
@@ -300,7 +300,7 @@ class LabelStore:
                 )
         except IntegrityError:
             pass  # another process cached the same (deterministic) vectors first
-        self._remember((f"version:{version_id}", model_key), value)
+        self._cache_put((f"version:{version_id}", model_key), value)
 
     def embeddings_for(
         self,
@@ -325,10 +325,10 @@ class LabelStore:
         """Class embeddings of a definition that is not stored (POST /classify with a list);
         kept in memory only."""
         key = ("inline:" + json.dumps(label_set.to_dict(), sort_keys=True), encoder.identity.key)
-        found = self._recall(key)
+        found = self._cache_get(key)
         if found is None:
             found = class_embeddings(encoder.encode_texts_batched, label_set, encoder.logit_scale)
-            self._remember(key, found)
+            self._cache_put(key, found)
         return found
 
     # --- writing corpus labels (the single writer) -----------------------------------------

@@ -10,7 +10,8 @@ from typing import Any
 
 from retrieval.models.identity import ModelSpec
 from retrieval.models.weights import sha256_file
-from retrieval.training.finetune import FinetuneConfig, FinetuneResult, finetune, report_path_for
+from retrieval.training.config import FinetuneConfig, FinetuneResult, report_path_for
+from retrieval.training.finetune import finetune
 from retrieval.training.shapes import generate_shapes
 
 # A tiny ResNet (open_clip's ModifiedResNet, stem width 8) and a 2-layer text tower. Its

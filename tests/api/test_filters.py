@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from retrieval.catalog.database import Catalog
-from retrieval.filters import SearchFilters, allowed_ids
+from retrieval.filters import SearchFilters, ids_passing
 from retrieval.models.encoder import Encoder
 from tests.conftest import BOTH_DATABASES, fresh_database
 
@@ -53,7 +53,7 @@ def test_filtered_search_is_exact_top_k(
     query = "a yellow star"
     from api.schemas import Filters
 
-    ids = allowed_ids(catalog, Filters.model_validate(filters).to_domain())
+    ids = ids_passing(catalog, Filters.model_validate(filters).to_domain())
     assert ids is not None and 0 < len(ids) <= len(records)
     k = 5
     response = client.post("/search/text", json={"query": query, "k": k, "filters": filters})
@@ -72,8 +72,8 @@ def test_filter_matching_nothing_gives_no_results(client: TestClient) -> None:
 
 
 def test_no_filters_means_no_id_set(catalog: Catalog) -> None:
-    assert allowed_ids(catalog, None) is None
-    assert allowed_ids(catalog, SearchFilters()) is None
+    assert ids_passing(catalog, None) is None
+    assert ids_passing(catalog, SearchFilters()) is None
 
 
 def test_more_like_this_with_filters_is_exact_top_k_among_allowed(
@@ -84,7 +84,7 @@ def test_more_like_this_with_filters_is_exact_top_k_among_allowed(
     filters = {"path_prefix": mixed[0][: mixed[0].rfind("/") + 1]}  # 12 of the 36 images
     from api.schemas import Filters
 
-    ids = allowed_ids(catalog, Filters.model_validate(filters).to_domain())
+    ids = ids_passing(catalog, Filters.model_validate(filters).to_domain())
     assert ids is not None and len(ids) == len(mixed) < len(records)
     source = int(ids[0])
     unfiltered = client.get(f"/images/{source}/similar", params={"k": 5}).json()["results"]

@@ -13,7 +13,7 @@ import pytest
 
 from retrieval.training.shapes import generate_shapes
 from tests.conftest import BOTH_DATABASES, TINY, fresh_database
-from tests.indexer.test_cli import run_cli
+from tests.indexer.cli.test_cli import run_cli
 
 QUERIES = ["a red circle", "a blue square", "a green star"]
 

@@ -23,7 +23,7 @@ from retrieval.models.encoder import Encoder
 from retrieval.search import Searcher
 from retrieval.training.shapes import draw_shape, generate_shapes
 from tests.fixtures.bad_images import write_bad_images, write_good_images
-from tests.retrieval.test_faiss_gpu import SelectorBlindCopies
+from tests.retrieval.index.test_faiss_gpu import SelectorBlindCopies
 
 
 class CountingFactory:
@@ -253,7 +253,8 @@ def test_searcher_follows_generations_on_a_device_placement(
     catalog: Catalog,
     encoder: Encoder,
 ) -> None:
-    # The device copies are CPU clones that refuse selectors (see tests/retrieval/test_faiss_gpu).
+    # The device copies are CPU clones that refuse selectors
+    # (see tests/retrieval/index/test_faiss_gpu.py).
     run(photos)
     victim = sorted(photos.rglob("*.jpg"))[7]
     victim_id = _live(catalog, photos)[str(victim)]

@@ -10,7 +10,7 @@ import pytest
 from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
 from retrieval.training.shapes import generate_shapes
-from tests.indexer.test_cli import run_cli
+from tests.indexer.cli.test_cli import run_cli
 
 
 @pytest.fixture

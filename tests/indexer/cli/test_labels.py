@@ -10,9 +10,9 @@ import pytest
 from retrieval.config import Settings
 from retrieval.labels.definitions import load_label_set_file
 from retrieval.training.shapes import COLOURS, SHAPES, generate_shapes
-from tests.indexer.test_cli import env, run_cli  # noqa: F401 - `env` is a fixture
+from tests.indexer.cli.test_cli import env, run_cli  # noqa: F401 - `env` is a fixture
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "labels"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "labels"
 
 
 def write_set(path: Path, **overrides: object) -> Path:

@@ -1,4 +1,4 @@
-"""retrieval.demo: the generated shapes corpus and the benchmark photos."""
+"""retrieval.training.shapes: the generated shapes corpus and the benchmark photos."""
 
 from __future__ import annotations
 

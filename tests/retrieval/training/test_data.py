@@ -1,4 +1,4 @@
-"""retrieval.training_data: the three input formats, and labelme's bad annotations."""
+"""retrieval.training.data: the three input formats, and labelme's bad annotations."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from retrieval.catalog.migrate import current_revision
 from retrieval.catalog.records import GenerationCommit, ImageRecord, ShardRecord
 from retrieval.catalog.tables import ACTIVE, ImageLabelRow, LabelledShardRow
 from retrieval.errors import BadQuery, NotFound
-from retrieval.filters import SearchFilters, allowed_ids
+from retrieval.filters import SearchFilters, ids_passing
 from retrieval.labels.definitions import LabelSet
 from retrieval.labels.scoring import BlockLabels, ClassEmbeddings
 from retrieval.labels.store import LabelStore
@@ -151,7 +151,7 @@ def test_label_filters_any_all_min_score_and_unknown_names(catalog: Catalog) -> 
     )
 
     def ids(**kwargs: object) -> list[int]:
-        found = allowed_ids(catalog, SearchFilters(**kwargs), store)  # type: ignore[arg-type]
+        found = ids_passing(catalog, SearchFilters(**kwargs), store)  # type: ignore[arg-type]
         assert found is not None
         return found.tolist()
 

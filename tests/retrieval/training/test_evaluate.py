@@ -1,4 +1,4 @@
-"""retrieval.evaluate: metrics on hand-made embeddings whose answers are known."""
+"""retrieval.training.evaluate: metrics on hand-made embeddings whose answers are known."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""retrieval.shards: shard files, crash-safety contract, and exact filtered search."""
+"""retrieval.index: shard files, the crash-safety contract, and exact filtered search."""
 
 from __future__ import annotations
 

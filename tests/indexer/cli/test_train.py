@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from retrieval.training.shapes import generate_shapes
-from tests.indexer.test_cli import run_cli
+from tests.indexer.cli.test_cli import run_cli
 
 TINY = "clipsearch-tiny"
 

@@ -1,4 +1,4 @@
-"""retrieval.finetune: the objectives, the schedule, the split, and short real runs."""
+"""retrieval.training: the fine-tuning objectives, the schedule, the split, and short runs."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from retrieval.models.encoder import load_encoder
 from retrieval.models.identity import ModelSpec
 from retrieval.models.weights import sha256_file
 from retrieval.training.batches import split_samples
+from retrieval.training.config import FinetuneConfig, report_path_for
 from retrieval.training.data import TrainingSample
-from retrieval.training.finetune import FinetuneConfig, finetune, lr_at, report_path_for
+from retrieval.training.finetune import finetune, lr_at
 from retrieval.training.losses import choose_loss, class_aware_loss, clip_loss, image_pair_loss
 from retrieval.training.shapes import generate_shapes
 

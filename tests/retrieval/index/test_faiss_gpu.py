@@ -26,7 +26,7 @@ from retrieval.index.faiss_gpu import (
     resolve_faiss_gpu,
 )
 from retrieval.index.shard_set import ShardSet
-from tests.retrieval.test_shards import (
+from tests.retrieval.index.test_shards import (
     assert_same_results,
     brute_force,
     ids_for,

@@ -1,0 +1,1 @@
+"""Tests of retrieval.catalog on SQLite and Postgres: commits, reads, copies."""

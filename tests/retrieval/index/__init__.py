@@ -1,0 +1,1 @@
+"""Tests of retrieval.index: index kinds, shard files, the shard set, GPU placement."""

@@ -1,0 +1,1 @@
+"""Tests of retrieval.labels: definitions, scoring, and the label store."""

@@ -1,0 +1,1 @@
+"""Tests of retrieval.models: loading weights, identity, encoding."""

@@ -1,0 +1,1 @@
+"""Tests of retrieval.training: fine-tuning, data readers, evaluation, the shapes generator."""
