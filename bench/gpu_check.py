@@ -1,4 +1,4 @@
-"""GPU checks in one run, for a lent GPU machine: CUDA encode, fp16, FAISS on the GPU, throughput.
+"""GPU checks in one run, on a CUDA machine: CUDA encode, fp16, FAISS on the GPU, throughput.
 
   1. fidelity: one random-init ViT-B-32 checkpoint loaded through the product's loader on the
      CPU (fp32) and on CUDA (fp32, fp16); image and text embeddings compared (cosine, max |diff|);

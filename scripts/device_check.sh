@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs on the lent GPU machine (the device tool), from the repository root, with .whl carried:
-#   bash scripts/device_check.sh        (after scripts/device_wheels.sh here)
+# Runs bench/gpu_check.py on a GPU machine without network access, from the repository root,
+# with the .whl/ that scripts/device_wheels.sh downloaded on a machine with network access:
+#   bash scripts/device_check.sh
 # Installs the carried wheels beside the machine's own torch, then runs bench/gpu_check.py.
 # Its JSON line goes to stdout and to $OUT/gpu_check.json.
 set -euo pipefail

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Downloads, into .whl/ (git-ignored), the wheels that bench/gpu_check.py needs on the lent GPU
-# machine and that its image lacks (it has torch, numpy, typer, tqdm, PyYAML and huggingface_hub,
-# but no open_clip, SQLAlchemy, Alembic, pydantic or FAISS). Pillow and typing_extensions go too,
+# Downloads, into .whl/ (git-ignored), the wheels that bench/gpu_check.py needs on a GPU machine
+# without network access whose Python has a CUDA torch, numpy, typer, tqdm, PyYAML and
+# huggingface_hub but no open_clip, SQLAlchemy, Alembic, pydantic or FAISS. Pillow and typing_extensions go too,
 # at this venv's versions, since the image's may be older. Python 3.12 wheels. About 34 MB.
 #
 # FAISS on the GPU cannot travel: faiss-gpu-cu12 (48 MB) needs CUDA 12's cuBLAS (about 600 MB
-# more; the machine has CUDA 13's), and faiss-gpu-cu13-cuvs (81 MB) needs cuVS, over the 64 MiB
-# that one call carries. So faiss-cpu goes, and the check reports the FAISS GPU part as skipped.
+# more where a machine has CUDA 13's), and faiss-gpu-cu13-cuvs (81 MB) needs cuVS. So faiss-cpu
+# goes, and the check reports the FAISS GPU part as skipped unless a GPU FAISS is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 platforms=()
