@@ -153,6 +153,8 @@ class LabelEmbeddingRow(Base):
     count: Mapped[int] = mapped_column(Integer)
     dim: Mapped[int] = mapped_column(Integer)
     logit_scale: Mapped[float] = mapped_column(Float)
+    # Sigmoid (SigLIP) models score each label as sigmoid(scale * cosine + bias); NULL: softmax.
+    logit_bias: Mapped[float | None] = mapped_column(Float)
     vectors: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 

@@ -2,8 +2,9 @@
 
 Each label becomes one class embedding: the mean of its prompts' text embeddings (its name and
 synonyms rendered through the set's templates, or its own prompts), renormalised. An image's
-labels are the softmax, at the model's logit scale, of its cosine to every class: the
-probabilities CLIP itself would give.
+labels are the probabilities the model itself would give: for CLIP, the softmax over all
+classes of its scaled cosines; for SigLIP, trained with a sigmoid loss, an independent
+sigmoid(scale * cosine + bias) per class (so they need not sum to one).
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ import numpy as np
 import torch
 
 from retrieval.labels.definitions import LabelSet
+from retrieval.models.backend import ScoreRule
 from retrieval.models.prompts import prompt_group_embeddings
 
 
 @dataclass(frozen=True)
 class ClassEmbeddings:
-    """Unit class vectors (C, d) float32 and the model's logit scale that turns cosines into
-    logits."""
+    """Unit class vectors (C, d) float32 and the model's score rule: the logit scale that turns
+    cosines into logits, and for sigmoid (SigLIP) models the logit bias."""
 
     vectors: np.ndarray
     logit_scale: float
+    logit_bias: float | None = None  # None: softmax over the classes
 
     @property
     def count(self) -> int:
@@ -32,11 +35,11 @@ class ClassEmbeddings:
 
 
 def class_embeddings(
-    encode_texts: Callable[[list[str]], np.ndarray], label_set: LabelSet, logit_scale: float
+    encode_texts: Callable[[list[str]], np.ndarray], label_set: LabelSet, rule: ScoreRule
 ) -> ClassEmbeddings:
     """Encode every label's prompts and average them per label (see prompt_group_embeddings)."""
     vectors = prompt_group_embeddings(encode_texts, label_set.prompt_groups())
-    return ClassEmbeddings(vectors, float(logit_scale))
+    return ClassEmbeddings(vectors, float(rule.logit_scale), rule.logit_bias)
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,9 @@ def score_block(
 ) -> BlockLabels:
     """The top-k labels of each row of `vectors` (unit rows, float16 or float32).
 
-    Probabilities are the softmax over all classes of logit_scale * cosine, computed exactly;
-    labels under their thresholds are dropped and the survivors keep their order.
+    Probabilities follow the model's rule (softmax over all classes of logit_scale * cosine, or
+    the sigmoid with bias), computed exactly; labels under their thresholds are dropped and the
+    survivors keep their order.
     """
     k = min(top_k, classes.count)
     scale = classes.logit_scale
@@ -72,11 +76,15 @@ def score_block(
         # The scale goes into the (small) class matrix, not the (n, C) product.
         logits = x @ (torch.from_numpy(classes.vectors) * scale).T
         top_logits, top_idx = torch.topk(logits, k, dim=1)
-        # Softmax denominators shifted by each row's maximum, in place: the (n, C) matrix is
-        # the largest thing a block holds, so no second copy of it is made.
-        best = top_logits[:, :1]
-        total = logits.sub_(best).exp_().sum(dim=1, keepdim=True)
-        probs = torch.exp(top_logits - best) / total
+        if classes.logit_bias is not None:
+            # Sigmoid models score each class on its own: the ranking is the logits' ranking.
+            probs = torch.sigmoid(top_logits + classes.logit_bias)
+        else:
+            # Softmax denominators shifted by each row's maximum, in place: the (n, C) matrix
+            # is the largest thing a block holds, so no second copy of it is made.
+            best = top_logits[:, :1]
+            total = logits.sub_(best).exp_().sum(dim=1, keepdim=True)
+            probs = torch.exp(top_logits - best) / total
     labels = top_idx.numpy().astype(np.int64)
     scores = probs.numpy().astype(np.float32)
     cos = (top_logits / scale).numpy().astype(np.float32)

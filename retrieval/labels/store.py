@@ -269,6 +269,7 @@ class LabelStore:
                     LabelEmbeddingRow.count,
                     LabelEmbeddingRow.dim,
                     LabelEmbeddingRow.logit_scale,
+                    LabelEmbeddingRow.logit_bias,
                     LabelEmbeddingRow.vectors,
                 ).where(
                     LabelEmbeddingRow.version_id == version_id,
@@ -277,9 +278,13 @@ class LabelStore:
             ).first()
         if row is None:
             return None
-        count, dim, scale, blob = row
+        count, dim, scale, bias, blob = row
         vectors = np.frombuffer(bytes(blob), dtype="<f4").reshape(int(count), int(dim)).copy()
-        found = ClassEmbeddings(vectors.astype(np.float32, copy=False), float(scale))
+        found = ClassEmbeddings(
+            vectors.astype(np.float32, copy=False),
+            float(scale),
+            None if bias is None else float(bias),
+        )
         self._cache_put(key, found)
         return found
 
@@ -294,6 +299,7 @@ class LabelStore:
                         count=int(vectors.shape[0]),
                         dim=int(vectors.shape[1]),
                         logit_scale=float(value.logit_scale),
+                        logit_bias=value.logit_bias,
                         vectors=vectors.tobytes(),
                         created_at=utcnow(),
                     )
@@ -316,7 +322,7 @@ class LabelStore:
             found = class_embeddings(
                 lambda texts: encoder.encode_texts_batched(texts, on_batch=on_batch),
                 self.definition(version_id),
-                encoder.logit_scale,
+                encoder.score_rule,
             )
             self.save_embeddings(version_id, key, found)
         return found
@@ -327,7 +333,7 @@ class LabelStore:
         key = ("inline:" + json.dumps(label_set.to_dict(), sort_keys=True), encoder.identity.key)
         found = self._cache_get(key)
         if found is None:
-            found = class_embeddings(encoder.encode_texts_batched, label_set, encoder.logit_scale)
+            found = class_embeddings(encoder.encode_texts_batched, label_set, encoder.score_rule)
             self._cache_put(key, found)
         return found
 

@@ -1,33 +1,21 @@
-"""The CLIP encoder: loads any open_clip model and returns L2-normalised float32 embeddings."""
+"""The encoder: any model family behind one seam, returning L2-normalised float32 embeddings."""
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from retrieval.errors import WeightsUnavailable
+from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch, load_backend
 from retrieval.models.identity import ModelIdentity, ModelSpec
-from retrieval.models.weights import (
-    register_model_configs,
-    resolve_weights,
-    sha256_file,
-    weights_help,
-)
 
 if TYPE_CHECKING:
     from retrieval.config import Settings
-
-log = logging.getLogger(__name__)
-
-# open_clip's defaults, used when a model does not record its own normalisation.
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def resolve_device(device: str) -> str:
@@ -50,35 +38,42 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 class Encoder:
-    """Embeds images and texts with one loaded open_clip model."""
+    """Embeds images and texts with one loaded model of any family (see `ModelBackend`).
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        preprocess: Callable[[Image.Image], torch.Tensor],
-        tokenizer: Callable[..., torch.Tensor],
-        identity: ModelIdentity,
-        device: str,
-        dtype: torch.dtype,
-    ) -> None:
-        self.model = model
-        self.preprocess = preprocess
-        self.tokenizer = tokenizer
-        self.identity = identity
+    Returns L2-normalised float32 rows. One encoder serves many threads (API workers): calls
+    into the model hold a lock, since torch modules are not re-entrant-safe for every backend,
+    and batching is done upstream anyway.
+    """
+
+    def __init__(self, backend: ModelBackend, device: str, dtype: torch.dtype) -> None:
+        self.backend = backend
         self.device = device
         self.dtype = dtype
-        # One model, many threads (API workers): torch modules are not re-entrant-safe
-        # for every backend, and batching is done upstream anyway.
         self._lock = threading.Lock()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.backend.model
+
+    @property
+    def preprocess(self) -> Callable[[Image.Image], torch.Tensor]:
+        return self.backend.preprocess
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return self.backend.identity
 
     @property
     def dim(self) -> int:
         return self.identity.dim
 
     @property
+    def score_rule(self) -> ScoreRule:
+        return self.backend.score_rule()
+
+    @property
     def logit_scale(self) -> float:
-        scale = getattr(self.model, "logit_scale", None)
-        return float(scale.exp().item()) if scale is not None else 100.0
+        return self.score_rule.logit_scale
 
     def _normalised(self, features: torch.Tensor) -> np.ndarray:
         features = features.float()
@@ -91,7 +86,7 @@ class Encoder:
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:
-            features = self.model.encode_image(batch.to(self.device, dtype=self.dtype))  # type: ignore[operator]
+            features = self.backend.encode_image(batch.to(self.device, dtype=self.dtype))
         return self._normalised(features)
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -99,55 +94,18 @@ class Encoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self.encode_image_tensors(torch.stack([self.preprocess(im) for im in images]))
 
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(list(texts))
-
-    def _can_trim_text(self) -> bool:
-        import open_clip
-
-        model = self.model
-        return (
-            isinstance(model, open_clip.CLIP)
-            and getattr(model, "attn_mask", None) is not None
-            and getattr(model, "text_pool_type", "argmax") in ("argmax", "eos")
-            and isinstance(self.tokenizer, open_clip.tokenizer.SimpleTokenizer)
-        )
-
-    def _encode_tokens_trimmed(self, tokens: torch.Tensor) -> torch.Tensor:
-        # The text tower's attention mask is causal and pooling reads the EOT position,
-        # so padding after the longest real sequence never influences the result: running
-        # only up to that length gives identical features for a fraction of the cost.
-        from open_clip.transformer import text_global_pool
-
-        model: Any = self.model
-        length = max(1, int((tokens != 0).sum(dim=1).max().item()))
-        tokens = tokens[:, :length]
-        cast_dtype = model.transformer.get_cast_dtype()
-        x = model.token_embedding(tokens).to(cast_dtype)
-        x = x + model.positional_embedding[:length].to(cast_dtype)
-        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-        x = model.ln_final(x)
-        x = text_global_pool(
-            x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)
-        )
-        if model.text_projection is not None:
-            if isinstance(model.text_projection, torch.nn.Linear):
-                x = model.text_projection(x)
-            else:
-                x = x @ model.text_projection
-        return x
+    def tokenize(self, texts: Sequence[str]) -> TokenBatch:
+        return self.backend.tokenize(texts)
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], *, trim: bool = True) -> np.ndarray:
-        """Embed texts. With trim (default) the text tower runs only to the longest token."""
+        """Embed texts. With trim (default) the text tower runs only as far as its family can
+        without changing the result (see `ModelBackend.encode_text`)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         tokens = self.tokenize(texts).to(self.device)
         with self._lock:
-            if trim and self._can_trim_text():
-                features = self._encode_tokens_trimmed(tokens)
-            else:
-                features = self.model.encode_text(tokens)  # type: ignore[operator]
+            features = self.backend.encode_text(tokens, trim=trim)
         return self._normalised(features)
 
     def encode_texts_batched(
@@ -166,61 +124,13 @@ class Encoder:
 
 
 def load_encoder(spec: ModelSpec) -> Encoder:
-    """Load the model once. Raises WeightsUnavailable with instructions when weights are missing."""
-    import open_clip
-
-    register_model_configs(spec.config_dir)
-    if open_clip.get_model_config(spec.name) is None:
-        known = ", ".join(open_clip.list_models()[:12])
-        raise WeightsUnavailable(
-            f"Unknown model '{spec.name}'. Known models include: {known}, ... "
-            "(add your own JSON config with CLIPSEARCH_MODEL_CONFIG_DIR)."
-        )
+    """Load the model once, through its family. Raises WeightsUnavailable with instructions
+    when weights are missing, ConfigError when the family's package is not installed."""
     device = resolve_device(spec.device)
     precision = resolve_precision(spec.precision, device)
-    checkpoint, overrides = resolve_weights(spec)
-    if checkpoint is None:
-        log.warning(
-            "Model %s has RANDOM weights (pretrained=%r): embeddings carry no meaning.",
-            spec.name,
-            spec.pretrained,
-        )
-        # Fixed seed so that random-init runs (benchmarks, demos) are reproducible.
-        torch.manual_seed(0)
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.name,
-            pretrained=checkpoint,
-            precision=precision,
-            device=device,
-            cache_dir=str(spec.cache_dir) if spec.cache_dir else None,
-            **overrides,
-        )
-    except (RuntimeError, KeyError, ValueError, OSError) as exc:
-        raise WeightsUnavailable(
-            weights_help(spec, f"open_clip could not load them ({str(exc)[:300]}).")
-        ) from None
-    model.eval()
-    tokenizer = open_clip.get_tokenizer(spec.name)
-    weights_sha = sha256_file(checkpoint) if checkpoint else "random-init-seed0"
-    visual: Any = model.visual
-    image_size = visual.image_size
-    size = int(image_size[0] if isinstance(image_size, tuple | list) else image_size)
-    mean = tuple(float(v) for v in getattr(visual, "image_mean", None) or OPENAI_MEAN)
-    std = tuple(float(v) for v in getattr(visual, "image_std", None) or OPENAI_STD)
-    with torch.inference_mode():
-        probe = model.encode_text(tokenizer(["probe"]).to(device))
-    identity = ModelIdentity(
-        name=spec.name,
-        pretrained=spec.pretrained,
-        weights_sha256=weights_sha,
-        dim=int(probe.shape[-1]),
-        image_size=size,
-        mean=mean,
-        std=std,
-    )
+    backend = load_backend(spec, device, precision)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    return Encoder(model, preprocess, tokenizer, identity, device, dtype)
+    return Encoder(backend, device, dtype)
 
 
 def model_spec(settings: Settings) -> ModelSpec:

@@ -1,4 +1,11 @@
-"""Which model made a vector: what to load (`ModelSpec`) and what was loaded (`ModelIdentity`)."""
+"""Which model made a vector: what to load (`ModelSpec`) and what was loaded (`ModelIdentity`).
+
+A model is named `FAMILY:NAME`, or plain `NAME` for open_clip:
+- `ViT-B-32`, `xlm-roberta-base-ViT-B-32`, `ViT-B-16-SigLIP2` (open_clip; also `open_clip:...`);
+- `cn-clip:ViT-B-16` (Chinese-CLIP, the `cn_clip` package);
+- `hf:/models/my-clip` or `hf:OFA-Sys/chinese-clip-vit-base-patch16` (a Hugging Face
+  `transformers` CLIPModel, ChineseCLIPModel or SiglipModel folder or hub id).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +15,49 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from retrieval.errors import ModelMismatch
+from retrieval.errors import ConfigError, ModelMismatch
+
+OPEN_CLIP, CN_CLIP, HF = "open_clip", "cn_clip", "hf"
+FAMILIES = (OPEN_CLIP, CN_CLIP, HF)
+# How users may spell each family's prefix.
+_PREFIXES = {
+    "open_clip": OPEN_CLIP,
+    "open-clip": OPEN_CLIP,
+    "openclip": OPEN_CLIP,
+    "cn-clip": CN_CLIP,
+    "cn_clip": CN_CLIP,
+    "chinese-clip": CN_CLIP,
+    "hf": HF,
+    "transformers": HF,
+}
+
+# Prefixes open_clip itself understands in a model name; the whole name goes to open_clip.
+_OPEN_CLIP_SCHEMAS = ("hf-hub", "local-dir")
+
+
+def parse_model_name(name: str) -> tuple[str, str]:
+    """(family, the family's own model name) of a `FAMILY:NAME` or plain open_clip `NAME`."""
+    prefix, sep, rest = name.partition(":")
+    if not sep or "/" in prefix or "\\" in prefix or prefix in _OPEN_CLIP_SCHEMAS:
+        # A plain open_clip name, one of open_clip's own `hf-hub:` names, or a path.
+        return OPEN_CLIP, name
+    family = _PREFIXES.get(prefix.strip().lower())
+    if family is None:
+        known = ", ".join(sorted(_PREFIXES))
+        raise ConfigError(
+            "CLIPSEARCH_MODEL",
+            f"unknown model family {prefix!r} in {name!r}; use one of {known}, or a plain "
+            "open_clip name",
+        )
+    if not rest.strip():
+        raise ConfigError("CLIPSEARCH_MODEL", f"{name!r} names a family but no model")
+    return family, rest.strip()
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What to load: an open_clip architecture plus a pretrained tag or checkpoint path."""
+    """What to load: a model name (see the module docstring) plus weights (a pretrained tag or a
+    checkpoint path; `hf:` folders carry their own), on which device and in which precision."""
 
     name: str
     pretrained: str
@@ -21,6 +65,15 @@ class ModelSpec:
     precision: str = "auto"
     config_dir: Path | None = None
     cache_dir: Path | None = None
+
+    @property
+    def family(self) -> str:
+        return parse_model_name(self.name)[0]
+
+    @property
+    def family_name(self) -> str:
+        """The name within its family (`ViT-B-16` for `cn-clip:ViT-B-16`)."""
+        return parse_model_name(self.name)[1]
 
 
 @dataclass(frozen=True)
@@ -34,15 +87,28 @@ class ModelIdentity:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    family: str = OPEN_CLIP
+    # What turns text into tokens (its name and, for files, their digest); "" for open_clip,
+    # whose model name fixes its tokenizer.
+    tokenizer: str = ""
 
     @property
     def key(self) -> str:
         # `pretrained` is left out on purpose: the same weights file moved to another
         # path, or fetched by tag, is the same model.
-        material = json.dumps(
-            [self.name, self.weights_sha256, self.dim, self.image_size, self.mean, self.std]
-        )
-        return hashlib.sha256(material.encode()).hexdigest()[:16]
+        material: list[Any] = [
+            self.name,
+            self.weights_sha256,
+            self.dim,
+            self.image_size,
+            self.mean,
+            self.std,
+        ]
+        if self.family != OPEN_CLIP or self.tokenizer:
+            # Left out for open_clip models, so that indexes written before families existed
+            # keep their key.
+            material += [self.family, self.tokenizer]
+        return hashlib.sha256(json.dumps(material).encode()).hexdigest()[:16]
 
     def describe(self) -> str:
         return (
@@ -66,6 +132,8 @@ class ModelIdentity:
             image_size=int(data["image_size"]),
             mean=tuple(float(v) for v in data["mean"]),
             std=tuple(float(v) for v in data["std"]),
+            family=str(data.get("family") or OPEN_CLIP),
+            tokenizer=str(data.get("tokenizer") or ""),
         )
 
     def require_same(self, indexed: ModelIdentity | None) -> None:

@@ -75,7 +75,7 @@ def weights_help(spec: ModelSpec, reason: str) -> str:
         "  * set CLIPSEARCH_PRETRAINED (or --pretrained) to a local checkpoint file "
         "(.pt, .bin or .safetensors), or\n"
         "  * pre-populate the model cache on a machine with internet access, e.g.\n"
-        f"      python -c \"import open_clip; open_clip.create_model('{spec.name}', "
+        f"      python -c \"import open_clip; open_clip.create_model('{spec.family_name}', "
         f"pretrained='{spec.pretrained}')\"\n"
         "    then copy the Hugging Face cache (~/.cache/huggingface, or HF_HOME) here and "
         "point HF_HOME or CLIPSEARCH_MODEL_CACHE_DIR at it."
@@ -125,11 +125,11 @@ def resolve_weights(spec: ModelSpec) -> tuple[str | None, dict[str, Any]]:
         return None, {}
     if os.path.isfile(spec.pretrained):
         return spec.pretrained, {}
-    cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained)
+    cfg = open_clip.get_pretrained_cfg(spec.family_name, spec.pretrained)
     if not cfg:
         if os.sep in spec.pretrained or spec.pretrained.endswith((".pt", ".bin", ".safetensors")):
             raise WeightsUnavailable(weights_help(spec, "that checkpoint file does not exist."))
-        tags = open_clip.list_pretrained_tags_by_model(spec.name)
+        tags = open_clip.list_pretrained_tags_by_model(spec.family_name)
         raise WeightsUnavailable(
             weights_help(
                 spec,

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from retrieval.errors import ConfigError, TrainingDataError, WeightsUnavailable
 from retrieval.models.encoder import load_encoder, resolve_device
+from retrieval.models.identity import OPEN_CLIP
 from retrieval.models.prompts import class_text_embeddings
 from retrieval.models.weights import RANDOM_INIT, register_model_configs, sha256_file
 from retrieval.training.batches import ImageSource, micro_batches, split_samples
@@ -64,8 +65,13 @@ def check_model(config: FinetuneConfig) -> None:
     """Refuse, before any work, a model that is unknown or whose checkpoint would load wrong."""
     import open_clip
 
-    register_model_configs(config.model.config_dir)
     spec = config.model
+    if spec.family != OPEN_CLIP:
+        raise ConfigError(
+            "CLIPSEARCH_MODEL",
+            f"finetune trains open_clip models; {spec.name} is a {spec.family} model",
+        )
+    register_model_configs(spec.config_dir)
     if open_clip.get_model_config(spec.name) is None:
         raise WeightsUnavailable(
             f"Unknown model '{spec.name}' (add your own JSON config with "
@@ -102,8 +108,9 @@ def _load_start_model(config: FinetuneConfig, device: str) -> _StartModel:
         if visual is None or not hasattr(visual, "patch_dropout"):
             raise ConfigError("finetune patch_dropout", f"{spec.name} has no ViT patches")
         visual.patch_dropout = PatchDropout(config.patch_dropout)
+    backend: Any = encoder.backend  # an OpenClipBackend (check_model refused the others)
     return _StartModel(
-        model, encoder.preprocess, encoder.tokenizer, encoder.identity.weights_sha256
+        model, encoder.preprocess, backend.tokenizer, encoder.identity.weights_sha256
     )
 
 

@@ -214,3 +214,20 @@ def test_embedding_blocks_read_back_exactly_what_the_shard_stores(tmp_path: Path
     stored = np.concatenate([v for _, v in blocks])
     assert stored.dtype == np.float16
     np.testing.assert_array_equal(stored, vectors.astype(np.float16))
+
+
+def test_sigmoid_models_score_each_label_on_its_own() -> None:
+    # SigLIP: p = sigmoid(scale * cosine + bias) per label, computed in float64 here.
+    vectors = unit_rows(200, 16, seed=7)
+    classes = ClassEmbeddings(unit_rows(9, 16, seed=8), logit_scale=12.0, logit_bias=-3.0)
+    block = score_block(vectors, classes, top_k=4)
+    cosines = vectors.astype(np.float64) @ classes.vectors.astype(np.float64).T
+    expected = 1 / (1 + np.exp(-(12.0 * cosines - 3.0)))
+    order = np.argsort(-cosines, axis=1, kind="stable")[:, :4]
+    np.testing.assert_array_equal(block.labels, order)
+    np.testing.assert_allclose(
+        block.scores, np.take_along_axis(expected, order, axis=1), rtol=1e-5, atol=1e-7
+    )
+    ranked = rank_labels(vectors[0], classes)
+    assert sum(p for _, p, _ in ranked) != pytest.approx(1.0)  # independent, not a softmax
+    assert [i for i, _, _ in ranked] == list(np.argsort(-cosines[0], kind="stable"))

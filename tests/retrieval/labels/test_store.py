@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from retrieval.catalog.database import Catalog
-from retrieval.catalog.migrate import current_revision
+from retrieval.catalog.migrate import current_revision, upgrade_database
 from retrieval.catalog.records import GenerationCommit, ImageRecord, ShardRecord
-from retrieval.catalog.tables import ACTIVE, ImageLabelRow, LabelledShardRow
+from retrieval.catalog.tables import ACTIVE, ImageLabelRow, LabelledShardRow, utcnow
 from retrieval.errors import BadQuery, NotFound
 from retrieval.filters import SearchFilters, ids_passing
 from retrieval.labels.definitions import LabelSet
@@ -57,8 +57,28 @@ def _write(
         writer.add(np.array(ids, dtype=np.int64), block)
 
 
-def test_migration_reaches_0002(catalog: Catalog) -> None:
-    assert current_revision(catalog.engine) == "0002"
+def test_migrations_reach_head_and_keep_cached_label_embeddings(db_url: str) -> None:
+    # A catalog at 0002 with a cached class embedding, upgraded to 0003: the row keeps its
+    # vectors and reads back as a softmax model's (no logit bias).
+    catalog = Catalog(db_url)
+    upgrade_database(catalog.engine, "0002")
+    store = LabelStore(catalog)
+    stored, _ = store.put(LabelSet.from_dict(ANIMALS))
+    vectors = np.eye(3, 4, dtype=np.float32)
+    with catalog.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO label_embeddings (version_id, model_key, count, dim, logit_scale, "
+                "vectors, created_at) VALUES (:v, 'k1', 3, 4, 50.0, :blob, :now)"
+            ),
+            {"v": stored.version_id, "blob": vectors.astype("<f4").tobytes(), "now": utcnow()},
+        )
+    catalog.upgrade()
+    assert current_revision(catalog.engine) == "0003"
+    found = LabelStore(catalog).cached_embeddings(stored.version_id, "k1")
+    assert found is not None and found.logit_scale == 50.0 and found.logit_bias is None
+    np.testing.assert_array_equal(found.vectors, vectors)
+    catalog.dispose()
 
 
 def test_put_versions_only_real_changes(catalog: Catalog) -> None:
@@ -236,9 +256,13 @@ def test_class_embeddings_are_cached_per_version_and_model(catalog: Catalog) -> 
     store.save_embeddings(stored.version_id, "k1", ClassEmbeddings(vectors, 50.0))  # a race
     fresh = LabelStore(catalog)  # another process: reads the catalog, not memory
     found = fresh.cached_embeddings(stored.version_id, "k1")
-    assert found is not None and found.logit_scale == 50.0
+    assert found is not None and found.logit_scale == 50.0 and found.logit_bias is None
     np.testing.assert_array_equal(found.vectors, vectors)
     assert fresh.cached_embeddings(stored.version_id, "other-model") is None
+    sigmoid = ClassEmbeddings(vectors, 10.0, logit_bias=-10.0)
+    store.save_embeddings(stored.version_id, "siglip", sigmoid)
+    found = LabelStore(catalog).cached_embeddings(stored.version_id, "siglip")
+    assert found is not None and (found.logit_scale, found.logit_bias) == (10.0, -10.0)
 
 
 def test_raw_cosines_are_kept_only_when_asked(catalog: Catalog) -> None:

@@ -51,7 +51,7 @@ def test_text_embeddings_match_open_clip_reference(encoder: Encoder, tiny_checkp
 
 
 def test_trimmed_text_equals_full_context(encoder: Encoder) -> None:
-    assert encoder._can_trim_text()
+    assert encoder.backend.trims_exactly()
     trimmed = encoder.encode_texts(TEXTS, trim=True)
     full = encoder.encode_texts(TEXTS, trim=False)
     np.testing.assert_allclose(trimmed, full, atol=1e-6)

@@ -1,0 +1,138 @@
+"""The seam between clipsearch and a model family: what every family's loaded model provides.
+
+The `Encoder` wraps one `ModelBackend` and owns everything the families share: the lock, moving
+batches to the device, L2 normalisation, batching many texts. A backend only knows its family:
+how to load, preprocess, tokenize and run its towers, its identity and its score rule. A new
+family is one module in `retrieval/models/families/` with a `load(spec, device, precision)`
+function, and one line in `FAMILY_MODULES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from retrieval.errors import ConfigError
+from retrieval.models.identity import CN_CLIP, HF, OPEN_CLIP, ModelIdentity, ModelSpec
+
+
+@dataclass(frozen=True)
+class Family:
+    module: str  # under retrieval.models.families
+    extra: str | None  # the pip extra that installs its packages (None: always installed)
+    packages: tuple[str, ...]  # the optional top-level packages it imports
+
+
+FAMILY_MODULES: dict[str, Family] = {
+    OPEN_CLIP: Family("openclip", None, ()),
+    CN_CLIP: Family("chinese_clip", "chinese", ("cn_clip",)),
+    HF: Family("hf", "hf", ("transformers", "tokenizers")),
+}
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Token ids (n, L) and, for towers that read one, the attention mask (1 = a real token)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    def to(self, device: str) -> TokenBatch:
+        mask = self.mask.to(device) if self.mask is not None else None
+        return TokenBatch(self.ids.to(device), mask)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass(frozen=True)
+class ScoreRule:
+    """How scaled cosines become label probabilities: a softmax over the labels (CLIP), or an
+    independent sigmoid per label with a bias (SigLIP)."""
+
+    logit_scale: float
+    logit_bias: float | None = None  # None: softmax
+
+    @property
+    def is_sigmoid(self) -> bool:
+        return self.logit_bias is not None
+
+
+class ModelBackend(ABC):
+    """One loaded model of one family, in eval mode on its device."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        identity: ModelIdentity,
+    ) -> None:
+        self.model = model
+        self.preprocess = preprocess
+        self.identity = identity
+
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> TokenBatch:
+        """Tokens of the texts, padded to the tower's full context."""
+
+    @abstractmethod
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image features (unnormalised) of a preprocessed batch already on the device."""
+
+    @abstractmethod
+    def encode_text(self, tokens: TokenBatch, *, trim: bool) -> torch.Tensor:
+        """Text features (unnormalised). With `trim`, a backend whose result cannot change may
+        run only up to the longest real token instead of the full context."""
+
+    @abstractmethod
+    def score_rule(self) -> ScoreRule:
+        """The model's logit scale (and bias, for sigmoid models)."""
+
+    def trims_exactly(self) -> bool:
+        """Whether `encode_text(trim=True)` runs a shorter context than the full one."""
+        return False
+
+    # --- fine-tuning (`retrieval.training.finetune`) -----------------------------------------
+    # encode_image and encode_text are differentiable when called outside inference mode.
+
+    @abstractmethod
+    def tower(self, parameter: str) -> str:
+        """Which part a parameter (a name from `model.named_parameters()`) belongs to:
+        "image", "text", or "shared" (the logit scale and bias)."""
+
+    def logit_scale_parameter(self) -> torch.nn.Parameter:
+        """The learnable log of the logit scale (training clamps it at ln 100)."""
+        parameter = getattr(self.model, "logit_scale", None)
+        if not isinstance(parameter, torch.nn.Parameter):
+            raise TypeError(f"{type(self.model).__name__} has no logit_scale parameter")
+        return parameter
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The weights a fine-tuning run saves: a state dict that this family's `load` accepts
+        back as `pretrained` (saved as {"state_dict": ..., "clipsearch": meta})."""
+        return self.model.state_dict()
+
+
+def load_backend(spec: ModelSpec, device: str, precision: str) -> ModelBackend:
+    """Load `spec` through its family's module; ConfigError naming the extra when the family's
+    package is not installed."""
+    family = FAMILY_MODULES[spec.family]
+    try:
+        module: Any = importlib.import_module(f"retrieval.models.families.{family.module}")
+    except ImportError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in family.packages:
+            raise
+        raise ConfigError(
+            "CLIPSEARCH_MODEL",
+            f"{spec.name} is a {spec.family} model, whose package {missing} is not "
+            f"installed; install it with: pip install 'clipsearch[{family.extra}]'",
+        ) from None
+    backend: ModelBackend = module.load(spec, device, precision)
+    return backend
