@@ -144,6 +144,17 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        from retrieval.models.identity import parse_model_name
+
+        try:
+            parse_model_name(value)
+        except ConfigError as exc:
+            raise ValueError(exc.detail) from None
+        return value
+
     @field_validator("index_every", mode="before")
     @classmethod
     def _parse_every(cls, value: Any) -> Any:
@@ -191,4 +202,5 @@ def load_settings(**overrides: Any) -> Settings:
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "?"
         setting = ENV_PREFIX + field.upper()
-        raise ConfigError(setting, f"{first['msg']} (got {first.get('input')!r})") from None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigError(setting, f"{message} (got {first.get('input')!r})") from None

@@ -17,6 +17,7 @@ class ConfigError(ClipsearchError):
     def __init__(self, setting: str, message: str) -> None:
         super().__init__(f"Invalid setting {setting}: {message}")
         self.setting = setting
+        self.detail = message
 
 
 class ImageError(ClipsearchError):

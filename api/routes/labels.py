@@ -168,7 +168,8 @@ async def classify(
     ] = None,
     k: Annotated[int | None, Form(ge=1, description="Return only the best k labels.")] = None,
 ) -> ClassifyResponse:
-    """Every label, ranked by probability (the softmax of the model's scaled cosines)."""
+    """Every label, ranked by probability: the softmax of the model's scaled cosines (CLIP), or
+    each label's own sigmoid (SigLIP models, whose probabilities need not sum to one)."""
     if bool(label_set) == bool(labels and labels.strip()):
         raise BadQuery("Give either label_set (a stored set's name) or labels (an inline list).")
     data = await read_upload(file, settings.max_upload_bytes)

@@ -31,7 +31,11 @@ IndexDirOpt = Annotated[
 
 
 ModelOpt = Annotated[
-    str | None, typer.Option("--model", help="CLIPSEARCH_MODEL: open_clip architecture name.")
+    str | None,
+    typer.Option(
+        "--model",
+        help="CLIPSEARCH_MODEL: an open_clip name (ViT-B-32), cn-clip:NAME or hf:FOLDER.",
+    ),
 ]
 
 

@@ -1,9 +1,8 @@
 """Zero-shot label set definitions: parsing and validating them, from YAML/JSON or the API.
 
-A label set names classes in plain words. Each label becomes one class embedding: the mean of
-its prompts' text embeddings (its name and synonyms rendered through the set's templates, or
-its own prompts), renormalised. An image's labels are the softmax, at the model's logit scale,
-of its cosine to every class: the probabilities CLIP itself would give.
+A label set names classes in plain words, in any language its model reads. Each label becomes
+one class embedding (see `retrieval.labels.scoring`), from its name and synonyms rendered
+through the set's templates, or from its own prompts.
 """
 
 from __future__ import annotations
@@ -326,8 +325,13 @@ def load_label_set_file(path: Path, *, name: str | None = None) -> LabelSet:
 
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        # utf-8-sig: Windows editors may start a UTF-8 file with a byte order mark.
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LabelSetError(
+            source, f"not UTF-8 text (byte {exc.start}); save the file as UTF-8"
+        ) from None
+    except OSError as exc:
         raise LabelSetError(source, f"cannot read the file: {exc}") from None
     suffix = Path(path).suffix.lower()
     data: Any
@@ -347,7 +351,7 @@ def load_label_set_file(path: Path, *, name: str | None = None) -> LabelSet:
     if isinstance(data, Mapping) and isinstance(data.get("templates"), str):
         candidate = Path(path).parent / data["templates"]
         if data["templates"] not in TEMPLATE_SET_SOURCES and candidate.is_file():
-            lines = candidate.read_text(encoding="utf-8").splitlines()
+            lines = candidate.read_text(encoding="utf-8-sig").splitlines()
             data = {**data, "templates": [line.strip() for line in lines if line.strip()]}
     return LabelSet.from_dict(data, name=name or _name_from(data, path), source=source)
 

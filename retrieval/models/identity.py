@@ -65,6 +65,7 @@ class ModelSpec:
     precision: str = "auto"
     config_dir: Path | None = None
     cache_dir: Path | None = None
+    seed: int = 0  # seeds random weights (pretrained "none"), for reproducible runs
 
     @property
     def family(self) -> str:

@@ -21,9 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from retrieval.errors import ConfigError, TrainingDataError, WeightsUnavailable
+from retrieval.models.backend import ModelBackend, TokenBatch
 from retrieval.models.encoder import load_encoder, resolve_device
 from retrieval.models.identity import OPEN_CLIP
 from retrieval.models.prompts import class_text_embeddings
@@ -55,81 +57,75 @@ MAX_LOGIT_SCALE = math.log(100)
 
 @dataclass
 class _StartModel:
-    model: torch.nn.Module
-    preprocess: Callable[[Any], torch.Tensor]
-    tokenizer: Callable[..., torch.Tensor]
+    backend: ModelBackend
     weights: str  # what it started from, for the report
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.backend.model
+
+    @property
+    def preprocess(self) -> Callable[[Any], torch.Tensor]:
+        return self.backend.preprocess
 
 
 def check_model(config: FinetuneConfig) -> None:
-    """Refuse, before any work, a model that is unknown or whose checkpoint would load wrong."""
-    import open_clip
-
+    """Refuse, before any work, a model whose checkpoint would load wrong (open_clip)."""
     spec = config.model
     if spec.family != OPEN_CLIP:
-        raise ConfigError(
-            "CLIPSEARCH_MODEL",
-            f"finetune trains open_clip models; {spec.name} is a {spec.family} model",
-        )
+        return  # loading it is the check (`_load_start_model`)
+    import open_clip
+
     register_model_configs(spec.config_dir)
-    if open_clip.get_model_config(spec.name) is None:
+    name = spec.family_name
+    if open_clip.get_model_config(name) is None:
         raise WeightsUnavailable(
-            f"Unknown model '{spec.name}' (add your own JSON config with "
-            "CLIPSEARCH_MODEL_CONFIG_DIR)."
+            f"Unknown model '{name}' (add your own JSON config with CLIPSEARCH_MODEL_CONFIG_DIR)."
         )
-    tag_cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained)
-    if tag_cfg.get("quick_gelu") and "quickgelu" not in spec.name.lower():
-        # A checkpoint path carries no architecture flags: loaded later as `spec.name`, it
+    tag_cfg = open_clip.get_pretrained_cfg(name, spec.pretrained)
+    if tag_cfg.get("quick_gelu") and "quickgelu" not in name.lower():
+        # A checkpoint path carries no architecture flags: loaded later as `name`, it
         # would get GELU where these weights were trained with QuickGELU.
         raise ConfigError(
             "CLIPSEARCH_MODEL",
-            f"weights '{spec.pretrained}' need QuickGELU; fine-tune {spec.name}-quickgelu "
+            f"weights '{spec.pretrained}' need QuickGELU; fine-tune {name}-quickgelu "
             "instead, so the checkpoint loads with the same activation everywhere",
         )
 
 
 def _load_start_model(config: FinetuneConfig, device: str) -> _StartModel:
-    import open_clip
-
-    extra = {"force_patch_dropout": config.patch_dropout} if config.patch_dropout else {}
-    spec = config.model
-    if spec.pretrained.lower() in RANDOM_INIT:
-        torch.manual_seed(config.seed)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.name, pretrained=None, device=device, **extra
+    spec = replace(config.model, device=device, precision="fp32", seed=config.seed)
+    encoder = load_encoder(spec)
+    backend = encoder.backend
+    if backend.score_rule().is_sigmoid:
+        raise ConfigError(
+            "CLIPSEARCH_MODEL",
+            f"{spec.name} scores with a sigmoid (SigLIP); finetune trains with softmax "
+            "objectives and would unlearn its calibration",
         )
-        return _StartModel(model, preprocess, open_clip.get_tokenizer(spec.name), "random")
-    encoder = load_encoder(replace(spec, device=device, precision="fp32"))
-    model = encoder.model
     if config.patch_dropout:
         from open_clip.transformer import PatchDropout
 
-        visual: Any = getattr(model, "visual", None)
-        if visual is None or not hasattr(visual, "patch_dropout"):
+        visual: Any = getattr(backend.model, "visual", None)
+        if spec.family != OPEN_CLIP or not hasattr(visual, "patch_dropout"):
             raise ConfigError("finetune patch_dropout", f"{spec.name} has no ViT patches")
         visual.patch_dropout = PatchDropout(config.patch_dropout)
-    backend: Any = encoder.backend  # an OpenClipBackend (check_model refused the others)
-    return _StartModel(
-        model, encoder.preprocess, backend.tokenizer, encoder.identity.weights_sha256
-    )
+    random = spec.pretrained.lower() in RANDOM_INIT
+    return _StartModel(backend, "random" if random else encoder.identity.weights_sha256)
 
 
-def _tower_parameters(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+def _tower_parameters(start: _StartModel) -> dict[str, list[torch.nn.Parameter]]:
     towers: dict[str, list[torch.nn.Parameter]] = {"image": [], "text": [], "shared": []}
-    for name, param in model.named_parameters():
-        if name.startswith("visual."):
-            towers["image"].append(param)
-        elif name in ("logit_scale", "logit_bias"):
-            towers["shared"].append(param)
-        else:
-            towers["text"].append(param)
+    for name, param in start.model.named_parameters():
+        towers[start.backend.tower(name)].append(param)
     return towers
 
 
 def _optimizer(
-    model: torch.nn.Module, config: FinetuneConfig
+    start: _StartModel, config: FinetuneConfig
 ) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
-    towers = _tower_parameters(model)
+    model = start.model
+    towers = _tower_parameters(start)
     if config.freeze != "none":
         for param in towers[config.freeze]:
             param.requires_grad_(False)
@@ -167,10 +163,10 @@ class _Trainer:
 
     def __init__(self, config: FinetuneConfig, start: _StartModel, device: str) -> None:
         self.config = config
+        self.backend = start.backend
         self.model = start.model
-        self.tokenizer = start.tokenizer
         self.device = device
-        self._tokens: dict[str, torch.Tensor] = {}
+        self._tokens: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.amp_dtype: torch.dtype | None = None
         if config.amp and device.startswith("cuda"):
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -181,22 +177,39 @@ class _Trainer:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
-    def tokens(self, captions: Sequence[str]) -> torch.Tensor:
+    def tokens(self, captions: Sequence[str]) -> TokenBatch:
+        """Tokens of the captions, each caption tokenized once per run."""
         missing = [c for c in captions if c not in self._tokens]
         if missing:
-            for caption, row in zip(missing, self.tokenizer(missing), strict=True):
-                self._tokens[caption] = row
-        return torch.stack([self._tokens[c] for c in captions]).to(self.device)
+            batch = self.backend.tokenize(missing)
+            for n, caption in enumerate(missing):
+                mask = batch.mask[n] if batch.mask is not None else None
+                self._tokens[caption] = (batch.ids[n], mask)
+        rows = [self._tokens[c] for c in captions]
+        masks = [mask for _, mask in rows]
+        stacked = TokenBatch(
+            torch.stack([ids for ids, _ in rows]),
+            None if masks[0] is None else torch.stack([m for m in masks if m is not None]),
+        )
+        return stacked.to(self.device)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.backend.encode_image(pixels.to(self.device, non_blocking=True))
+        return F.normalize(features, dim=-1)
+
+    def encode_texts(self, captions: Sequence[str]) -> torch.Tensor:
+        # Trimmed where the family can trim exactly: the same features for less work.
+        features = self.backend.encode_text(self.tokens(captions), trim=True)
+        return F.normalize(features, dim=-1)
 
     def encode(
         self, pixels: torch.Tensor, captions: Sequence[str]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        model: Any = self.model
         freeze = self.config.freeze
         with torch.no_grad() if freeze == "image" else contextlib.nullcontext():
-            image = model.encode_image(pixels.to(self.device, non_blocking=True), normalize=True)
+            image = self.encode_images(pixels)
         with torch.no_grad() if freeze == "text" else contextlib.nullcontext():
-            text = model.encode_text(self.tokens(captions), normalize=True)
+            text = self.encode_texts(captions)
         return image, text
 
     def batch_loss(
@@ -209,7 +222,7 @@ class _Trainer:
         position = {caption: n for n, caption in enumerate(distinct)}
         with self.autocast():
             image, text = self.encode(pixels, distinct)
-            scale = self.model.logit_scale.exp()  # type: ignore[operator]
+            scale = self.backend.logit_scale_parameter().exp()
             if loss == "clip":
                 rows = torch.tensor([position[c] for c in captions], device=self.device)
                 return clip_loss(image.float(), text.float()[rows], scale), image
@@ -229,13 +242,11 @@ class _Trainer:
 
     def train_mode(self) -> None:
         self.model.train()
-        model: Any = self.model
         # A frozen tower also keeps its dropout and norm statistics as loaded.
-        if self.config.freeze == "image":
-            model.visual.eval()
-        elif self.config.freeze == "text":
-            for name, module in model.named_children():
-                if name != "visual":
+        frozen = self.config.freeze
+        if frozen != "none":
+            for name, module in self.model.named_children():
+                if self.backend.tower(f"{name}.weight") == frozen:
                     module.eval()
 
 
@@ -269,7 +280,7 @@ def _validate(
                 weights.append(len(kept))
             else:  # one image: no contrastive loss, but it still counts for zero-shot
                 with trainer.autocast():
-                    image = model.encode_image(pixels.to(trainer.device), normalize=True)
+                    image = trainer.encode_images(pixels)
             features.append(image.float().cpu().numpy())
     val_loss = float(np.average(losses, weights=weights)) if losses else None
     labelled = all(s.label is not None for s in samples)
@@ -278,7 +289,7 @@ def _validate(
 
     def encode_texts(texts: list[str]) -> np.ndarray:
         with torch.no_grad(), trainer.autocast():
-            out = model.encode_text(trainer.tokens(texts), normalize=True)
+            out = trainer.encode_texts(texts)
         return np.asarray(out.float().cpu().numpy(), dtype=np.float32)
 
     index = {name: n for n, name in enumerate(classes)}
@@ -287,11 +298,12 @@ def _validate(
     return val_loss, zero_shot_accuracy(np.concatenate(features), labels, class_vectors)
 
 
-def _save_checkpoint(model: torch.nn.Module, path: Path, meta: dict[str, Any]) -> str:
+def _save_checkpoint(backend: ModelBackend, path: Path, meta: dict[str, Any]) -> str:
     """Write atomically (temp file, fsync, rename): a killed run never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
-        key: value.detach().to("cpu", torch.float32) for key, value in model.state_dict().items()
+        key: value.detach().to("cpu", torch.float32)
+        for key, value in backend.checkpoint_state().items()
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -377,13 +389,13 @@ def _train(
         1, math.ceil(config.epochs * len(run.train.usable) / per_step)
     )
     warmup_steps = max(1, round(config.warmup * total_steps)) if config.warmup else 0
-    optimizer, trainable = _optimizer(run.start.model, config)
+    optimizer, trainable = _optimizer(run.start, config)
     if not trainable:
         raise ConfigError("finetune freeze", "nothing left to train")
     generator = torch.Generator().manual_seed(config.seed)
     caption_rng = random.Random(config.seed)
     batches = micro_batches(len(run.train.usable), config.batch_size, generator)
-    model: Any = run.start.model
+    scale_parameter = run.start.backend.logit_scale_parameter()
     trainer.train_mode()
     outcome = _Progress(total_steps, per_step, float("nan"), [], 0.0)
     window = max(1, min(20, total_steps // 5))  # steps averaged into the reported final loss
@@ -414,7 +426,7 @@ def _train(
             trainer.scaler.step(optimizer)
             trainer.scaler.update()
             with torch.no_grad():
-                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                scale_parameter.clamp_(0, MAX_LOGIT_SCALE)
             if step == 0:
                 outcome.first_loss = step_loss
             outcome.recent = (outcome.recent + [step_loss])[-window:]
@@ -453,7 +465,7 @@ def finetune(
     meta = {"model": spec.name, "started_from": spec.pretrained, "steps": trained.total_steps}
     report = FinetuneReport(
         checkpoint=str(config.out),
-        checkpoint_sha256=_save_checkpoint(model, config.out, meta),
+        checkpoint_sha256=_save_checkpoint(run.start.backend, config.out, meta),
         model=spec.name,
         started_from=spec.pretrained,
         start_weights=run.start.weights,
@@ -476,7 +488,7 @@ def finetune(
         final_train_loss=round(float(np.mean(trained.recent)), 5) if trained.recent else None,
         val_loss=round(val_loss, 5) if val_loss is not None else None,
         val_zero_shot=zero_shot,
-        logit_scale=round(float(model.logit_scale.detach().exp()), 3),
+        logit_scale=round(float(run.start.backend.logit_scale_parameter().detach().exp()), 3),
         seconds=round(time.monotonic() - started, 2),
         prepare_seconds=round(run.prepare_seconds, 2),
         train_seconds=round(trained.seconds, 2),

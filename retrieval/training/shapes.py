@@ -29,6 +29,17 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 130, 15),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+# The classes' names in Chinese: "红色的圆形" is "a red circle".
+COLOURS_ZH = {
+    "red": "红色",
+    "green": "绿色",
+    "blue": "蓝色",
+    "yellow": "黄色",
+    "purple": "紫色",
+    "orange": "橙色",
+}
+SHAPES_ZH = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "star": "星形"}
+LANGUAGES = ("en", "zh")
 
 _SHAPE_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png"}
 _SUPERSAMPLE = 2  # draw at twice the size and shrink, for anti-aliased edges
@@ -46,10 +57,22 @@ class ShapeSample:
     path: Path
     colour: str
     shape: str
+    language: str = "en"
+
+    @property
+    def label(self) -> str:
+        """The class name: "red circle", or in Chinese "红色的圆形"."""
+        return class_name(self.colour, self.shape, self.language)
 
     @property
     def caption(self) -> str:
-        return f"a {self.colour} {self.shape}"
+        return f"a {self.label}" if self.language == "en" else self.label
+
+
+def class_name(colour: str, shape: str, language: str = "en") -> str:
+    if language == "zh":
+        return f"{COLOURS_ZH[colour]}的{SHAPES_ZH[shape]}"
+    return f"{colour} {shape}"
 
 
 def draw_shape(colour: str, shape: str, rng: random.Random, size: int = 96) -> Image.Image:
@@ -79,12 +102,23 @@ def draw_shape(colour: str, shape: str, rng: random.Random, size: int = 96) -> I
 
 
 def generate_shapes(
-    out_dir: Path, count: int, *, seed: int = 0, size: int = 96, fmt: str = "JPEG"
+    out_dir: Path,
+    count: int,
+    *,
+    seed: int = 0,
+    size: int = 96,
+    fmt: str = "JPEG",
+    language: str = "en",
 ) -> list[ShapeSample]:
     """Write `count` pictures balanced over all colour x shape classes, plus captions.csv.
 
     Sample i depends only on (seed, i), so a smaller count gives a prefix of a larger one.
+    With `language="zh"` the captions are Chinese ("红色的圆形") and captions.csv also has a
+    label column (the same Chinese class name), so a model can be trained and zero-shot
+    evaluated in Chinese from that file alone.
     """
+    if language not in LANGUAGES:
+        raise ValueError(f"unsupported language {language!r}; use one of {', '.join(LANGUAGES)}")
     suffix = _SHAPE_SUFFIXES.get(fmt.upper())
     if suffix is None:
         raise ValueError(f"unsupported format {fmt!r}; use one of {', '.join(_SHAPE_SUFFIXES)}")
@@ -103,8 +137,8 @@ def generate_shapes(
             image.save(path, "JPEG", quality=92)
         else:
             image.save(path, "PNG")
-        samples.append(ShapeSample(path=path, colour=colour, shape=shape))
-    _write_captions(out_dir, samples)
+        samples.append(ShapeSample(path=path, colour=colour, shape=shape, language=language))
+    _write_captions(out_dir, samples, with_labels=language != "en")
     return samples
 
 
@@ -182,13 +216,14 @@ def _with_noise(image: Image.Image, rng: np.random.Generator, sigma: float) -> I
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def _write_captions(out_dir: Path, samples: Sequence[ShapeSample]) -> None:
+def _write_captions(out_dir: Path, samples: Sequence[ShapeSample], *, with_labels: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "captions.csv", "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
-        writer.writerow(["path", "caption"])
+        writer.writerow(["path", "caption", "label"] if with_labels else ["path", "caption"])
         for sample in samples:
-            writer.writerow([sample.path.relative_to(out_dir).as_posix(), sample.caption])
+            row = [sample.path.relative_to(out_dir).as_posix(), sample.caption]
+            writer.writerow([*row, sample.label] if with_labels else row)
 
 
 def _noise_pool(rng: np.random.Generator, width: int, height: int) -> np.ndarray:

@@ -107,8 +107,8 @@ def load(spec: ModelSpec, device: str, precision: str) -> OpenClipBackend:
             name,
             spec.pretrained,
         )
-        # Fixed seed so that random-init runs (benchmarks, demos) are reproducible.
-        torch.manual_seed(0)
+        # Seeded, so that random-init runs (benchmarks, demos, training) are reproducible.
+        torch.manual_seed(spec.seed)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name,

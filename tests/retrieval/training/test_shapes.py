@@ -118,3 +118,24 @@ def test_generate_photos_honours_size(tmp_path: Path) -> None:
     (path,) = generate_photos(tmp_path, 1, size=(320, 200), quality=80)
     decoded = decode_image(path, max_pixels=CAP)
     assert (decoded.width, decoded.height) == (320, 200)
+
+
+def test_chinese_captions_name_every_class_and_train_from_the_table(tmp_path: Path) -> None:
+    from retrieval.training.data import load_training_set
+
+    samples = generate_shapes(tmp_path / "zh", CLASSES, seed=3, language="zh")
+    assert {s.caption for s in samples if s.colour == "red" and s.shape == "circle"} == {
+        "红色的圆形"
+    }
+    assert len({s.caption for s in samples}) == CLASSES  # 24 distinct Chinese class names
+    with open(tmp_path / "zh" / "captions.csv", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    assert rows[0].keys() == {"path", "caption", "label"}
+    assert all(row["caption"] == row["label"] for row in rows)
+    dataset = load_training_set(tmp_path / "zh" / "captions.csv")
+    assert dataset.has_classes and "蓝色的正方形" in dataset.classes
+    # English files are unchanged: no label column, so a caption table has no classes.
+    generate_shapes(tmp_path / "en", 4, seed=3)
+    assert (tmp_path / "en" / "captions.csv").read_text().splitlines()[0] == "path,caption"
+    with pytest.raises(ValueError, match="language"):
+        generate_shapes(tmp_path / "x", 1, language="fr")
