@@ -50,7 +50,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _host_resolves(url: str, timeout: float = 3.0) -> bool:
+def host_resolves(url: str, timeout: float = 3.0) -> bool:
     """A quick DNS probe, so an offline machine fails in seconds, not after a minute of retries."""
     host = urlparse(url).hostname or ""
     result: list[bool] = []
@@ -149,7 +149,7 @@ def resolve_weights(spec: ModelSpec) -> tuple[str | None, dict[str, Any]]:
     if cached:
         return cached, overrides
     source = f"https://huggingface.co/{cfg['hf_hub']}" if cfg.get("hf_hub") else cfg.get("url", "")
-    if not source or not _host_resolves(source):
+    if not source or not host_resolves(source):
         raise WeightsUnavailable(
             weights_help(spec, "they are not in the local cache and the hub is unreachable.")
         )

@@ -5,6 +5,7 @@ semantic test model. One recipe, so the demo shows what the tests assert.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +33,52 @@ LEARNING_RATE = 2e-3
 IMAGE_PAIRS = 0.5
 
 
+@dataclass(frozen=True)
+class ShapesRecipe:
+    """One tiny model trained from random weights on generated shapes, in one language."""
+
+    model: str  # a model name of any family (see retrieval.models.identity)
+    language: str  # of the captions: "en" ("a red circle") or "zh" ("红色的圆形")
+    templates: tuple[str, ...]  # class name -> caption, for training and zero-shot queries
+    steps: int = STEPS
+    lr: float = LEARNING_RATE
+    image_pairs: float = IMAGE_PAIRS
+
+    def training_data(self, work_dir: Path) -> Path:
+        """English trains from the class folders, Chinese from captions.csv (its labels)."""
+        if self.language == "en":
+            return work_dir / "train"
+        return work_dir / f"train-{self.language}" / "captions.csv"
+
+
+ENGLISH = ShapesRecipe(SHAPES_MODEL, "en", SHAPES_TEMPLATES)
+# Chinese-CLIP's own code (a BERT text tower on the real Chinese vocab), the same tiny ResNet
+# idea; its captions are the class names themselves, so the template is "{}".
+CHINESE = ShapesRecipe("cn-clip:clipsearch-tiny-zh-rn", "zh", ("{}",))
+
+
 def shapes_config(
-    data: Path, out: Path, *, steps: int, seed: int = 0, device: str = "cpu"
+    data: Path,
+    out: Path,
+    *,
+    steps: int,
+    seed: int = 0,
+    device: str = "cpu",
+    recipe: ShapesRecipe = ENGLISH,
 ) -> FinetuneConfig:
     """The recipe: random init, class-aware loss over the 24 colour x shape classes."""
     return FinetuneConfig(
         data=data,
         out=out,
-        model=ModelSpec(SHAPES_MODEL, "none", device=device),
-        templates=SHAPES_TEMPLATES,
+        model=ModelSpec(recipe.model, "none", device=device),
+        templates=recipe.templates,
         steps=steps,
         batch_size=96,
-        lr=LEARNING_RATE,
+        lr=recipe.lr,
         warmup=0.1,
         weight_decay=0.1,
         loss="class-aware",
-        image_pairs=IMAGE_PAIRS,
+        image_pairs=recipe.image_pairs,
         val_fraction=0.05,
         seed=seed,
     )
@@ -62,16 +93,20 @@ def train_shapes_model(
     device: str = "cpu",
     progress: bool | None = None,
     train_images: int = TRAIN_IMAGES,
+    recipe: ShapesRecipe = ENGLISH,
 ) -> FinetuneResult:
     """Generate the training pictures under `work_dir` (once) and train the model into `out`."""
-    data = work_dir / "train"
-    if not (data / "captions.csv").is_file():
-        generate_shapes(data, train_images, seed=TRAIN_SEED)
-    config = shapes_config(data, out, steps=steps, seed=seed, device=device)
+    data = recipe.training_data(work_dir)
+    folder = data.parent if data.suffix == ".csv" else data
+    if not (folder / "captions.csv").is_file():
+        generate_shapes(folder, train_images, seed=TRAIN_SEED, language=recipe.language)
+    config = shapes_config(data, out, steps=steps, seed=seed, device=device, recipe=recipe)
     return finetune(config, progress=progress)
 
 
-def cached_shapes_model(out: Path, *, min_steps: int, seed: int = 0) -> dict[str, Any] | None:
+def cached_shapes_model(
+    out: Path, *, min_steps: int, seed: int = 0, recipe: ShapesRecipe = ENGLISH
+) -> dict[str, Any] | None:
     """The report of a finished checkpoint at `out` made by this recipe, else None.
 
     It must have been trained for at least `min_steps` steps, with the recipe's other settings
@@ -87,10 +122,10 @@ def cached_shapes_model(out: Path, *, min_steps: int, seed: int = 0) -> dict[str
     if not isinstance(report, dict) or not isinstance(report.get("args"), dict):
         return None
     args = report["args"]
-    recipe = shapes_config(Path(), out, steps=min_steps, seed=seed).to_dict()
+    expected = shapes_config(Path(), out, steps=min_steps, seed=seed, recipe=recipe).to_dict()
     # Where it ran changes speed, not the recipe.
     ignored = {"data", "out", "workers", "steps", "device"}
-    same = all(args.get(k) == v for k, v in recipe.items() if k not in ignored)
+    same = all(args.get(k) == v for k, v in expected.items() if k not in ignored)
     steps = args.get("steps")
     if not same or not isinstance(steps, int) or steps < min_steps:
         return None

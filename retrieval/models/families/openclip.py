@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ from retrieval.errors import WeightsUnavailable
 from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch
 from retrieval.models.identity import OPEN_CLIP, ModelIdentity, ModelSpec
 from retrieval.models.weights import (
+    host_resolves,
     register_model_configs,
     resolve_weights,
     sha256_file,
@@ -90,6 +92,43 @@ class OpenClipBackend(ModelBackend):
         return x
 
 
+def _hub_repos(name: str) -> list[str]:
+    """Hugging Face repos a model reads at creation: an HF tokenizer or HF text tower's config
+    (SigLIP, XLM-R and NLLB models); their weights come with the checkpoint."""
+    text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+    repos = [text_cfg.get("hf_tokenizer_name"), text_cfg.get("hf_model_name")]
+    return list(dict.fromkeys(r for r in repos if r and not os.path.isdir(r)))
+
+
+def _require_hub_files(spec: ModelSpec) -> None:
+    """Fail in seconds, with instructions, when a repo the model needs is neither cached nor
+    reachable: transformers would otherwise retry for half a minute and raise its own error."""
+    from huggingface_hub import snapshot_download
+
+    for repo in _hub_repos(spec.family_name):
+        try:
+            snapshot_download(
+                repo,
+                cache_dir=str(spec.cache_dir) if spec.cache_dir else None,
+                local_files_only=True,
+            )
+            continue
+        except Exception:  # noqa: BLE001 - any failure here means "not cached"
+            pass
+        if host_resolves("https://huggingface.co"):
+            continue  # open_clip downloads it
+        raise WeightsUnavailable(
+            f"Model {spec.family_name} needs the Hugging Face files of {repo} (its tokenizer "
+            "or text tower), which are not in the local cache, and the hub is unreachable.\n"
+            "On a machine with internet access, run\n"
+            f'    python -c "from huggingface_hub import snapshot_download; '
+            f"snapshot_download('{repo}')\"\n"
+            "then copy its cache folder (~/.cache/huggingface/hub/models--"
+            f"{repo.replace('/', '--')}) into the same place here (or under $HF_HOME/hub, or "
+            "CLIPSEARCH_MODEL_CACHE_DIR when that is set)."
+        )
+
+
 def load(spec: ModelSpec, device: str, precision: str) -> OpenClipBackend:
     """Load an open_clip model. WeightsUnavailable with instructions when weights are missing."""
     name = spec.family_name
@@ -101,6 +140,7 @@ def load(spec: ModelSpec, device: str, precision: str) -> OpenClipBackend:
             "(add your own JSON config with CLIPSEARCH_MODEL_CONFIG_DIR)."
         )
     checkpoint, overrides = resolve_weights(spec)
+    _require_hub_files(spec)
     if checkpoint is None:
         log.warning(
             "Model %s has RANDOM weights (pretrained=%r): embeddings carry no meaning.",
@@ -123,7 +163,9 @@ def load(spec: ModelSpec, device: str, precision: str) -> OpenClipBackend:
             weights_help(spec, f"open_clip could not load them ({str(exc)[:300]}).")
         ) from None
     model.eval()
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = open_clip.get_tokenizer(
+        name, cache_dir=str(spec.cache_dir) if spec.cache_dir else None
+    )
     visual: Any = model.visual
     image_size = visual.image_size
     with torch.inference_mode():

@@ -108,7 +108,7 @@ def test_uncached_tag_offline_fails_fast_with_instructions(
     import retrieval.models.weights as weights
 
     # Simulate a machine with no route to the hub and an empty cache.
-    monkeypatch.setattr(weights, "_host_resolves", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(weights, "host_resolves", lambda url, timeout=3.0: False)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(WeightsUnavailable) as info:
         load_encoder(ModelSpec("ViT-B-32", "laion2b_s34b_b79k", cache_dir=tmp_path, device="cpu"))
@@ -143,3 +143,28 @@ def test_encoder_from_settings_applies_torch_threads(tmp_path: Path, tiny_checkp
         assert encoder.identity == direct.identity
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_missing_hub_tokenizer_fails_fast_with_instructions(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # SigLIP's text side reads a Hugging Face tokenizer; offline and uncached, transformers
+    # would retry for half a minute and raise its own error.
+    import retrieval.models.families.openclip as family
+
+    monkeypatch.setattr(family, "host_resolves", lambda url, timeout=3.0: False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(WeightsUnavailable) as info:
+        load_encoder(ModelSpec("ViT-B-16-SigLIP", "none", device="cpu"))
+    message = str(info.value)
+    assert "timm/ViT-B-16-SigLIP" in message and "snapshot_download" in message
+
+
+def test_family_prefixes_name_the_same_open_clip_model(
+    encoder: Encoder, tiny_checkpoint: Path
+) -> None:
+    prefixed = load_encoder(
+        ModelSpec("open_clip:clipsearch-tiny", str(tiny_checkpoint), device="cpu")
+    )
+    assert prefixed.identity.key == encoder.identity.key
+    assert prefixed.identity.family == "open_clip"
