@@ -79,7 +79,8 @@ class ModelBackend(ABC):
 
     @abstractmethod
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
-        """Tokens of the texts, padded to the tower's full context."""
+        """Tokens of the texts, padded to the tower's full context. Called from several threads
+        at once (outside the encoder's lock), so it must be thread-safe."""
 
     @abstractmethod
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:

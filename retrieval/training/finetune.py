@@ -29,7 +29,7 @@ from retrieval.models.backend import ModelBackend, TokenBatch
 from retrieval.models.encoder import load_encoder, resolve_device
 from retrieval.models.identity import OPEN_CLIP
 from retrieval.models.prompts import class_text_embeddings
-from retrieval.models.weights import RANDOM_INIT, register_model_configs, sha256_file
+from retrieval.models.weights import register_model_configs, sha256_file
 from retrieval.training.batches import ImageSource, micro_batches, split_samples
 from retrieval.training.config import (
     DataSummary,
@@ -110,7 +110,9 @@ def _load_start_model(config: FinetuneConfig, device: str) -> _StartModel:
         if spec.family != OPEN_CLIP or not hasattr(visual, "patch_dropout"):
             raise ConfigError("finetune patch_dropout", f"{spec.name} has no ViT patches")
         visual.patch_dropout = PatchDropout(config.patch_dropout)
-    random = spec.pretrained.lower() in RANDOM_INIT
+    # Each family decides what its `pretrained` means (hf: "" is the folder's own weights);
+    # random weights are recorded as such in the identity.
+    random = encoder.identity.weights_sha256.startswith("random-init")
     return _StartModel(backend, "random" if random else encoder.identity.weights_sha256)
 
 

@@ -173,7 +173,7 @@ def load(spec: ModelSpec, device: str, precision: str) -> OpenClipBackend:
     identity = ModelIdentity(
         name=name,
         pretrained=spec.pretrained,
-        weights_sha256=sha256_file(checkpoint) if checkpoint else "random-init-seed0",
+        weights_sha256=sha256_file(checkpoint) if checkpoint else f"random-init-seed{spec.seed}",
         dim=int(probe.shape[-1]),
         image_size=int(image_size[0] if isinstance(image_size, tuple | list) else image_size),
         mean=tuple(float(v) for v in getattr(visual, "image_mean", None) or OPENAI_MEAN),
