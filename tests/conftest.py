@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,38 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def encoder(tiny_checkpoint: Path) -> Encoder:
     return load_encoder(ModelSpec(TINY, str(tiny_checkpoint), device="cpu"))
+
+
+@dataclass(frozen=True)
+class FamilyModel:
+    """A tiny model of one family, as settings name it: CLIPSEARCH_MODEL and _PRETRAINED."""
+
+    family: str
+    model: str
+    pretrained: str
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec(self.model, self.pretrained, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def family_models(
+    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path
+) -> dict[str, FamilyModel]:
+    """One tiny model per family, with seeded random weights saved where its loader reads them:
+    an open_clip checkpoint, a Chinese-CLIP checkpoint, a transformers CLIP folder."""
+    from tests.fixtures.hf_models import write_tiny_clip
+
+    cn_clip = "cn-clip:clipsearch-tiny-zh"
+    cn_path = tmp_path_factory.mktemp("cn-clip") / "tiny-zh.pt"
+    cn_model = load_encoder(ModelSpec(cn_clip, "none", device="cpu", seed=7)).model
+    torch.save({"state_dict": cn_model.state_dict()}, cn_path)
+    hf_folder = write_tiny_clip(tmp_path_factory.mktemp("hf") / "tiny-clip")
+    return {
+        "open_clip": FamilyModel("open_clip", TINY, str(tiny_checkpoint)),
+        "cn_clip": FamilyModel("cn_clip", cn_clip, str(cn_path)),
+        "hf": FamilyModel("hf", f"hf:{hf_folder}", ""),
+    }
 
 
 def _pg_schema_url(schema: str) -> str:

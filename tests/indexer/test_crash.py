@@ -16,9 +16,10 @@ from indexer.pipeline import IndexJob
 from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
 from retrieval.index.shard import list_shard_dirs
-from retrieval.models.encoder import Encoder
+from retrieval.models.encoder import Encoder, load_encoder
 from retrieval.search import Searcher
 from retrieval.training.shapes import generate_shapes
+from tests.conftest import FamilyModel
 from tests.serving import run_cli
 
 QUERIES = ["a red circle", "a blue square", "a green star"]
@@ -57,12 +58,8 @@ def _layout(base: Path) -> tuple[Path, Path]:
     return first, second
 
 
-@pytest.fixture
-def reference(
-    tmp_path_factory: pytest.TempPathFactory, settings: Settings, encoder: Encoder
-) -> dict[str, object]:
+def _clean_run(base: Path, settings: Settings, encoder: Encoder) -> dict[str, object]:
     """A clean two-step run (folder a, then a+b) in its own place, never killed."""
-    base = tmp_path_factory.mktemp("clean")
     first, _ = _layout(base)
     clean = settings.model_copy(
         update={
@@ -78,6 +75,13 @@ def reference(
     state = _state(clean, catalog, encoder)
     catalog.dispose()
     return state
+
+
+@pytest.fixture
+def reference(
+    tmp_path_factory: pytest.TempPathFactory, settings: Settings, encoder: Encoder
+) -> dict[str, object]:
+    return _clean_run(tmp_path_factory.mktemp("clean"), settings, encoder)
 
 
 @pytest.mark.slow
@@ -96,6 +100,43 @@ def test_killed_job_leaves_previous_generation_and_rerun_converges(
 ) -> None:
     if not db_url.startswith("sqlite") and point not in ("after_shard_write", "before_commit"):
         pytest.skip("Postgres runs the two points around the commit; SQLite runs all")
+    _kill_and_rerun(point, tmp_path, settings, catalog, encoder, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["after_shard_write", "before_commit"])
+def test_a_killed_job_of_another_family_converges_too(
+    point: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
+    settings: Settings,
+    family_models: dict[str, FamilyModel],
+    db_url: str,
+) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip("the open_clip runs cover Postgres; the family's code path is the same")
+    chinese = family_models["cn_clip"]
+    settings = settings.model_copy(
+        update={"model": chinese.model, "pretrained": chinese.pretrained}
+    )
+    encoder = load_encoder(chinese.spec())
+    reference = _clean_run(tmp_path_factory.mktemp("clean-zh"), settings, encoder)
+    catalog = Catalog(db_url)
+    catalog.upgrade()
+    try:
+        _kill_and_rerun(point, tmp_path, settings, catalog, encoder, reference)
+    finally:
+        catalog.dispose()
+
+
+def _kill_and_rerun(
+    point: str,
+    tmp_path: Path,
+    settings: Settings,
+    catalog: Catalog,
+    encoder: Encoder,
+    reference: dict[str, object],
+) -> None:
     settings = settings.model_copy(
         update={"data_dir": tmp_path / "data", "shard_size": 16, "batch_size": 8}
     )
