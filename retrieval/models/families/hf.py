@@ -225,6 +225,13 @@ def resolve_folder(spec: ModelSpec) -> Path:
             "weights, preprocessor_config.json and the tokenizer files (what save_pretrained "
             "writes)."
         )
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        # A path, not a hub id (ORG/NAME): the folder is simply not there.
+        raise WeightsUnavailable(
+            f"{spec.name}: the folder {path} does not exist. Point CLIPSEARCH_MODEL at "
+            "hf:/path/to/the/folder that holds config.json, the weights, "
+            "preprocessor_config.json and the tokenizer files (what save_pretrained writes)."
+        )
     from huggingface_hub import snapshot_download
 
     try:

@@ -360,3 +360,9 @@ def test_unusable_pretrained_values_list_the_accepted_ones(
 ) -> None:
     message = _refused(_spec(folders["clip"], pretrained))
     assert expected in message and "'folder'" in message and "'none'" in message
+
+
+def test_a_missing_folder_is_called_a_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(WeightsUnavailable) as info:
+        load_encoder(ModelSpec(f"hf:{tmp_path / 'nope'}", "", device="cpu"))
+    assert "does not exist" in str(info.value) and "snapshot_download" not in str(info.value)
