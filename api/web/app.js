@@ -1,6 +1,14 @@
 // The search page: wires the form, the URL, the grid and the viewer to the API.
 
 import { ApiError, Client, KeyStore, Unreachable } from "./api.js";
+import {
+  language,
+  pickLanguage,
+  setLanguage,
+  storedLanguage,
+  t,
+  translatePage,
+} from "./i18n.js";
 import { apiFilters, DEFAULT_K, emptyQuery, fromUrl, sameQuery, toUrl } from "./query.js";
 import { fileName, ResultsGrid } from "./results.js";
 import { Viewer } from "./viewer.js";
@@ -33,6 +41,7 @@ const ui = {
   keyForm: $("#key-form"),
   keyInput: $("#api-key"),
   keyForget: $("#key-forget"),
+  language: $("#language"),
 };
 
 const keys = new KeyStore();
@@ -44,30 +53,44 @@ const state = {
   index: null, // the last /index answer
   search: null, // AbortController of the search in flight
   typingTimer: 0,
+  composing: false, // an input method (pinyin, ...) is composing text in the query box
+  // What the status line, the index status and the message say, as functions that render the
+  // text: a switch of language renders them again.
+  statusText: null,
+  indexStatusText: null,
+  messageText: null,
 };
 
 // ---------------------------------------------------------------------------------------------
-// Messages: one at a time, in a role=alert region; the status line is polite.
+// Messages: one at a time, in a role=alert region; the status line is polite. `text` and an
+// action's `label` are functions returning the text in the current language.
 
 function showMessage(kind, text, { code = "", action = null } = {}) {
   // The same message again (a poll, a retyped query) is left alone: an alert region would
   // announce it anew to screen reader users each time.
   const same = !ui.message.hidden && ui.message.dataset.code === code;
-  if (same && ui.message.querySelector("p")?.textContent === text) return;
+  if (same && ui.message.querySelector("p")?.textContent === text()) return;
   ui.message.hidden = false;
   ui.message.className = `message ${kind}`;
   ui.message.dataset.kind = kind;
   ui.message.dataset.code = code;
+  state.messageText = { text, label: action?.label ?? null };
   const body = document.createElement("p");
-  body.textContent = text;
   ui.message.replaceChildren(body);
   if (action) {
     const button = document.createElement("button");
     button.type = "button";
-    button.textContent = action.label;
     button.addEventListener("click", action.run);
     ui.message.append(button);
   }
+  renderMessage();
+}
+
+function renderMessage() {
+  if (ui.message.hidden || !state.messageText) return;
+  ui.message.querySelector("p").textContent = state.messageText.text();
+  const button = ui.message.querySelector("button");
+  if (button) button.textContent = state.messageText.label();
 }
 
 function clearMessage(kind = null) {
@@ -75,50 +98,45 @@ function clearMessage(kind = null) {
   ui.message.hidden = true;
   ui.message.dataset.kind = "";
   ui.message.replaceChildren();
+  state.messageText = null;
 }
 
 function setStatus(text) {
-  ui.status.textContent = text;
+  state.statusText = text;
+  ui.status.textContent = text ? text() : "";
 }
 
 function showNoIndex() {
-  showMessage(
-    "empty",
-    "No index yet. Index a folder with “clipsearch index /path/to/pictures”; " +
-      "this page notices the new index by itself within a few seconds.",
-    { code: "no_index" },
-  );
+  showMessage("empty", () => t("message.noIndex"), { code: "no_index" });
 }
 
 function askForKey(error) {
   ui.keyPanel.open = true;
   const text =
     error.code === "invalid_api_key"
-      ? `The server refused the API key: ${error.message} Enter a valid key under “API key”.`
-      : "This server needs an API key. Enter it under “API key” at the top of the page.";
+      ? () => t("message.keyRefused", { message: error.message })
+      : () => t("message.keyNeeded");
   showMessage("error", text, { code: error.code });
   ui.keyInput.focus();
 }
 
 function showFailure(error, { upload = false } = {}) {
+  const message = error.message; // the server's words stay as it sent them
   if (error instanceof Unreachable) {
-    showMessage(
-      "error",
-      `The server is unreachable (${new URL(document.baseURI).origin}). ` +
-        "Check that “clipsearch serve” is running and the network is up, then retry.",
-      { code: "unreachable", action: { label: "Retry", run: retry } },
-    );
-    setIndexStatus("Server unreachable");
+    const origin = new URL(document.baseURI).origin;
+    showMessage("error", () => t("message.unreachable", { origin }), {
+      code: "unreachable",
+      action: { label: () => t("message.retry"), run: retry },
+    });
+    setIndexStatus(() => t("index.unreachable"));
   } else if (error instanceof ApiError && error.status === 401) {
     askForKey(error);
   } else if (error instanceof ApiError && upload) {
-    showMessage("error", `The server rejected the image: ${error.message}`, { code: error.code });
+    showMessage("error", () => t("message.uploadRejected", { message }), { code: error.code });
   } else if (error instanceof ApiError) {
-    showMessage("error", `The search failed: ${error.message}`, { code: error.code });
+    showMessage("error", () => t("message.searchFailed", { message }), { code: error.code });
   } else {
-    showMessage("error", `Something went wrong in this page: ${error.message}`, {
-      code: "page_error",
-    });
+    showMessage("error", () => t("message.pageError", { message }), { code: "page_error" });
   }
 }
 
@@ -126,11 +144,13 @@ function showFailure(error, { upload = false } = {}) {
 // Index status
 
 function setIndexStatus(text) {
-  if (ui.indexStatus.textContent !== text) ui.indexStatus.textContent = text; // live region
+  state.indexStatusText = text;
+  const shown = text();
+  if (ui.indexStatus.textContent !== shown) ui.indexStatus.textContent = shown; // live region
 }
 
 function describeModel(model) {
-  if (!model) return "no model yet";
+  if (!model) return t("index.noModel");
   const weights = String(model.pretrained ?? "").split(/[\\/]/).pop();
   return weights ? `${model.name} (${weights})` : model.name;
 }
@@ -148,9 +168,12 @@ async function refreshIndexStatus({ report = true } = {}) {
     state.index = info;
     document.body.dataset.index = info.live_vector_count === 0 ? "empty" : "ready";
     const count = info.live_vector_count;
-    setIndexStatus(
-      `Generation ${info.generation} · ${count} image${count === 1 ? "" : "s"} · ` +
-        describeModel(info.model),
+    setIndexStatus(() =>
+      t("index.status", {
+        generation: info.generation,
+        images: t("index.images", { count }),
+        model: describeModel(info.model),
+      }),
     );
     if (indexIsEmpty()) showNoIndex();
     else {
@@ -162,9 +185,11 @@ async function refreshIndexStatus({ report = true } = {}) {
     return true;
   } catch (error) {
     document.body.dataset.index = "unknown";
-    if (error instanceof Unreachable) setIndexStatus("Server unreachable");
-    else if (error instanceof ApiError && error.status === 401) setIndexStatus("API key needed");
-    else setIndexStatus(`Index status unavailable: ${error.message}`);
+    const message = error.message;
+    if (error instanceof Unreachable) setIndexStatus(() => t("index.unreachable"));
+    else if (error instanceof ApiError && error.status === 401) {
+      setIndexStatus(() => t("index.keyNeeded"));
+    } else setIndexStatus(() => t("index.unavailable", { message }));
     if (report || error instanceof Unreachable) showFailure(error);
     return false;
   }
@@ -261,7 +286,7 @@ function setQueryImage(file) {
   ui.queryImagePreview.classList.remove("broken");
   if (file) {
     ui.queryImagePreview.src = state.image.url;
-    ui.queryImagePreview.alt = `Query image ${file.name}`;
+    ui.queryImagePreview.alt = t("image.alt", { name: file.name });
     ui.queryImageName.textContent = file.name;
   } else {
     ui.queryImagePreview.removeAttribute("src");
@@ -292,19 +317,24 @@ const grid = new ResultsGrid($("#grid"), client, {
 });
 const viewer = new Viewer($("#viewer"), client, { onSimilar: (hit) => searchSimilar(hit) });
 
+// The summary of a finished search, as a function of the current language.
 function describeSearch(query, count, body) {
-  const took = body?.took_ms?.total;
-  const time = Number.isFinite(took) ? ` in ${Math.round(took)} ms` : "";
-  const results = `${count} result${count === 1 ? "" : "s"}`;
-  if (query.similar !== null) return `${results} like image ${query.similar}${time}`;
-  if (query.q) return `${results} for “${query.q}”${time}`;
-  return `${results} for the image ${state.image?.file.name ?? ""}${time}`;
+  const ms = body?.took_ms?.total;
+  const name = state.image?.file.name ?? "";
+  return () => {
+    const params = {
+      results: t("status.results", { count }),
+      took: Number.isFinite(ms) ? t("status.took", { ms: Math.round(ms) }) : "",
+    };
+    if (query.similar !== null) return t("status.similar", { ...params, id: query.similar });
+    if (query.q) return t("status.text", { ...params, query: query.q });
+    return t("status.image", { ...params, name });
+  };
 }
 
 function noResultsText(query) {
-  return apiFilters(query)
-    ? "No images match this search and its filters. Remove a filter, or try other words."
-    : "No images match this search. Try other words or another picture.";
+  const filtered = apiFilters(query) !== null;
+  return () => t(filtered ? "message.noResultsFiltered" : "message.noResults");
 }
 
 async function runQuery(query, { history = "push", focusResults = false } = {}) {
@@ -316,7 +346,7 @@ async function runQuery(query, { history = "push", focusResults = false } = {}) 
   record(query, history);
   if (!mode) {
     grid.clear();
-    setStatus("");
+    setStatus(null);
     clearMessage("error");
     clearMessage("info");
     document.body.dataset.results = "none";
@@ -326,7 +356,7 @@ async function runQuery(query, { history = "push", focusResults = false } = {}) 
   state.search = controller;
   ui.results.setAttribute("aria-busy", "true");
   document.body.dataset.results = "loading";
-  setStatus("Searching…");
+  setStatus(() => t("status.searching"));
   const filters = apiFilters(query);
   try {
     let body;
@@ -347,7 +377,7 @@ async function runQuery(query, { history = "push", focusResults = false } = {}) 
   } catch (error) {
     if (error.name === "AbortError") return;
     grid.clear();
-    setStatus("");
+    setStatus(null);
     document.body.dataset.results = "failed";
     showFailure(error, { upload: mode === "image" });
   } finally {
@@ -373,7 +403,8 @@ function searchSimilar(hit) {
   setQueryImage(null);
   const query = { ...readForm(), q: "", similar: hit.id };
   ui.q.value = "";
-  setStatus(`Looking for images like ${fileName(hit.path)}…`);
+  const name = fileName(hit.path);
+  setStatus(() => t("status.lookingLike", { name }));
   runQuery(query, { focusResults: true });
 }
 
@@ -402,7 +433,26 @@ ui.form.addEventListener("submit", (event) => {
   searchFromForm("push");
 });
 
-ui.q.addEventListener("input", () => {
+// An input method (pinyin, wubi, kana, ...) sends input events for every keystroke of a word
+// still being composed ("hong" on the way to 红): those are not the user's query yet. The
+// search starts once the composed text is committed.
+ui.q.addEventListener("compositionstart", () => {
+  state.composing = true;
+  clearTimeout(state.typingTimer);
+});
+ui.q.addEventListener("compositionend", () => {
+  state.composing = false;
+  searchAfterTyping();
+});
+ui.q.addEventListener("input", (event) => {
+  if (event.isComposing || state.composing) {
+    clearTimeout(state.typingTimer);
+    return;
+  }
+  searchAfterTyping();
+});
+
+function searchAfterTyping() {
   clearTimeout(state.typingTimer);
   state.typingTimer = setTimeout(() => {
     const query = readForm();
@@ -410,7 +460,7 @@ ui.q.addEventListener("input", () => {
     if (!query.q && (state.image || state.query.similar !== null)) return;
     searchFromForm("typing");
   }, TYPING_PAUSE_MS);
-});
+}
 
 for (const field of [ui.label, ui.prefix, ui.from, ui.to, ui.k]) {
   field.addEventListener("change", () => {
@@ -452,6 +502,24 @@ ui.keyForm.addEventListener("submit", (event) => {
   ui.keyPanel.open = false;
   retry();
 });
+// A switch of language renders every text the page shows again; the query, the results and
+// any open viewer stay as they are.
+ui.language.addEventListener("change", () => {
+  setLanguage(ui.language.value, { remember: true });
+  renderLanguage();
+});
+
+function renderLanguage() {
+  ui.language.value = language();
+  translatePage();
+  if (state.indexStatusText) setIndexStatus(state.indexStatusText);
+  if (state.statusText) setStatus(state.statusText);
+  renderMessage();
+  if (state.image) ui.queryImagePreview.alt = t("image.alt", { name: state.image.file.name });
+  grid.translate();
+  viewer.translate();
+}
+
 ui.keyForget.addEventListener("click", () => {
   keys.set("");
   ui.keyInput.value = "";
@@ -482,6 +550,9 @@ window.addEventListener("popstate", () => {
 // Start
 
 async function start() {
+  setLanguage(pickLanguage(storedLanguage(), navigator.languages));
+  renderLanguage();
+  setIndexStatus(() => t("index.connecting"));
   ui.keyInput.value = keys.get();
   const query = fromUrl(location.search);
   state.query = query;

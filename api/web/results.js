@@ -1,6 +1,8 @@
 // The results grid: one card per hit, thumbnails fetched (with the key) only as they scroll
 // near the viewport, and arrow-key movement between cards.
 
+import { t } from "./i18n.js";
+
 const CHIPS_ON_CARD = 3;
 // A label set may store labels the model hardly believes (threshold 0); a card shows the best
 // label and the others above this probability. The viewer shows them all.
@@ -51,6 +53,7 @@ export class ResultsGrid {
   #observer = null;
   #urls = [];
   #loads = null;
+  #hits = [];
 
   constructor(list, client, { onOpen, onSimilar }) {
     this.#list = list;
@@ -65,6 +68,7 @@ export class ResultsGrid {
     this.#loads?.abort();
     for (const url of this.#urls) URL.revokeObjectURL(url);
     this.#urls = [];
+    this.#hits = [];
     this.#list.replaceChildren();
   }
 
@@ -82,8 +86,15 @@ export class ResultsGrid {
       },
       { rootMargin: PRELOAD_MARGIN },
     );
+    this.#hits = hits;
     this.#list.replaceChildren(...hits.map((hit, index) => this.#card(hit, index)));
     for (const img of this.#list.querySelectorAll("img[data-src]")) this.#observer.observe(img);
+  }
+
+  // The cards' words in the current language; thumbnails and focus stay as they are.
+  translate() {
+    const cards = [...this.#list.children];
+    cards.forEach((item, index) => this.#cardText(item, this.#hits[index], index));
   }
 
   focusFirst() {
@@ -101,7 +112,6 @@ export class ResultsGrid {
     open.className = "thumb";
     const verb = document.createElement("span");
     verb.className = "visually-hidden";
-    verb.textContent = `Open result ${index + 1}: `;
     const img = document.createElement("img");
     img.alt = altText(hit);
     img.dataset.src = hit.thumbnail_url;
@@ -115,8 +125,6 @@ export class ResultsGrid {
     info.className = "card-info";
     const score = document.createElement("span");
     score.className = "score";
-    score.title = "Similarity to the query (cosine)";
-    score.textContent = `score ${Number(hit.score).toFixed(3)}`;
     const name = document.createElement("span");
     name.className = "name";
     name.textContent = fileName(hit.path);
@@ -127,7 +135,6 @@ export class ResultsGrid {
     if (labels.length) {
       const chips = document.createElement("ul");
       chips.className = "chips";
-      chips.setAttribute("aria-label", "Labels");
       chips.append(...labels.map(labelChip));
       info.append(chips);
     }
@@ -135,13 +142,27 @@ export class ResultsGrid {
     const similar = document.createElement("button");
     similar.type = "button";
     similar.className = "similar secondary";
-    similar.textContent = "More like this";
-    similar.setAttribute("aria-label", `More like this: ${fileName(hit.path)}`);
     similar.addEventListener("click", () => this.#onSimilar(hit));
     info.append(similar);
 
     item.append(open, info);
+    this.#cardText(item, hit, index);
     return item;
+  }
+
+  #cardText(item, hit, index) {
+    item.querySelector(".thumb .visually-hidden").textContent = t("card.open", { n: index + 1 });
+    const score = item.querySelector(".score");
+    score.title = t("card.scoreTitle");
+    score.textContent = t("card.score", { score: Number(hit.score).toFixed(3) });
+    item.querySelector(".chips")?.setAttribute("aria-label", t("card.labels"));
+    const similar = item.querySelector(".similar");
+    similar.textContent = t("card.similar");
+    similar.setAttribute("aria-label", t("card.similarFor", { name: fileName(hit.path) }));
+    const img = item.querySelector(".thumb img");
+    if (img.dataset.error !== undefined) {
+      img.title = t("card.thumbnailFailed", { message: img.dataset.error });
+    }
   }
 
   async #loadThumbnail(img, signal) {
@@ -157,7 +178,8 @@ export class ResultsGrid {
       if (error.name === "AbortError") return;
       card.dataset.thumb = "failed";
       card.querySelector(".thumb").classList.add("broken");
-      img.title = `Thumbnail unavailable: ${error.message}`;
+      img.dataset.error = error.message;
+      img.title = t("card.thumbnailFailed", { message: error.message });
     }
   }
 

@@ -1,6 +1,7 @@
 // The image viewer: a modal <dialog> with the full image, its metadata and all its labels.
 // The dialog traps focus and closes on Escape by itself; focus returns to the opening card.
 
+import { language, t } from "./i18n.js";
 import { altText, fileName, labelChip } from "./results.js";
 
 function formatBytes(size) {
@@ -12,13 +13,13 @@ function formatBytes(size) {
     value /= 1024;
     unit += 1;
   }
-  return unit === 0 ? `${value} bytes` : `${value.toFixed(1)} ${units[unit]}`;
+  return unit === 0 ? t("meta.bytes", { count: value }) : `${value.toFixed(1)} ${units[unit]}`;
 }
 
 function formatDate(value) {
   if (!value) return "";
   const date = new Date(value);
-  return Number.isNaN(date.getTime()) ? String(value) : date.toLocaleString();
+  return Number.isNaN(date.getTime()) ? String(value) : date.toLocaleString(language());
 }
 
 export class Viewer {
@@ -29,6 +30,8 @@ export class Viewer {
   #opener = null;
   #url = null;
   #loads = null;
+  #info = null; // what #showMeta and #showLabels last showed, to show again in another language
+  #labels = null;
 
   constructor(dialog, client, { onSimilar }) {
     this.#dialog = dialog;
@@ -79,6 +82,12 @@ export class Viewer {
     if (this.#dialog.open) this.#dialog.close();
   }
 
+  translate() {
+    if (!this.#dialog.open) return;
+    this.#showMeta(this.#info);
+    this.#showLabels(this.#labels);
+  }
+
   #cleanUp() {
     this.#loads?.abort();
     this.#loads = null;
@@ -110,22 +119,24 @@ export class Viewer {
     } catch (error) {
       if (error.name === "AbortError") return;
       dialog.dataset.image = "failed";
-      this.#showMeta({ ...hit, error: `The image could not be loaded: ${error.message}` });
+      this.#showMeta({ ...this.#info, error: error.message });
     }
     await metadata;
   }
 
   #showMeta(info) {
+    this.#info = info;
+    const { width, height } = info;
     const rows = [
-      ["Path", info.path],
-      ["Score", info.score === undefined ? "" : Number(info.score).toFixed(4)],
-      ["Size", info.width && info.height ? `${info.width} × ${info.height} px` : ""],
-      ["Format", info.format],
-      ["File size", formatBytes(info.size)],
-      ["Indexed", formatDate(info.indexed_at)],
-      ["Image id", String(info.id)],
-      ["SHA-256", info.sha256],
-      ["Problem", info.error],
+      [t("meta.path"), info.path],
+      [t("meta.score"), info.score === undefined ? "" : Number(info.score).toFixed(4)],
+      [t("meta.size"), width && height ? t("meta.pixels", { width, height }) : ""],
+      [t("meta.format"), info.format],
+      [t("meta.fileSize"), formatBytes(info.size)],
+      [t("meta.indexed"), formatDate(info.indexed_at)],
+      [t("meta.id"), String(info.id)],
+      [t("meta.sha256"), info.sha256],
+      [t("meta.problem"), info.error && t("viewer.loadFailed", { message: info.error })],
     ];
     const list = this.#dialog.querySelector("#viewer-meta");
     list.replaceChildren();
@@ -140,13 +151,14 @@ export class Viewer {
   }
 
   #showLabels(labels) {
+    this.#labels = labels;
     const list = this.#dialog.querySelector("#viewer-labels");
     if (Array.isArray(labels) && labels.length) {
       list.replaceChildren(...labels.map(labelChip));
     } else {
       const none = document.createElement("li");
       none.className = "none";
-      none.textContent = "No labels for this image.";
+      none.textContent = t("viewer.noLabels");
       list.replaceChildren(none);
     }
   }

@@ -48,8 +48,9 @@ def labels_add(
         Path,
         typer.Argument(
             help="A YAML or JSON label set: name, labels (names, or objects with synonyms, "
-            "prompts, threshold, min_cosine), templates (openai, simple, photo, a list, or a "
-            "file of one template per line), top_k, threshold, min_cosine, store_cosine."
+            "prompts, threshold, min_cosine), templates (openai, simple, photo, zh, zh-photo, "
+            "zh-simple, a list, or a file of one template per line), top_k, threshold, "
+            "min_cosine, store_cosine."
         ),
     ],
     name: Annotated[

@@ -57,9 +57,9 @@ OutOpt = Annotated[
 CaptionTemplatesOpt = Annotated[
     str,
     typer.Option(
-        help="Captions for class folders and labelme labels: a set (openai, simple, photo), "
-        "a file with one template per line, or literal templates with {} joined by '|'. "
-        "Each use of a sample draws one."
+        help="Captions for class folders and labelme labels: a set (openai, simple, photo, zh, "
+        "zh-photo, zh-simple), a file with one template per line, or literal templates with {} "
+        "joined by '|'. Each use of a sample draws one."
     ),
 ]
 EpochsOpt = Annotated[float, typer.Option(help="Passes over the training split.")]
@@ -237,7 +237,9 @@ PromptOpt = Annotated[
 ]
 EnsembleOpt = Annotated[
     str,
-    typer.Option(help="The zero-shot ensemble: openai, simple, photo, a file, or 'a {}|the {}'."),
+    typer.Option(
+        help="The zero-shot ensemble: openai, simple, photo, zh, a file, or 'a {}|the {}'."
+    ),
 ]
 AnnKOpt = Annotated[int, typer.Option("-k", help="k for ANN recall.")]
 AnnQueriesOpt = Annotated[int, typer.Option(help="Stored vectors held out as ANN queries.")]

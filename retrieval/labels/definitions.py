@@ -324,15 +324,7 @@ def load_label_set_file(path: Path, *, name: str | None = None) -> LabelSet:
     import yaml
 
     source = str(path)
-    try:
-        # utf-8-sig: Windows editors may start a UTF-8 file with a byte order mark.
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise LabelSetError(
-            source, f"not UTF-8 text (byte {exc.start}); save the file as UTF-8"
-        ) from None
-    except OSError as exc:
-        raise LabelSetError(source, f"cannot read the file: {exc}") from None
+    text = _read_text(Path(path), source)
     suffix = Path(path).suffix.lower()
     data: Any
     try:
@@ -351,9 +343,21 @@ def load_label_set_file(path: Path, *, name: str | None = None) -> LabelSet:
     if isinstance(data, Mapping) and isinstance(data.get("templates"), str):
         candidate = Path(path).parent / data["templates"]
         if data["templates"] not in TEMPLATE_SET_SOURCES and candidate.is_file():
-            lines = candidate.read_text(encoding="utf-8-sig").splitlines()
+            lines = _read_text(candidate, source).splitlines()
             data = {**data, "templates": [line.strip() for line in lines if line.strip()]}
     return LabelSet.from_dict(data, name=name or _name_from(data, path), source=source)
+
+
+def _read_text(path: Path, source: str) -> str:
+    """A UTF-8 file's text, without the byte order mark some Windows editors write."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LabelSetError(
+            source, f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise LabelSetError(source, f"cannot read the file: {exc}") from None
 
 
 def _name_from(data: Any, path: Path) -> str:

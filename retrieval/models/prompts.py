@@ -22,10 +22,39 @@ def _open_clip_templates(name: str) -> tuple[str, ...]:
     return tuple(template(PLACEHOLDER) for template in getattr(zero_shot_metadata, name))
 
 
+# Chinese captions in the spirit of the openai set, for models with a Chinese text tower
+# (Chinese-CLIP, multilingual CLIP): the same kinds of photo (blurry, close-up, black and
+# white, ...), phrased as a Chinese caption would be. An English set would put English words
+# around a Chinese label, a mix such models rarely saw in training.
+ZH_TEMPLATES = (
+    "一张{}的照片。",
+    "{}的照片。",
+    "一张{}的图片。",
+    "一张模糊的{}的照片。",
+    "一张清晰的{}的照片。",
+    "一张{}的特写照片。",
+    "一张{}的黑白照片。",
+    "一张{}的低分辨率照片。",
+    "一张光线昏暗的{}的照片。",
+    "一张明亮的{}的照片。",
+    "一张裁剪过的{}的照片。",
+    "一张拍得不好的{}的照片。",
+    "一张拍得很好的{}的照片。",
+    "一张有{}的照片。",
+    "我拍的{}的照片。",
+    "一幅{}的画。",
+    "{}的素描。",
+)
+ZH_PROMPT = "一张{}的照片。"
+
 TEMPLATE_SET_SOURCES: dict[str, Callable[[], tuple[str, ...]]] = {
     "openai": lambda: _open_clip_templates("OPENAI_IMAGENET_TEMPLATES"),  # 80 prompts
     "simple": lambda: _open_clip_templates("SIMPLE_IMAGENET_TEMPLATES"),  # 7 of them
     "photo": lambda: (DEFAULT_PROMPT,),
+    "zh": lambda: ZH_TEMPLATES,
+    "zh-photo": lambda: (ZH_PROMPT,),
+    # The bare label: Chinese-CLIP's own zero-shot examples often pass class names as they are.
+    "zh-simple": lambda: (PLACEHOLDER,),
 }
 
 
@@ -40,7 +69,7 @@ def class_name_from_folder(folder: str) -> str:
 
 
 def resolve_templates(spec: str | Sequence[str], setting: str = "templates") -> tuple[str, ...]:
-    """Templates from a set name (openai, simple, photo), a file (one per line), or literals.
+    """Templates from a set name (`TEMPLATE_SET_SOURCES`), a file (one per line), or literals.
 
     A string holding the placeholder is taken literally; several literals are separated by
     `|` (`"a {}|a photo of a {}."`). Every template must contain `{}` exactly once.
@@ -52,7 +81,7 @@ def resolve_templates(spec: str | Sequence[str], setting: str = "templates") -> 
         elif PLACEHOLDER in text:
             templates = [part.strip() for part in text.split("|")]
         elif Path(text).is_file():
-            lines = Path(text).read_text(encoding="utf-8").splitlines()
+            lines = Path(text).read_text(encoding="utf-8-sig").splitlines()  # BOM or not
             templates = [line.strip() for line in lines if line.strip()]
         else:
             known = ", ".join(TEMPLATE_SET_SOURCES)

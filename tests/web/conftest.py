@@ -19,6 +19,8 @@ import pytest
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, ConsoleMessage, Page, ViewportSize
 
+    from tests.web.corpus import Corpus
+
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "tests" / "artifacts" / "web"
 KEY_STORAGE = "clipsearch.apiKey"  # the page's localStorage entry (api/web/api.js)
@@ -35,6 +37,9 @@ VIEWPORTS: dict[str, ViewportSize] = {
     "phone": {"width": 390, "height": 844},
 }
 TIMEOUT_MS = 20_000  # a shared 2-core CI machine; the page itself answers in milliseconds
+# The page speaks the browser's language; tests that do not choose one get English wherever
+# they run (Chromium would otherwise take the machine's locale).
+DEFAULT_LOCALE = "en-US"
 
 
 def _missing_browser(reason: str) -> None:
@@ -80,12 +85,17 @@ OpenPage = Callable[..., "Page"]
 
 @pytest.fixture
 def open_page(browser: Browser) -> Iterator[OpenPage]:
-    """open_page(url, viewport="desktop", key=None): a fresh browser profile per call."""
+    """open_page(url, viewport="desktop", key=None, locale="en-US"): a fresh browser profile
+    per call."""
     contexts = []
     problems = PageProblems()
 
-    def open_(url: str, *, viewport: str = "desktop", key: str | None = None) -> Page:
-        context = browser.new_context(viewport=VIEWPORTS[viewport], reduced_motion="reduce")
+    def open_(
+        url: str, *, viewport: str = "desktop", key: str | None = None, locale: str = DEFAULT_LOCALE
+    ) -> Page:
+        context = browser.new_context(
+            viewport=VIEWPORTS[viewport], reduced_motion="reduce", locale=locale
+        )
         context.set_default_timeout(TIMEOUT_MS)
         contexts.append(context)
         if key is not None:
@@ -101,6 +111,15 @@ def open_page(browser: Browser) -> Iterator[OpenPage]:
     for context in contexts:
         context.close()
     assert problems.errors == [], problems.errors
+
+
+@pytest.fixture(scope="session")
+def corpus(semantic_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
+    """The shapes corpus behind a running server (tests/web/corpus.py), shared by the modules."""
+    from tests.web.corpus import serve_corpus
+
+    with serve_corpus(semantic_checkpoint, tmp_path_factory.mktemp("web-corpus")) as served:
+        yield served
 
 
 def screenshot(page: Page, name: str) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported lazily, so a machine without playwright skips instead of erroring
-    from playwright.sync_api import Locator, Page
+    from playwright.sync_api import Locator, Page, Request
 
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -43,6 +43,24 @@ class SearchPage:
     def drop_file(self, path: Path, mime: str) -> None:
         data = base64.b64encode(path.read_bytes()).decode()
         self.page.evaluate(DROP_SCRIPT, ["#drop-zone", path.name, mime, data])
+
+    def choose_language(self, language: str) -> None:
+        """Pick a language by its value (en, zh-CN) in the header's language control."""
+        self.page.locator("#language").select_option(language)
+
+    def compose(self, text: str) -> None:
+        """Type like an input method (pinyin): `text` is still being composed, not committed."""
+        self.query_box.focus()
+        cdp = self.page.context.new_cdp_session(self.page)
+        cdp.send(
+            "Input.imeSetComposition",
+            {"text": text, "selectionStart": len(text), "selectionEnd": len(text)},
+        )
+        cdp.detach()
+
+    def commit_composition(self, text: str) -> None:
+        """The input method commits `text` (the chosen characters) in place of the composition."""
+        self.page.keyboard.insert_text(text)
 
     def set_filter(self, field: str, value: str) -> None:
         locator = self.page.locator(f"#{field}")
@@ -90,12 +108,31 @@ class SearchPage:
     def index_status(self) -> str:
         return self.page.locator("#index-status").inner_text()
 
+    def status(self) -> str:
+        return self.page.locator("#status").inner_text()
+
+    def language(self) -> str:
+        """The page's language, as <html lang> says it."""
+        return str(self.page.evaluate("document.documentElement.lang"))
+
     def contrast_failures(self, minimum: float = 4.5) -> list[dict[str, Any]]:
         return list(self.page.evaluate(CONTRAST_SCRIPT, minimum))
 
     def horizontal_overflow(self) -> int:
         """How many pixels the page is wider than the viewport (0 when it fits)."""
         return int(self.page.evaluate("document.documentElement.scrollWidth - window.innerWidth"))
+
+    def record_text_searches(self) -> list[str]:
+        """From now on, the query text of every text search the page sends (a growing list)."""
+        queries: list[str] = []
+
+        def on_request(request: Request) -> None:
+            if request.method == "POST" and request.url.endswith("/search/text"):
+                body = request.post_data_json or {}
+                queries.append(str(body.get("query")))
+
+        self.page.on("request", on_request)
+        return queries
 
     def url_params(self) -> dict[str, str]:
         return dict(

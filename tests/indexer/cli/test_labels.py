@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from retrieval.config import Settings
 from retrieval.labels.definitions import load_label_set_file
@@ -13,6 +15,7 @@ from retrieval.training.shapes import COLOURS, SHAPES, generate_shapes
 from tests.indexer.cli.test_cli import env, run_cli  # noqa: F401 - `env` is a fixture
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "labels"
+HAN = re.compile(r"[\u4e00-\u9fff]")
 
 
 def write_set(path: Path, **overrides: object) -> Path:
@@ -110,6 +113,51 @@ def test_label_errors_are_one_line_with_exit_codes(
 def test_shipped_example_label_sets_are_valid(path: Path) -> None:
     label_set = load_label_set_file(path)
     assert label_set.name == path.stem and len(label_set.labels) >= 3
+    groups = label_set.prompt_groups()
+    assert all(groups) and all(len(set(group)) == len(group) for group in groups)
     if label_set.name == "moderation":  # review labels need more than the set's threshold
         probability, _ = label_set.thresholds()
         assert (probability > label_set.threshold).sum() >= 5
+    if label_set.name.endswith("-zh"):  # Chinese labels through Chinese templates only
+        assert label_set.templates == "zh" and 15 <= len(label_set.labels) <= 30
+        for label, prompts in zip(label_set.labels, groups, strict=True):
+            assert HAN.search(label.name), label.name
+            assert not any(re.search("[A-Za-z]", prompt) for prompt in prompts), prompts
+
+
+def test_the_chinese_example_labels_images_from_the_command_line(
+    env: Settings,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def cli(*args: str) -> tuple[int, str, str]:
+        return run_cli(list(args), capsys, monkeypatch)
+
+    generate_shapes(tmp_path / "pics", 6, seed=5)
+    code, _, err = cli("index", str(tmp_path / "pics"))
+    assert code == 0, err
+    # The example as shipped but for its threshold: the random test model's probabilities are
+    # nearly uniform over 25 labels, all under the shipped 0.15.
+    definition = yaml.safe_load((EXAMPLES / "scenes-zh.yaml").read_text(encoding="utf-8"))
+    example = tmp_path / "scenes-zh.yaml"
+    dumped = yaml.safe_dump({**definition, "threshold": 0.0}, allow_unicode=True)
+    example.write_text(dumped, encoding="utf-8")
+    names = load_label_set_file(example).names
+    code, out, err = cli("labels", "add", str(example))
+    assert code == 0, err
+    assert f"created label set scenes-zh: version 1, {len(names)} labels" in out
+    code, out, err = cli("label", "--set", "scenes-zh", "--json")
+    assert code == 0, err
+    assert json.loads(out)["sets"][0]["images"] == 6
+    code, out, _ = cli("labels", "show", "scenes-zh", "--json")
+    counts = json.loads(out)["counts"]["counts"]
+    assert list(counts) == names  # Chinese names, as written
+    # The random test model reads no Chinese, but a Chinese label filter and query still work.
+    best = max(counts, key=counts.__getitem__)
+    code, out, err = cli("search", "海边的日落", "-k", "6", "--label", best, "--json")
+    assert code == 0, err
+    hits = json.loads(out)["results"]
+    assert hits and all(best in [x["label"] for x in hit["labels"]] for hit in hits)
+    code, out, _ = cli("search", "海边的日落", "-k", "2")
+    assert code == 0 and any(name in out.splitlines()[0] for name in names)  # shown as written

@@ -146,6 +146,87 @@ def test_a_broken_file_names_itself(tmp_path: Path) -> None:
         load_label_set_file(tmp_path / "absent.json")
 
 
+# Chinese labels, synonyms and templates, as a user would write them in an editor (UTF-8).
+SCENES_ZH_YAML = """\
+# 日常照片的场景
+name: scenes-zh
+templates: zh
+labels:
+  - 海滩
+  - name: 猫
+    synonyms: [小猫, 猫咪]
+  - name: 截图
+    prompts: [一张手机屏幕的截图。]
+    threshold: 0.5
+"""
+
+
+def test_chinese_labels_synonyms_and_templates_from_yaml_and_json(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "scenes-zh.yaml"
+    yaml_file.write_bytes(SCENES_ZH_YAML.encode("utf-8"))
+    label_set = load_label_set_file(yaml_file)
+    assert label_set.names == ["海滩", "猫", "截图"]
+    assert label_set.labels[1].synonyms == ("小猫", "猫咪")
+    assert label_set.index_of(" 猫 ") == 1 and label_set.index_of("狗") is None
+    zh = resolve_templates("zh")
+    beach, cat, screenshot = label_set.prompt_groups()
+    assert beach[0] == "一张海滩的照片。" and len(beach) == len(zh)
+    assert "一张小猫的照片。" in cat and "一张猫咪的照片。" in cat and len(cat) == 3 * len(zh)
+    assert screenshot == ["一张手机屏幕的截图。"]
+    # JSON, with the characters as they are or as \u escapes: the same definition.
+    for ascii_only in (False, True):
+        text = json.dumps(label_set.to_dict(), ensure_ascii=ascii_only)
+        json_file = tmp_path / f"scenes-zh-{ascii_only}.json"
+        json_file.write_bytes(text.encode("utf-8"))
+        assert load_label_set_file(json_file).same_definition(label_set)
+
+
+def test_chinese_literal_templates_and_a_template_file(tmp_path: Path) -> None:
+    literal = LabelSet.from_dict(
+        {"name": "x", "labels": ["狗"], "templates": "一张{}的照片。|{}在户外。"}
+    )
+    assert literal.prompt_groups() == [["一张狗的照片。", "狗在户外。"]]
+    (tmp_path / "模板.txt").write_bytes("一张{}的照片。\n\n一张{}的特写。\n".encode())
+    yaml_file = tmp_path / "pets.yaml"
+    yaml_file.write_bytes("labels: [狗, 猫, 鸟]\ntemplates: 模板.txt\n".encode())
+    from_file = load_label_set_file(yaml_file)
+    assert from_file.templates == ("一张{}的照片。", "一张{}的特写。")
+
+
+def test_files_saved_with_a_byte_order_mark_load_like_any_other(tmp_path: Path) -> None:
+    # Windows editors (Notepad before 2019) start UTF-8 files with a byte order mark.
+    bom = "\ufeff".encode()
+    json_file = tmp_path / "pets.json"
+    json_file.write_bytes(bom + json.dumps({"labels": ["狗", "猫", "鸟"]}).encode())
+    (tmp_path / "templates.txt").write_bytes(bom + "一张{}的照片。\n".encode())
+    yaml_file = tmp_path / "zh.yaml"
+    yaml_file.write_bytes(bom + "labels: [狗, 猫, 鸟]\ntemplates: templates.txt\n".encode())
+    assert load_label_set_file(json_file).names == ["狗", "猫", "鸟"]
+    assert load_label_set_file(yaml_file).templates == ("一张{}的照片。",)
+
+
+def test_a_file_in_another_encoding_is_refused_with_a_hint(tmp_path: Path) -> None:
+    gbk = tmp_path / "pets.yaml"
+    gbk.write_bytes("labels: [狗, 猫, 鸟]\n".encode("gbk"))  # Chinese Windows' old default
+    with pytest.raises(LabelSetError, match="is not UTF-8 text .*save it as UTF-8"):
+        load_label_set_file(gbk)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"name": "x", "labels": ["猫", "猫"]}, "label '猫' appears twice"),
+        ({"name": "x", "labels": ["猫"], "templates": "一张{}和{}的照片"}, "exactly once"),
+        ({"name": "x", "labels": ["猫"], "templates": "一张照片"}, "template set"),
+        # Set names appear in URLs and on the command line: ASCII only, labels are free.
+        ({"name": "场景", "labels": ["猫"]}, "name of letters"),
+    ],
+)
+def test_bad_chinese_definitions_say_what_is_wrong(data: object, message: str) -> None:
+    with pytest.raises(LabelSetError, match=message):
+        LabelSet.from_dict(data)
+
+
 def test_prompt_groups_of_different_sizes_average_within_each_group() -> None:
     table = {"a": [1.0, 0.0], "b": [0.0, 1.0], "c": [1.0, 0.0]}
 

@@ -283,3 +283,25 @@ def test_raw_cosines_are_kept_only_when_asked(catalog: Catalog) -> None:
     assert [c for v, c in rows if v == plain.version_id] == [None] * 4
     kept = np.array([c for v, c in rows if v == with_cosine.version_id], dtype=np.float64)
     np.testing.assert_allclose(kept, np.array([0.4, 0.1, 0.3, 0.2]), rtol=1e-6)
+
+
+def test_chinese_labels_are_stored_served_and_filtered(catalog: Catalog) -> None:
+    pets = {"name": "pets-zh", "labels": ["猫", {"name": "狗", "synonyms": ["小狗"]}, "鸟"]}
+    _images(catalog, [1, 2, 3])
+    store = LabelStore(catalog)
+    stored, _ = store.put(LabelSet.from_dict({**pets, "templates": "zh"}))
+    assert store.definition(stored.version_id).same_definition(
+        LabelSet.from_dict({**pets, "templates": "zh"})
+    )
+    _write(
+        store,
+        stored.version_id,
+        "s1",
+        [1, 2, 3],
+        _block([[0, 1], [1, 2], [2, 0]], [[0.7, 0.2], [0.6, 0.05], [0.9, 0.05]]),
+    )
+    store.publish(stored.id, 1)
+    assert [x.label for x in store.labels_for([1])[1]] == ["猫", "狗"]
+    assert store.counts("pets-zh").counts == {"猫": 1, "狗": 1, "鸟": 1}
+    found = ids_passing(catalog, SearchFilters(labels=("狗",)), store)
+    assert found is not None and found.tolist() == [1, 2]
