@@ -60,8 +60,8 @@ def test_every_family_runs_the_whole_service(
     pictures = generate_shapes(tmp_path / "pics", 24, seed=5)
     report = IndexJob(settings, catalog, lambda: encoder, progress=False).run([tmp_path / "pics"])
     assert report.encoded == 24 and not report.failed and len(report.shards_written) == 3
-    assert catalog.state().model is not None
-    assert catalog.state().model["family"] == family
+    indexed_model = catalog.state().model
+    assert indexed_model is not None and indexed_model["family"] == family
 
     LabelStore(catalog).put(LabelSet.from_dict({"labels": LABELS, "templates": ["{}"]}, name="s"))
     labelled = LabelJob(settings, catalog, lambda: encoder, progress=False).run()
