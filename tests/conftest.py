@@ -172,3 +172,55 @@ def semantic_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("semantic-data")
     result = train_shapes_model(work, out, steps=STEPS, device="cpu", progress=False)
     return result.checkpoint
+
+
+@pytest.fixture(scope="session")
+def semantic_zh_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Chinese-CLIP tiny model trained on Chinese-captioned shapes by `clipsearch finetune`
+    (the command, in its own process), once a session; cached like `semantic_checkpoint`."""
+    from retrieval.training.shapes import generate_shapes
+    from retrieval.training.shapes_model import (
+        CHINESE,
+        TRAIN_IMAGES,
+        TRAIN_SEED,
+        cached_shapes_model,
+    )
+    from tests.serving import run_cli
+
+    cache = os.environ.get("CLIPSEARCH_TEST_MODEL_CACHE")
+    if cache:
+        out = Path(cache) / f"shapes-tiny-zh-{_semantic_cache_key()}.pt"
+        if cached_shapes_model(out, min_steps=CHINESE.steps, recipe=CHINESE) is not None:
+            return out
+    else:
+        out = tmp_path_factory.mktemp("semantic-zh-model") / "shapes-tiny-zh.pt"
+    work = tmp_path_factory.mktemp("semantic-zh-data")
+    data = CHINESE.training_data(work)
+    generate_shapes(data.parent, TRAIN_IMAGES, seed=TRAIN_SEED, language="zh")
+    settings = load_settings(data_dir=work / "state", model=CHINESE.model, pretrained="none")
+    trained = run_cli(
+        settings,
+        "finetune",
+        str(data),
+        "--out",
+        str(out),
+        "--templates",
+        "|".join(CHINESE.templates),
+        "--steps",
+        str(CHINESE.steps),
+        "--batch-size",
+        "96",
+        "--lr",
+        str(CHINESE.lr),
+        "--loss",
+        "class-aware",
+        "--image-pairs",
+        str(CHINESE.image_pairs),
+        "--val-fraction",
+        "0.05",
+        "--no-progress",
+        timeout=1800,
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert cached_shapes_model(out, min_steps=CHINESE.steps, recipe=CHINESE) is not None
+    return out

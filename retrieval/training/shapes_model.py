@@ -52,9 +52,12 @@ class ShapesRecipe:
 
 
 ENGLISH = ShapesRecipe(SHAPES_MODEL, "en", SHAPES_TEMPLATES)
-# Chinese-CLIP's own code (a BERT text tower on the real Chinese vocab), the same tiny ResNet
-# idea; its captions are the class names themselves, so the template is "{}".
-CHINESE = ShapesRecipe("cn-clip:clipsearch-tiny-zh-rn", "zh", ("{}",))
+# Chinese-CLIP's own code (a 2-layer BERT text tower on the real Chinese vocab) and the same
+# tiny ResNet; its captions are the class names themselves, so the template is "{}". Measured
+# (seed 0, 240 held-out pictures, zero-shot top-1): 400 steps 0.75 with BERT's dropout of 0.1,
+# 0.825 without it (the config has none), 0.875 with a text tower twice as wide; 800 steps
+# without dropout 1.00. A lower (1e-3: 0.75) or higher (4e-3: 0.70) peak LR did worse.
+CHINESE = ShapesRecipe("cn-clip:clipsearch-tiny-zh-rn", "zh", ("{}",), steps=800)
 
 
 def shapes_config(
