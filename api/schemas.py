@@ -206,7 +206,8 @@ class LabelSetDefinition(BaseModel):
         default=None, description="Label name -> settings, as GET returns them."
     )
     templates: str | list[str] = Field(
-        default="openai", description="openai, simple, photo, zh, zh-photo, zh-simple, or templates with {}."
+        default="openai",
+        description="openai, simple, photo, zh, zh-photo, zh-simple, or templates with {}.",
     )
     top_k: int = Field(default=3, description="Labels stored per image.")
     threshold: float = Field(default=0.0, description="Smallest probability stored.")
