@@ -58,14 +58,16 @@ def family_models(
 ) -> dict[str, FamilyModel]:
     """One tiny model per family, with seeded random weights saved where its loader reads them:
     an open_clip checkpoint, a Chinese-CLIP checkpoint, a transformers CLIP folder."""
-    from tests.fixtures.hf_models import write_tiny_clip
+    from tests.fixtures.hf_models import write_tiny_clip, write_tiny_siglip
 
     cn_clip = "cn-clip:clipsearch-tiny-zh"
     cn_path = tmp_path_factory.mktemp("cn-clip") / "tiny-zh.pt"
     cn_model = load_encoder(ModelSpec(cn_clip, "none", device="cpu", seed=7)).model
     torch.save({"state_dict": cn_model.state_dict()}, cn_path)
     hf_folder = write_tiny_clip(tmp_path_factory.mktemp("hf") / "tiny-clip")
+    siglip_folder = write_tiny_siglip(tmp_path_factory.mktemp("hf") / "tiny-siglip")
     return {
+        "hf-siglip": FamilyModel("hf", f"hf:{siglip_folder}", ""),
         "open_clip": FamilyModel("open_clip", TINY, str(tiny_checkpoint)),
         "cn_clip": FamilyModel("cn_clip", cn_clip, str(cn_path)),
         "hf": FamilyModel("hf", f"hf:{hf_folder}", ""),

@@ -24,7 +24,7 @@ from retrieval.models.encoder import Encoder, load_encoder
 from retrieval.training.shapes import generate_shapes
 from tests.conftest import FamilyModel
 
-FAMILIES = ["open_clip", "cn_clip", "hf"]
+FAMILIES = ["open_clip", "cn_clip", "hf", "hf-siglip"]
 LABELS = ["红色的圆形", "蓝色的正方形", "a green star", "a yellow triangle"]
 
 
@@ -55,13 +55,13 @@ def test_every_family_runs_the_whole_service(
     model = family_models[family]
     settings = _settings(tmp_path, model)
     encoder = load_encoder(model.spec())
-    assert encoder.identity.family == family
+    assert encoder.identity.family == model.family
     catalog = Catalog(settings.resolved_database_url)
     pictures = generate_shapes(tmp_path / "pics", 24, seed=5)
     report = IndexJob(settings, catalog, lambda: encoder, progress=False).run([tmp_path / "pics"])
     assert report.encoded == 24 and not report.failed and len(report.shards_written) == 3
     indexed_model = catalog.state().model
-    assert indexed_model is not None and indexed_model["family"] == family
+    assert indexed_model is not None and indexed_model["family"] == model.family
 
     LabelStore(catalog).put(LabelSet.from_dict({"labels": LABELS, "templates": ["{}"]}, name="s"))
     labelled = LabelJob(settings, catalog, lambda: encoder, progress=False).run()
@@ -92,7 +92,11 @@ def test_every_family_runs_the_whole_service(
         )
         assert classified.status_code == 200, classified.text
         scores = [label["score"] for label in classified.json()["labels"]]
-        assert len(scores) == 4 and sum(scores) == pytest.approx(1.0, abs=1e-4)  # softmax
+        assert len(scores) == 4 and scores == sorted(scores, reverse=True)
+        if encoder.score_rule.is_sigmoid:  # SigLIP: each label's own sigmoid
+            assert sum(scores) != pytest.approx(1.0, abs=1e-3)
+        else:
+            assert sum(scores) == pytest.approx(1.0, abs=1e-4)  # softmax
 
     compacted = compact_index(
         catalog, settings.resolved_index_dir, merge_all=True, grace_seconds=0, progress=False
@@ -104,7 +108,7 @@ def test_every_family_runs_the_whole_service(
         after = {query: _search(client, query) for query in before}
         info = client.get("/index").json()
     assert after == before
-    assert info["shard_count"] == 1 and info["model"]["family"] == family
+    assert info["shard_count"] == 1 and info["model"]["family"] == model.family
     catalog.dispose()
 
 
