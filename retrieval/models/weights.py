@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -162,3 +163,35 @@ def resolve_weights(spec: ModelSpec) -> tuple[str | None, dict[str, Any]]:
     if not path:
         raise WeightsUnavailable(weights_help(spec, "the tag has no download source."))
     return str(path), overrides
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """The tensors of a weights file, and clipsearch's fine-tuning metadata when it has some."""
+
+    state_dict: dict[str, Any]  # name -> torch.Tensor
+    meta: dict[str, Any]
+
+
+def read_checkpoint_file(path: Path) -> CheckpointFile:
+    """A `{"state_dict": ...}` checkpoint (clipsearch fine-tuning, cn_clip releases), a bare
+    state dict (.pt/.bin), or a .safetensors file. ValueError saying what is wrong with it."""
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            loaded: Any = load_file(str(path))
+        else:
+            # weights_only: a checkpoint is data; unpickling arbitrary objects would run code.
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - loading fails in many ways; one message
+        raise ValueError(f"{path} is not a readable checkpoint ({str(exc)[:300]})") from None
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict) or not all(
+        isinstance(value, torch.Tensor) for value in state.values()
+    ):
+        raise ValueError(f"{path} holds no state dict of model weights")
+    meta = loaded.get("clipsearch") if isinstance(loaded, dict) else None
+    return CheckpointFile(state, meta if isinstance(meta, dict) else {})

@@ -29,7 +29,12 @@ from torchvision.transforms import Normalize
 from retrieval.errors import ConfigError, WeightsUnavailable
 from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch
 from retrieval.models.identity import CN_CLIP, ModelIdentity, ModelSpec
-from retrieval.models.weights import BUNDLED_CONFIG_DIR, RANDOM_INIT, sha256_file
+from retrieval.models.weights import (
+    BUNDLED_CONFIG_DIR,
+    RANDOM_INIT,
+    read_checkpoint_file,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -243,24 +248,16 @@ def read_checkpoint(path: Path, spec: ModelSpec) -> Checkpoint:
     """The weights in a cn_clip release (`{"state_dict": ...}` saved from DistributedDataParallel)
     or a clipsearch fine-tuning run (`{"state_dict": ..., "clipsearch": meta}`)."""
     try:
-        # weights_only: a checkpoint is data; unpickling arbitrary objects would run code.
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways; one message
-        raise WeightsUnavailable(
-            _help(spec, f"{path} is not a readable torch checkpoint ({str(exc)[:300]}).")
-        ) from None
-    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state, dict) or not all(
-        isinstance(value, torch.Tensor) for value in state.values()
-    ):
-        raise WeightsUnavailable(_help(spec, f"{path} holds no state dict of model weights."))
+        loaded = read_checkpoint_file(path)
+    except ValueError as exc:
+        raise WeightsUnavailable(_help(spec, f"{exc}.")) from None
+    state = loaded.state_dict
     # Released checkpoints were saved from DistributedDataParallel ("module." prefixes) and keep
     # the BERT pooler, which cn_clip's text tower does not build; cn_clip's `create_model`
     # drops both the same way.
     weights = {key.removeprefix("module."): value for key, value in state.items()}
     weights = {key: value for key, value in weights.items() if "bert.pooler" not in key}
-    meta = loaded.get("clipsearch") if isinstance(loaded, dict) else None
-    return Checkpoint(weights, meta if isinstance(meta, dict) else {})
+    return Checkpoint(weights, loaded.meta)
 
 
 def _check_fits(

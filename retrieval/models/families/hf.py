@@ -42,7 +42,7 @@ from transformers import (
 from retrieval.errors import ConfigError, WeightsUnavailable
 from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch
 from retrieval.models.identity import HF, ModelIdentity, ModelSpec
-from retrieval.models.weights import sha256_file
+from retrieval.models.weights import read_checkpoint_file, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -540,21 +540,9 @@ def read_checkpoint(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """The state dict in a clipsearch fine-tuning checkpoint ({"state_dict": ..., "clipsearch":
     meta}), a bare state dict, or a .safetensors file."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            loaded: Any = load_file(str(path))
-        else:
-            # weights_only: a checkpoint is data; unpickling arbitrary objects would run code.
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways; one message
-        raise WeightsUnavailable(
-            _weights_help(spec, f"{path} is not a readable checkpoint ({str(exc)[:300]}).")
-        ) from None
-    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsUnavailable(_weights_help(spec, f"{path} holds no state dict of weights."))
-    return state
+        return read_checkpoint_file(path).state_dict
+    except ValueError as exc:
+        raise WeightsUnavailable(_weights_help(spec, f"{exc}.")) from None
 
 
 def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

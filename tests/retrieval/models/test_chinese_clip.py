@@ -239,7 +239,7 @@ def test_missing_checkpoint_says_what_to_do(tmp_path: Path) -> None:
 def test_a_file_that_is_no_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "notes.pt"
     path.write_text("not weights")
-    with pytest.raises(WeightsUnavailable, match="not a readable torch checkpoint"):
+    with pytest.raises(WeightsUnavailable, match="not a readable checkpoint"):
         load_encoder(ModelSpec(TINY, str(path), device="cpu"))
 
 
