@@ -195,3 +195,25 @@ def read_checkpoint_file(path: Path) -> CheckpointFile:
         raise ValueError(f"{path} holds no state dict of model weights")
     meta = loaded.get("clipsearch") if isinstance(loaded, dict) else None
     return CheckpointFile(state, meta if isinstance(meta, dict) else {})
+
+
+def tensor_shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in state.items()}
+
+
+def state_dict_differences(
+    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]
+) -> str:
+    """What keeps weights of shapes `found` from loading into a model with `expected` tensors,
+    for an error message ("" when nothing)."""
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    reshaped = [
+        f"{key} {found[key]} (this model: {shape})"
+        for key, shape in expected.items()
+        if key in found and found[key] != shape
+    ]
+    kinds = ((reshaped, "of another shape"), (missing, "missing"), (unexpected, "unexpected"))
+    return "; ".join(
+        f"{len(items)} {what} (e.g. {', '.join(items[:3])})" for items, what in kinds if items
+    )

@@ -34,6 +34,8 @@ from retrieval.models.weights import (
     RANDOM_INIT,
     read_checkpoint_file,
     sha256_file,
+    state_dict_differences,
+    tensor_shapes,
 )
 
 log = logging.getLogger(__name__)
@@ -264,26 +266,12 @@ def _check_fits(
     model: torch.nn.Module, checkpoint: Checkpoint, spec: ModelSpec, path: Path
 ) -> None:
     """WeightsUnavailable, naming what differs, unless the checkpoint is of this architecture."""
-    expected = model.state_dict()
     weights = checkpoint.state_dict
-    missing = [key for key in expected if key not in weights]
-    unexpected = [key for key in weights if key not in expected]
-    reshaped = [
-        f"{key} {tuple(weights[key].shape)} (this model: {tuple(value.shape)})"
-        for key, value in expected.items()
-        if key in weights and weights[key].shape != value.shape
-    ]
-    if not (missing or unexpected or reshaped):
+    expected = tensor_shapes(model.state_dict())
+    problems = state_dict_differences(expected, tensor_shapes(weights))
+    if not problems:
         return
-    differences = [
-        f"{len(items)} {what} (e.g. {', '.join(items[:3])})"
-        for items, what in (
-            (missing, "missing"),
-            (unexpected, "unexpected"),
-            (reshaped, "of another shape"),
-        )
-        if items
-    ]
+    unexpected = [key for key in weights if key not in expected]
     origin = checkpoint.clipsearch.get("model")
     hints = [f" It was fine-tuned from {origin}." if origin else ""]
     if any(key.startswith(("text_model.", "vision_model.")) for key in unexpected):
@@ -292,7 +280,7 @@ def _check_fits(
         _help(
             spec,
             f"{path} holds the weights of another architecture: "
-            f"{'; '.join(differences)} weights.{''.join(hints)}",
+            f"{problems} weights.{''.join(hints)}",
         )
     )
 

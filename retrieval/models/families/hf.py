@@ -42,7 +42,12 @@ from transformers import (
 from retrieval.errors import ConfigError, WeightsUnavailable
 from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch
 from retrieval.models.identity import HF, ModelIdentity, ModelSpec
-from retrieval.models.weights import read_checkpoint_file, sha256_file
+from retrieval.models.weights import (
+    read_checkpoint_file,
+    sha256_file,
+    state_dict_differences,
+    tensor_shapes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -484,7 +489,7 @@ def load_model(
     assert weights.checkpoint is not None
     state = read_checkpoint(weights.checkpoint, spec)
     model = cls._from_config(config, dtype=torch.float32)
-    problems = differences(_shapes(model.state_dict()), _shapes(state))
+    problems = state_dict_differences(tensor_shapes(model.state_dict()), tensor_shapes(state))
     if problems:
         raise WeightsUnavailable(
             _weights_help(
@@ -520,11 +525,13 @@ def _from_folder(
     except RuntimeError as exc:
         # Tensors of another shape: name them, not transformers' load report.
         with torch.device("meta"):
-            expected = _shapes(cls._from_config(config).state_dict())
+            expected = tensor_shapes(cls._from_config(config).state_dict())
         found: dict[str, tuple[int, ...]] = {}
         for path in files.files:
             found.update(_file_shapes(path))
-        raise another_architecture(differences(expected, found) or str(exc)[:300]) from None
+        raise another_architecture(
+            state_dict_differences(expected, found) or str(exc)[:300]
+        ) from None
     except Exception as exc:  # noqa: BLE001 - a corrupt file and the like; one message
         raise WeightsUnavailable(
             f"{spec.name}: transformers cannot load the weights in {folder} ({str(exc)[:300]})."
@@ -545,10 +552,6 @@ def read_checkpoint(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
         raise WeightsUnavailable(_weights_help(spec, f"{exc}.")) from None
 
 
-def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(value.shape) for key, value in state.items()}
-
-
 def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """The tensors' shapes in a weights file, without reading the tensors where possible."""
     if path.suffix == ".safetensors":
@@ -557,22 +560,7 @@ def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as handle:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return _shapes(state) if isinstance(state, dict) else {}
-
-
-def differences(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> str:
-    """What keeps `found` from loading into a model with `expected` tensors; "" when nothing."""
-    missing = [key for key in expected if key not in found]
-    unexpected = [key for key in found if key not in expected]
-    reshaped = [
-        f"{key} {found[key]} (this model: {shape})"
-        for key, shape in expected.items()
-        if key in found and found[key] != shape
-    ]
-    kinds = ((reshaped, "of another shape"), (missing, "missing"), (unexpected, "unexpected"))
-    return "; ".join(
-        f"{len(items)} {what} (e.g. {', '.join(items[:3])})" for items, what in kinds if items
-    )
+    return tensor_shapes(state) if isinstance(state, dict) else {}
 
 
 def load(spec: ModelSpec, device: str, precision: str) -> HfBackend:
