@@ -1,17 +1,19 @@
 """Safe image decoding: the only way the product turns bytes into pixels.
 
 Real corpora hold truncated, huge, hostile and mislabelled files, so every failure becomes an
-`ImageError` with a stable `reason`, and the pixel cap is checked from the header before any
-pixel is decoded.
+`ImageError` with a stable `reason`, and the pixel cap and the decode budget (bytes, see
+`DecodeCost`) are checked from the header before any pixel is decoded. Conversions to RGB run
+in bands of rows, so a decode holds little beyond its frame whatever the image's mode.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from retrieval.errors import ImageError
+from retrieval.memory import release_free_heap
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -44,8 +47,40 @@ _ORIENTATION_TRANSPOSE: dict[int, Image.Transpose] = {
 _SWAPS_AXES = frozenset({5, 6, 7, 8})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+# Pillow holds these modes in one byte per pixel, 16-bit grey in two, every other mode in four
+# (RGB too: its pixels are padded to 32 bits).
+_ONE_BYTE_MODES = frozenset({"1", "L", "P"})
+# With `min_side`, a frame over this many pixels is reduced (box-averaged by a whole factor that
+# keeps both sides >= min_side) band by band before its conversion to RGB, as libjpeg's DCT
+# scaling does for JPEGs; smaller frames convert as they are.
+REDUCE_ABOVE_PIXELS = 4_000_000
+# Rows are converted in bands of about this many bytes, so conversions never copy a whole frame.
+BAND_BYTES = 4 * 1024 * 1024
+# After a decode that held this much, free heap pages go back to the system (glibc keeps
+# them otherwise, and a server's RSS would stay at its peak).
+TRIM_ABOVE_BYTES = 32 * 1024 * 1024
 
 Source = str | os.PathLike[str] | bytes
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    """What decoding one image holds in memory at its peak, known from its header.
+
+    `frame`: the pixels as Pillow stores them (by mode: 1, 2 or 4 bytes a pixel; a float or
+    32-bit image counts 4, a 16-bit grey one 2). `decoder`: the codec's own buffer (a
+    compressed TIFF strip or tile, WebP's RGBA canvases). `output`: the RGB result, reduced by
+    `factor` (twice when it is turned upright). Conversions add at most a band of rows.
+    """
+
+    frame: int
+    decoder: int
+    output: int
+    factor: int
+
+    @property
+    def total(self) -> int:
+        return self.frame + self.decoder + self.output
 
 
 @dataclass(frozen=True)
@@ -59,18 +94,25 @@ class DecodedImage:
 
 
 def decode_image(
-    source: Source, *, max_pixels: int, name: str | None = None, min_side: int | None = None
+    source: Source,
+    *,
+    max_pixels: int,
+    name: str | None = None,
+    min_side: int | None = None,
+    max_bytes: int | None = None,
 ) -> DecodedImage:
     """Decode the first frame of `source` (a path, or the file's bytes) to upright RGB.
 
     With `min_side`, a JPEG may be decoded at a reduced scale (1/2, 1/4 or 1/8, done in the
     DCT by libjpeg) as long as both sides stay >= min_side: a 1024x768 photo headed for a
-    224-px model decodes at 512x384, about 3x faster. `width`/`height` still report the
-    full upright size.
+    224-px model decodes at 512x384, about 3x faster. Other frames over REDUCE_ABOVE_PIXELS
+    are reduced the same way after decoding. `width`/`height` still report the full upright
+    size.
 
     Raises `ImageError` for every failure. The effective pixel cap is the smaller of
     `max_pixels` and Pillow's own decompression-bomb limit (2 * Image.MAX_IMAGE_PIXELS),
     because Pillow refuses larger images while opening them and we leave its globals alone.
+    `max_bytes` caps `DecodeCost.total`, checked before any pixel is decoded (too_large).
     """
     shown_as = _shown_as(source, name)
     data = _read_source(source, shown_as)
@@ -79,24 +121,89 @@ def decode_image(
         with opened:
             fmt = opened.format or "unknown"
             _check_pixels(opened.size, max_pixels, shown_as)
-            full_size: tuple[int, int] | None = None
+            stored = _stored_size(opened)
+            header_orientation = _orientation(opened, header_only=True)
             if min_side and fmt in ("JPEG", "MPO"):
-                width, height = opened.size
-                if _orientation(opened, header_only=True) in _SWAPS_AXES:
-                    width, height = height, width
-                full_size = (width, height)
                 opened.draft("RGB", (min_side, min_side))
+            cost = decode_cost(opened, min_side=min_side, turned=header_orientation != 1)
+            if max_bytes is not None and cost.total > max_bytes:
+                raise ImageError("too_large", _over_budget(opened, cost, max_bytes), shown_as)
             try:
                 opened.load()
                 # Read orientation after load: a PNG may keep its eXIf chunk after the pixels.
-                rgb = _to_rgb(_upright(opened, _orientation(opened)))
+                orientation = _orientation(opened)
+                rgb = _render_rgb(opened, cost.factor, orientation)
             except Exception as exc:  # Pillow raises almost anything on bad data
                 raise _classify(exc, data, shown_as) from exc
-            if rgb is opened:
-                # The opened image is closed on leaving the block; return an independent copy.
-                rgb = rgb.copy()
-    width, height = full_size or (rgb.width, rgb.height)
+    if cost.total >= TRIM_ABOVE_BYTES:
+        release_free_heap()
+    width, height = stored
+    # Recent Pillow turns a TIFF upright while loading it and drops its orientation tag, so the
+    # header says how a TIFF stands; other formats may name their orientation only after load.
+    if (header_orientation if fmt == "TIFF" else orientation) in _SWAPS_AXES:
+        width, height = height, width
     return DecodedImage(image=rgb, width=width, height=height, format=fmt)
+
+
+def decode_cost(image: ImageFile.ImageFile, *, min_side: int | None, turned: bool) -> DecodeCost:
+    """The memory decoding `image` (opened, not loaded; after any draft) will take."""
+    width, height = image.size
+    factor = _reduction_factor(image.size, min_side)
+    out_pixels = math.ceil(width / factor) * math.ceil(height / factor)
+    return DecodeCost(
+        frame=width * height * bytes_per_pixel(image.mode),
+        decoder=_decoder_buffer_bytes(image),
+        output=out_pixels * 4 * (2 if turned else 1),
+        factor=factor,
+    )
+
+
+def bytes_per_pixel(mode: str) -> int:
+    """How many bytes Pillow holds per pixel of `mode`."""
+    if mode in _ONE_BYTE_MODES:
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4
+
+
+def _reduction_factor(size: tuple[int, int], min_side: int | None) -> int:
+    width, height = size
+    if not min_side or width * height <= REDUCE_ABOVE_PIXELS:
+        return 1
+    return max(1, min(width, height) // min_side)
+
+
+def _decoder_buffer_bytes(image: ImageFile.ImageFile) -> int:
+    width, height = image.size
+    if image.format == "WEBP":
+        # Measured: Pillow's WebP decoder holds three RGBA canvases beside the frame.
+        return 3 * width * height * 4
+    if image.format != "TIFF":
+        return 0
+    # Recent Pillow turns a TIFF with an orientation tag upright into a second frame.
+    turning = width * height * bytes_per_pixel(image.mode) if _orientation(image) != 1 else 0
+    if image.info.get("compression", "raw") != "raw":
+        # libtiff decodes a whole strip (or tile) into a buffer of its own first; a TIFF
+        # written as one strip doubles the decode.
+        tags = getattr(image, "tag_v2", {})
+        bits = tags.get(258, (8,))  # BitsPerSample, one per sample
+        bits_per_pixel = sum(bits) if isinstance(bits, tuple) else int(bits)
+        tile_width, tile_length = tags.get(322), tags.get(323)
+        if isinstance(tile_width, int) and isinstance(tile_length, int):
+            return turning + tile_length * math.ceil(tile_width * bits_per_pixel / 8)
+        rows = tags.get(278, height)  # RowsPerStrip
+        rows = min(rows, height) if isinstance(rows, int) and rows > 0 else height
+        return turning + rows * math.ceil(width * bits_per_pixel / 8)
+    return turning
+
+
+def _over_budget(image: Image.Image, cost: DecodeCost, limit: int) -> str:
+    width, height = image.size
+    return (
+        f"decoding {width}x{height} {image.mode} pixels takes about {cost.total} bytes, "
+        f"more than the {limit} allowed"
+    )
 
 
 def read_header(
@@ -311,9 +418,54 @@ def _upright(image: Image.Image, orientation: int) -> Image.Image:
     return image if method is None else image.transpose(method)
 
 
+def _render_rgb(frame: Image.Image, factor: int, orientation: int) -> Image.Image:
+    """The loaded frame as upright RGB, reduced by `factor`, converted a band of rows at a
+    time: a float or 16-bit frame never gets whole-frame temporaries beside it."""
+    if factor == 1 and frame.mode == "RGB" and "transparency" not in frame.info:
+        upright = _upright(frame, orientation)
+        # The opened image is closed on leaving decode_image; return an independent copy.
+        return upright.copy() if upright is frame else upright
+    grey = _grey_map(frame) if frame.mode in _WIDE_GREY_MODES else None
+    width, height = frame.size
+    out = Image.new("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
+    rows = _band_rows(width, factor)
+    for top in range(0, height, rows):
+        band = frame.crop((0, top, width, min(height, top + rows)))
+        if grey is not None:
+            band = _apply_grey(band, grey)
+        if factor > 1:
+            band = _reducible(band).reduce(factor)
+        out.paste(_to_rgb(band), (0, top // factor))
+    return _upright(out, orientation)
+
+
+def _band_rows(width: int, factor: int) -> int:
+    """Rows per band: about BAND_BYTES of 4-byte pixels, a whole multiple of `factor`, so
+    reducing band by band gives exactly what reducing the whole frame would."""
+    rows = max(1, BAND_BYTES // (width * 4))
+    return max(factor, rows - rows % factor)
+
+
+def _bands(frame: Image.Image) -> Iterator[Image.Image]:
+    width, height = frame.size
+    rows = _band_rows(width, 1)
+    for top in range(0, height, rows):
+        yield frame.crop((0, top, width, min(height, top + rows)))
+
+
+def _reducible(band: Image.Image) -> Image.Image:
+    """`band` in a mode whose pixels Image.reduce may average (not palette indices or bits)."""
+    if band.mode in ("P", "PA"):
+        has_alpha = band.mode == "PA" or "transparency" in band.info
+        return band.convert("RGBA" if has_alpha else "RGB")
+    if "transparency" in band.info:  # one colour is transparent: average it as alpha
+        return band.convert("RGBA")
+    if band.mode == "1":
+        return band.convert("L")
+    return band
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in _WIDE_GREY_MODES:
-        image = _grey_to_8bit(image)
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         # Transparent pixels often hold black; show them on white, as a viewer would.
         rgba = image.convert("RGBA")
@@ -325,29 +477,44 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _grey_to_8bit(image: Image.Image) -> Image.Image:
+GreyMap = Callable[[np.ndarray], np.ndarray]
+
+
+def _grey_map(frame: Image.Image) -> GreyMap:
+    """How the values of a 16-bit, 32-bit or float grey frame become 0..255, decided from all
+    of its pixels (read a band at a time)."""
     # Pillow's convert("L") clips 16-bit values at 255, which turns most of a 16-bit image
     # white; scale by the value range instead.
-    values = np.asarray(image)
-    if image.mode.startswith("I;16"):
-        scaled = values.astype(np.float32) / 257.0
-    elif image.mode == "F":
-        finite = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        low, high = float(finite.min()), float(finite.max())
-        in_unit_range = low >= 0.0 and high <= 1.0
-        scaled = finite * 255.0 if in_unit_range else _stretch(finite, low, high)
-    else:
-        # 32-bit integers: use the smallest usual depth that holds the values; anything
-        # wider or negative (depth maps, scientific data) is stretched to its own range.
-        low, high = int(values.min()), int(values.max())
-        if low >= 0 and high <= 255:
-            scaled = values.astype(np.float32)
-        elif low >= 0 and high <= 65535:
-            scaled = values.astype(np.float32) / 257.0
-        else:
-            scaled = _stretch(values.astype(np.float64), low, high)
-    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey)
+    if frame.mode.startswith("I;16"):
+        return lambda values: values.astype(np.float32) / 257.0
+    is_float = frame.mode == "F"
+    lows, highs = [], []
+    for band in _bands(frame):
+        values = _finite(np.asarray(band)) if is_float else np.asarray(band)
+        lows.append(values.min())
+        highs.append(values.max())
+    if is_float:
+        low, high = float(min(lows)), float(max(highs))
+        if low >= 0.0 and high <= 1.0:
+            return lambda values: _finite(values) * 255.0
+        return lambda values: _stretch(_finite(values), low, high)
+    # 32-bit integers: use the smallest usual depth that holds the values; anything
+    # wider or negative (depth maps, scientific data) is stretched to its own range.
+    int_low, int_high = int(min(lows)), int(max(highs))
+    if int_low >= 0 and int_high <= 255:
+        return lambda values: values.astype(np.float32)
+    if int_low >= 0 and int_high <= 65535:
+        return lambda values: values.astype(np.float32) / 257.0
+    return lambda values: _stretch(values.astype(np.float64), int_low, int_high)
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _apply_grey(band: Image.Image, grey: GreyMap) -> Image.Image:
+    scaled = grey(np.asarray(band))
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
 
 
 def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -377,3 +377,92 @@ def test_jpeg_draft_decodes_smaller_but_reports_full_size(tmp_path: Path) -> Non
     png = tmp_path / "big.png"
     Image.effect_noise((300, 300), 40).convert("RGB").save(png)
     assert decode_image(png, max_pixels=DEFAULT_MAX_PIXELS, min_side=64).image.size == (300, 300)
+
+
+# --- the decode budget, reduction of large frames, banded conversion ----------------------
+
+
+def _declared_png(width: int, height: int, bit_depth: int, colour_type: int) -> bytes:
+    """A PNG whose header declares width x height but whose data ends after one row."""
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return png_with_idat(ihdr, zlib.compress(b"\x00" * (1 + width * 8)))
+
+
+def _cost(data: bytes, min_side: int | None = None) -> images.DecodeCost:
+    with Image.open(io.BytesIO(data)) as opened:
+        return images.decode_cost(opened, min_side=min_side, turned=False)
+
+
+def test_decode_cost_counts_the_mode_not_only_pixels() -> None:
+    grey = _cost(_declared_png(1000, 1000, 8, 0))
+    grey16 = _cost(_declared_png(1000, 1000, 16, 0))
+    rgba = _cost(_declared_png(1000, 1000, 8, 6))
+    assert (grey.frame, grey16.frame, rgba.frame) == (1_000_000, 2_000_000, 4_000_000)
+    assert grey.output == rgba.output == 4_000_000  # the RGB result, not reduced
+    ramp = np.linspace(0, 1, 100 * 100, dtype=np.float32).reshape(100, 100)
+    one_strip = encode(
+        Image.fromarray(ramp, "F"), "TIFF", compression="tiff_adobe_deflate", tiffinfo={278: 100}
+    )
+    tiff = _cost(one_strip)
+    assert tiff.frame == 40_000 and tiff.decoder == 40_000  # libtiff's strip buffer
+    webp = _cost(encode(noisy(100, 100), "WEBP", lossless=True))
+    assert webp.decoder == 3 * webp.frame
+
+
+def test_over_budget_upload_is_refused_before_decoding() -> None:
+    # Only one row of data: decoding it would fail as truncated, so too_large proves the
+    # budget was checked from the header first.
+    data = _declared_png(4000, 4000, 16, 0)
+    cost = _cost(data)
+    with pytest.raises(ImageError) as caught:
+        decode_image(data, max_pixels=CAP, max_bytes=cost.total - 1)
+    assert caught.value.reason == "too_large"
+    assert str(cost.total) in caught.value.detail
+    with pytest.raises(ImageError) as caught:
+        decode_image(data, max_pixels=CAP, max_bytes=cost.total)
+    assert caught.value.reason == "truncated"
+
+
+def test_same_pixels_in_a_wider_mode_cost_more() -> None:
+    grey = encode(Image.new("L", (300, 200), 9), "PNG")
+    floats = encode(Image.new("F", (300, 200), 0.5), "TIFF")
+    budget = _cost(grey).total
+    assert decode_image(grey, max_pixels=CAP, max_bytes=budget).image.size == (300, 200)
+    with pytest.raises(ImageError) as caught:
+        decode_image(floats, max_pixels=CAP, max_bytes=budget)
+    assert caught.value.reason == "too_large"
+
+
+def test_large_frames_are_reduced_like_the_whole_frame_would_be() -> None:
+    ramp = (np.arange(2100 * 2000, dtype=np.uint32) * 7919 % 251).astype(np.uint8)
+    picture = Image.fromarray(ramp.reshape(2000, 2100))
+    data = encode(picture, "PNG", compress_level=1)
+    decoded = decode_image(data, max_pixels=CAP, min_side=64)
+    assert _cost(data, min_side=64).factor == 2000 // 64
+    assert (decoded.width, decoded.height) == (2100, 2000)
+    expected = picture.reduce(2000 // 64).convert("RGB")
+    assert decoded.image.size == expected.size == (68, 65)
+    assert decoded.image.tobytes() == expected.tobytes()  # bands stitched without seams
+    # Below REDUCE_ABOVE_PIXELS nothing is reduced (the indexer's vectors stay as they were).
+    small = encode(picture.crop((0, 0, 1000, 1000)), "PNG")
+    assert decode_image(small, max_pixels=CAP, min_side=64).image.size == (1000, 1000)
+
+
+def test_float_frames_converted_in_bands_are_stretched_over_the_whole_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(images, "BAND_BYTES", 64 * 4 * 3)  # three rows a band
+    values = np.linspace(-5.0, 20.0, 64 * 48, dtype=np.float32).reshape(48, 64)
+    values[10, 10] = np.nan
+    decoded = np.asarray(decode(encode(Image.fromarray(values, "F"), "TIFF")).image)[:, :, 0]
+    finite = np.nan_to_num(values, nan=0.0)
+    expected = np.clip(np.rint((finite + 5.0) * (255.0 / 25.0)), 0, 255).astype(np.uint8)
+    assert np.array_equal(decoded, expected)
+
+
+def test_large_palette_frames_reduce_their_colours_not_their_indices() -> None:
+    picture = Image.new("P", (2400, 2000), 1)
+    picture.putpalette([0, 0, 0, 250, 10, 10] + [0, 0, 0] * 254)
+    decoded = decode_image(encode(picture, "PNG"), max_pixels=CAP, min_side=100)
+    assert decoded.image.size == (120, 100)
+    assert decoded.image.getpixel((5, 5)) == (250, 10, 10)
