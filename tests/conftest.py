@@ -47,9 +47,10 @@ class FamilyModel:
     family: str
     model: str
     pretrained: str
+    config_dir: Path | None = None  # CLIPSEARCH_MODEL_CONFIG_DIR
 
     def spec(self) -> ModelSpec:
-        return ModelSpec(self.model, self.pretrained, device="cpu")
+        return ModelSpec(self.model, self.pretrained, device="cpu", config_dir=self.config_dir)
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +58,11 @@ def family_models(
     tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path
 ) -> dict[str, FamilyModel]:
     """One tiny model per family, with seeded random weights saved where its loader reads them:
-    an open_clip checkpoint, a Chinese-CLIP checkpoint, a transformers CLIP folder."""
+    an open_clip checkpoint, a Chinese-CLIP checkpoint, transformers CLIP and SigLIP folders, and
+    open_clip's multilingual (a transformers text tower) and SigLIP shapes with a local Hugging
+    Face tokenizer."""
     from tests.fixtures.hf_models import write_tiny_clip, write_tiny_siglip
+    from tests.fixtures.open_clip_hf import SIGLIP, XLMR, write_configs
 
     cn_clip = "cn-clip:clipsearch-tiny-zh"
     cn_path = tmp_path_factory.mktemp("cn-clip") / "tiny-zh.pt"
@@ -66,7 +70,10 @@ def family_models(
     torch.save({"state_dict": cn_model.state_dict()}, cn_path)
     hf_folder = write_tiny_clip(tmp_path_factory.mktemp("hf") / "tiny-clip")
     siglip_folder = write_tiny_siglip(tmp_path_factory.mktemp("hf") / "tiny-siglip")
+    configs = write_configs(tmp_path_factory.mktemp("open-clip-hf"))
     return {
+        "open_clip-xlmr": FamilyModel("open_clip", XLMR, "none", configs),
+        "open_clip-siglip": FamilyModel("open_clip", SIGLIP, "none", configs),
         "hf-siglip": FamilyModel("hf", f"hf:{siglip_folder}", ""),
         "open_clip": FamilyModel("open_clip", TINY, str(tiny_checkpoint)),
         "cn_clip": FamilyModel("cn_clip", cn_clip, str(cn_path)),

@@ -24,7 +24,7 @@ from retrieval.models.encoder import Encoder, load_encoder
 from retrieval.training.shapes import generate_shapes
 from tests.conftest import FamilyModel
 
-FAMILIES = ["open_clip", "cn_clip", "hf", "hf-siglip"]
+FAMILIES = ["open_clip", "cn_clip", "hf", "hf-siglip", "open_clip-xlmr", "open_clip-siglip"]
 LABELS = ["红色的圆形", "蓝色的正方形", "a green star", "a yellow triangle"]
 
 
@@ -33,6 +33,7 @@ def _settings(tmp_path: Path, model: FamilyModel) -> Settings:
         data_dir=tmp_path / "data",
         model=model.model,
         pretrained=model.pretrained,
+        model_config_dir=model.config_dir,
         device="cpu",
         workers=0,
         batch_size=8,

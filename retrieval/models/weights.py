@@ -51,6 +51,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+# Files next to the vocabulary that change how a Hugging Face tokenizer splits text.
+TOKENIZER_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def tokenizer_digest(folder: Path, tokenizer: Any) -> str:
+    """A digest of the tokenizer's files (names and contents) as they are in the folder."""
+    names = [*type(tokenizer).vocab_files_names.values(), *TOKENIZER_CONFIG_FILES]
+    digest = hashlib.sha256()
+    for name in sorted(set(names)):
+        if (folder / name).is_file():
+            digest.update(f"{name} {sha256_file(folder / name)}\n".encode())
+    return digest.hexdigest()
+
+
 def host_resolves(url: str, timeout: float = 3.0) -> bool:
     """A quick DNS probe, so an offline machine fails in seconds, not after a minute of retries."""
     host = urlparse(url).hostname or ""

@@ -47,6 +47,7 @@ from retrieval.models.weights import (
     sha256_file,
     state_dict_differences,
     tensor_shapes,
+    tokenizer_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,6 @@ RANDOM_WEIGHTS = frozenset({"none", "random"})
 # Where transformers looks for a folder's weights, in its order of preference.
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-# Files next to the vocabulary that change how a tokenizer splits text.
-TOKENIZER_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 # Keys of config.json that record who saved the folder, not what the model computes.
 _CONFIG_METADATA = frozenset(
     {"_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype"}
@@ -419,16 +418,6 @@ def load_tokenizer(folder: Path, spec: ModelSpec, text_vocab_size: int) -> Any:
             "tokenizer files into the folder."
         )
     return tokenizer
-
-
-def tokenizer_digest(folder: Path, tokenizer: Any) -> str:
-    """A digest of the tokenizer's files (names and contents) as they are in the folder."""
-    names = [*type(tokenizer).vocab_files_names.values(), *TOKENIZER_CONFIG_FILES]
-    digest = hashlib.sha256()
-    for name in sorted(set(names)):
-        if (folder / name).is_file():
-            digest.update(f"{name} {sha256_file(folder / name)}\n".encode())
-    return digest.hexdigest()
 
 
 def context_length(positions: int, tokenizer: Any, architecture: Architecture) -> int:

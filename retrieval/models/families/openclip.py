@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
+from open_clip.hf_model import ClsLastHiddenStatePooler, ClsPooler, HFTextEncoder, MeanPooler
 from open_clip.transformer import text_global_pool
 
 from retrieval.errors import WeightsUnavailable
@@ -19,6 +21,7 @@ from retrieval.models.weights import (
     register_model_configs,
     resolve_weights,
     sha256_file,
+    tokenizer_digest,
     weights_help,
 )
 
@@ -41,8 +44,10 @@ class OpenClipBackend(ModelBackend):
         return self.model.encode_image(pixels)  # type: ignore[operator]
 
     def encode_text(self, tokens: TokenBatch, *, trim: bool) -> torch.Tensor:
-        if trim and self.trims_exactly():
+        if trim and self._causal_tower():
             return self._encode_trimmed(tokens.ids)
+        if trim and self._masked_hf_tower() is not None:
+            return self.model.encode_text(self._trim_padding(tokens.ids))  # type: ignore[operator]
         return self.model.encode_text(tokens.ids)  # type: ignore[operator]
 
     def score_rule(self) -> ScoreRule:
@@ -61,6 +66,10 @@ class OpenClipBackend(ModelBackend):
         return "text"
 
     def trims_exactly(self) -> bool:
+        return self._causal_tower() or self._masked_hf_tower() is not None
+
+    def _causal_tower(self) -> bool:
+        """open_clip's own causal text transformer, pooled at the EOT token, with padding 0."""
         model = self.model
         return (
             isinstance(model, open_clip.CLIP)
@@ -68,6 +77,31 @@ class OpenClipBackend(ModelBackend):
             and getattr(model, "text_pool_type", "argmax") in ("argmax", "eos")
             and isinstance(self.tokenizer, open_clip.tokenizer.SimpleTokenizer)
         )
+
+    def _masked_hf_tower(self) -> int | None:
+        """The padding id of a Hugging Face text tower (XLM-R, NLLB, ...) that masks its padding
+        out and pools with the mask (mean) or at position 0 ([CLS]); None for any other tower.
+
+        SigLIP's towers are neither: they attend to their padding and pool the last position, so
+        padding is part of their input and they always run the full context."""
+        text = getattr(self.model, "text", None)
+        if not isinstance(text, HFTextEncoder) or not isinstance(
+            text.pooler, MeanPooler | ClsPooler | ClsLastHiddenStatePooler
+        ):
+            return None
+        pad = getattr(text.config, "pad_token_id", None)
+        tokenizer_pad = getattr(getattr(self.tokenizer, "tokenizer", None), "pad_token_id", None)
+        return int(pad) if pad is not None and pad == tokenizer_pad else None
+
+    def _trim_padding(self, tokens: torch.Tensor) -> torch.Tensor:
+        # The tower's attention mask is `tokens != pad`, so a padding column is masked out of
+        # every real token's attention (exactly 0 after the softmax) and out of the mean; the
+        # position ids count real tokens only. Dropping the columns after the last real token
+        # therefore changes nothing but the work.
+        pad = self._masked_hf_tower()
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        last = int((positions * (tokens != pad)).max().item())
+        return tokens[:, : last + 1]
 
     def _encode_trimmed(self, tokens: torch.Tensor) -> torch.Tensor:
         # The text tower's attention mask is causal and pooling reads the EOT position,
@@ -92,12 +126,18 @@ class OpenClipBackend(ModelBackend):
         return x
 
 
-def _hub_repos(name: str) -> list[str]:
-    """Hugging Face repos a model reads at creation: an HF tokenizer or HF text tower's config
-    (SigLIP, XLM-R and NLLB models); their weights come with the checkpoint."""
+def _hf_names(name: str) -> list[tuple[str, str]]:
+    """(config key, value) of the Hugging Face names a model reads at creation: an HF tokenizer
+    or HF text tower's config (SigLIP, XLM-R and NLLB models); their weights come with the
+    checkpoint."""
     text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
-    repos = [text_cfg.get("hf_tokenizer_name"), text_cfg.get("hf_model_name")]
-    return list(dict.fromkeys(r for r in repos if r and not os.path.isdir(r)))
+    keys = ("hf_tokenizer_name", "hf_model_name")
+    return [(key, text_cfg[key]) for key in keys if text_cfg.get(key)]
+
+
+def _is_path(name: str) -> bool:
+    """A local path rather than a hub repo id (`owner/name`)."""
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
 
 
 def _require_hub_files(spec: ModelSpec) -> None:
@@ -105,7 +145,16 @@ def _require_hub_files(spec: ModelSpec) -> None:
     reachable: transformers would otherwise retry for half a minute and raise its own error."""
     from huggingface_hub import snapshot_download
 
-    for repo in _hub_repos(spec.family_name):
+    for key, repo in dict.fromkeys(_hf_names(spec.family_name)):
+        if os.path.isdir(os.path.expanduser(repo)):
+            continue
+        if _is_path(repo):
+            raise WeightsUnavailable(
+                f"Model {spec.family_name}: its config's text_cfg.{key} names the folder {repo}, "
+                "which does not exist. Copy the Hugging Face files there (a tokenizer's "
+                "save_pretrained writes them; a text tower needs its config.json), or point "
+                f"{key} in the model's JSON config at the folder that holds them."
+            )
         try:
             snapshot_download(
                 repo,
@@ -127,6 +176,18 @@ def _require_hub_files(spec: ModelSpec) -> None:
             f"{repo.replace('/', '--')}) into the same place here (or under $HF_HOME/hub, or "
             "CLIPSEARCH_MODEL_CACHE_DIR when that is set)."
         )
+
+
+def _tokenizer_identity(name: str, tokenizer: Any) -> str:
+    """What the identity records of the tokenizer: nothing when the model's name fixes it
+    (open_clip's BPE, or a hub repo its config names), the digest of the files when the config
+    names a local folder, whose contents may change under the same name."""
+    folder = (open_clip.get_model_config(name) or {}).get("text_cfg", {}).get("hf_tokenizer_name")
+    hf_tokenizer = getattr(tokenizer, "tokenizer", None)
+    if not folder or not os.path.isdir(folder) or hf_tokenizer is None:
+        return ""
+    digest = tokenizer_digest(Path(folder), hf_tokenizer)[:12]
+    return f"{type(hf_tokenizer).__name__}:{digest}"
 
 
 def load(spec: ModelSpec, device: str, precision: str) -> OpenClipBackend:
@@ -156,6 +217,9 @@ def load(spec: ModelSpec, device: str, precision: str) -> OpenClipBackend:
             precision=precision,
             device=device,
             cache_dir=str(spec.cache_dir) if spec.cache_dir else None,
+            # A Hugging Face text tower (XLM-R, NLLB) gets its weights from the checkpoint, and
+            # random weights mean random: never the tower's base weights from the hub.
+            pretrained_text=False,
             **overrides,
         )
     except (RuntimeError, KeyError, ValueError, OSError) as exc:
@@ -163,9 +227,16 @@ def load(spec: ModelSpec, device: str, precision: str) -> OpenClipBackend:
             weights_help(spec, f"open_clip could not load them ({str(exc)[:300]}).")
         ) from None
     model.eval()
-    tokenizer = open_clip.get_tokenizer(
-        name, cache_dir=str(spec.cache_dir) if spec.cache_dir else None
-    )
+    try:
+        tokenizer = open_clip.get_tokenizer(
+            name, cache_dir=str(spec.cache_dir) if spec.cache_dir else None
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        folder = dict(_hf_names(name)).get("hf_tokenizer_name", name)
+        raise WeightsUnavailable(
+            f"Model {name}: cannot read its tokenizer {folder} ({str(exc)[:300]}). Copy the "
+            "model's tokenizer files (tokenizer.save_pretrained(folder) writes them) there."
+        ) from None
     visual: Any = model.visual
     image_size = visual.image_size
     with torch.inference_mode():
@@ -179,5 +250,6 @@ def load(spec: ModelSpec, device: str, precision: str) -> OpenClipBackend:
         mean=tuple(float(v) for v in getattr(visual, "image_mean", None) or OPENAI_MEAN),
         std=tuple(float(v) for v in getattr(visual, "image_std", None) or OPENAI_STD),
         family=OPEN_CLIP,
+        tokenizer=_tokenizer_identity(name, tokenizer),
     )
     return OpenClipBackend(model, preprocess, tokenizer, identity=identity)
