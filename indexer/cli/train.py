@@ -86,14 +86,16 @@ LossOpt = Annotated[
     str,
     typer.Option(
         help="clip: open_clip's ClipLoss. class-aware: each image against the batch's "
-        "distinct captions, same class (or same caption) counted as one positive. auto: "
-        "class-aware when captions or classes repeat in the training data, else clip."
+        "distinct captions, same class (or same caption) counted as one positive. sigmoid: "
+        "SigLIP's pairwise loss, for SigLIP models (the only one they accept). auto: sigmoid "
+        "for SigLIP models, else class-aware when captions or classes repeat in the training "
+        "data, else clip."
     ),
 ]
 ImagePairsOpt = Annotated[
     float,
     typer.Option(
-        help="class-aware only: weight of an image-to-image term (same class = positive) "
+        help="class-aware and sigmoid: weight of an image-to-image term (same class = positive) "
         "that tightens each class for search by example; 0 turns it off."
     ),
 ]

@@ -114,6 +114,11 @@ class ModelBackend(ABC):
             raise TypeError(f"{type(self.model).__name__} has no logit_scale parameter")
         return parameter
 
+    def logit_bias_parameter(self) -> torch.nn.Parameter | None:
+        """The learnable logit bias of a sigmoid (SigLIP) model; None for a softmax model."""
+        parameter = getattr(self.model, "logit_bias", None)
+        return parameter if isinstance(parameter, torch.nn.Parameter) else None
+
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """The weights a fine-tuning run saves: a state dict that this family's `load` accepts
         back as `pretrained` (saved as {"state_dict": ..., "clipsearch": meta})."""

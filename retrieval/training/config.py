@@ -37,7 +37,7 @@ class FinetuneConfig:
     warmup: float = 0.1  # fraction of the steps with a linear ramp; cosine decay to 0 after
     weight_decay: float = 0.1  # on matrices only, not on biases, norms, embeddings' scales
     loss: str = "auto"
-    # class-aware only: weight of an image-to-image term (same class = positive), which
+    # class-aware and sigmoid: weight of an image-to-image term (same class = positive), which
     # tightens each class's images for search by example; 0 = text-image terms only
     image_pairs: float = 0.0
     freeze: str = "none"  # none, image or text: that tower's weights stay as loaded

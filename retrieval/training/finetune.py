@@ -44,7 +44,15 @@ from retrieval.training.data import (
     load_training_set,
 )
 from retrieval.training.evaluate import ZeroShotAccuracy, zero_shot_accuracy
-from retrieval.training.losses import choose_loss, class_aware_loss, clip_loss, group_keys
+from retrieval.training.losses import (
+    SOFTMAX_LOSSES,
+    choose_loss,
+    class_aware_loss,
+    clip_loss,
+    group_keys,
+    image_pair_loss,
+    sigmoid_loss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +101,27 @@ def check_model(config: FinetuneConfig) -> None:
         )
 
 
+def _check_loss(loss: str, backend: ModelBackend, name: str) -> None:
+    """A sigmoid model trains with the sigmoid loss only, and a softmax model never with it."""
+    sigmoid = backend.score_rule().is_sigmoid
+    if sigmoid and loss in SOFTMAX_LOSSES:
+        raise ConfigError(
+            "finetune loss",
+            f"{name} scores with a sigmoid and a bias (SigLIP); the softmax loss {loss} would "
+            "unlearn its calibration. Use --loss sigmoid (what auto picks).",
+        )
+    if loss == "sigmoid" and (not sigmoid or backend.logit_bias_parameter() is None):
+        raise ConfigError(
+            "finetune loss",
+            f"{name} scores with a softmax and has no logit bias to train; use clip, "
+            "class-aware or auto.",
+        )
+
+
 def _load_start_model(config: FinetuneConfig, device: str) -> _StartModel:
     spec = replace(config.model, device=device, precision="fp32", seed=config.seed)
     encoder = load_encoder(spec)
     backend = encoder.backend
-    if backend.score_rule().is_sigmoid:
-        raise ConfigError(
-            "CLIPSEARCH_MODEL",
-            f"{spec.name} scores with a sigmoid (SigLIP); finetune trains with softmax "
-            "objectives and would unlearn its calibration",
-        )
     if config.patch_dropout:
         from open_clip.transformer import PatchDropout
 
@@ -225,13 +244,12 @@ class _Trainer:
         with self.autocast():
             image, text = self.encode(pixels, distinct)
             scale = self.backend.logit_scale_parameter().exp()
+            if loss == "sigmoid":
+                return self._sigmoid_loss(image, text, captions, groups, scale), image
             if loss == "clip":
                 rows = torch.tensor([position[c] for c in captions], device=self.device)
                 return clip_loss(image.float(), text.float()[rows], scale), image
-            group_id = {g: n for n, g in enumerate(dict.fromkeys(groups))}
-            caption_group = {c: group_id[g] for c, g in zip(captions, groups, strict=True)}
-            image_groups = torch.tensor([group_id[g] for g in groups], device=self.device)
-            caption_groups = torch.tensor([caption_group[c] for c in distinct], device=self.device)
+            image_groups, caption_groups = self._group_ids(captions, groups)
             value = class_aware_loss(
                 image.float(),
                 text.float(),
@@ -241,6 +259,35 @@ class _Trainer:
                 self.config.image_pairs,
             )
             return value, image
+
+    def _sigmoid_loss(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        captions: Sequence[str],
+        groups: Sequence[str],
+        scale: torch.Tensor,
+    ) -> torch.Tensor:
+        image_groups, caption_groups = self._group_ids(captions, groups)
+        bias = self.backend.logit_bias_parameter()
+        assert bias is not None  # _check_loss refused the model otherwise
+        loss = sigmoid_loss(image.float(), text.float(), image_groups, caption_groups, scale, bias)
+        if self.config.image_pairs:
+            loss = loss + self.config.image_pairs * image_pair_loss(
+                image.float(), image_groups, scale
+            )
+        return loss
+
+    def _group_ids(
+        self, captions: Sequence[str], groups: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group ids of the batch's images and of its distinct captions, in first-seen order."""
+        group_id = {g: n for n, g in enumerate(dict.fromkeys(groups))}
+        caption_group = {c: group_id[g] for c, g in zip(captions, groups, strict=True)}
+        distinct = dict.fromkeys(captions)
+        image_groups = torch.tensor([group_id[g] for g in groups], device=self.device)
+        caption_groups = torch.tensor([caption_group[c] for c in distinct], device=self.device)
+        return image_groups, caption_groups
 
     def train_mode(self) -> None:
         self.model.train()
@@ -361,8 +408,9 @@ def _prepare(config: FinetuneConfig, dataset: TrainingSet | None, started: float
     train_samples, val_samples = split_samples(data.samples, config.val_fraction, config.seed)
     if len(train_samples) < 2:
         raise TrainingDataError(str(config.data), "fewer than two training samples")
-    loss_name = choose_loss(config.loss, train_samples)
     start = _load_start_model(config, device)
+    loss_name = choose_loss(config.loss, train_samples, start.backend.score_rule().is_sigmoid)
+    _check_loss(loss_name, start.backend, config.model.name)
     train, val = (
         ImageSource(
             samples,

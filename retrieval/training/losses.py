@@ -6,7 +6,12 @@
 - `class-aware`: each image is scored against the batch's DISTINCT captions, and every caption
   of its group (same class, else same caption text) is a positive; each caption's positives are
   all the images of its group. With unique captions and no classes it equals `clip`.
-`auto` picks class-aware whenever a group occurs more than once in the training set.
+- `sigmoid`: SigLIP's pairwise sigmoid loss, for models that score with a sigmoid and a bias.
+  Every (image, distinct caption) pair of the batch is its own binary question, positive when
+  they share a group, so repeated captions are handled as class-aware handles them. A softmax
+  objective would unlearn such a model's calibration (its bias), so it is the only choice there.
+`auto` picks sigmoid for a sigmoid model, otherwise class-aware whenever a group occurs more
+than once in the training set, else clip.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import torch.nn.functional as F
 
 from retrieval.training.data import TrainingSample
 
-LOSSES = ("auto", "clip", "class-aware")
+LOSSES = ("auto", "clip", "class-aware", "sigmoid")
+SOFTMAX_LOSSES = ("clip", "class-aware")
 
 
 def class_aware_loss(
@@ -44,6 +50,25 @@ def class_aware_loss(
     if image_pairs:
         loss = loss + image_pairs * image_pair_loss(image_features, image_groups, logit_scale)
     return loss
+
+
+def sigmoid_loss(
+    image_features: torch.Tensor,
+    caption_features: torch.Tensor,
+    image_groups: torch.Tensor,
+    caption_groups: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+) -> torch.Tensor:
+    """SigLIP's loss over DISTINCT captions: -log sigmoid(±(scale·cos + bias)) summed over the
+    captions and averaged over the images, + for the pairs of one group and - for the others.
+
+    Shapes as in `class_aware_loss`. With unique captions it is the SigLIP paper's loss (the
+    diagonal positive); the sum over captions, not a mean, is what the paper normalises by.
+    """
+    logits = logit_scale * image_features @ caption_features.T + logit_bias  # (B, U)
+    sign = (image_groups[:, None] == caption_groups[None, :]).to(logits.dtype) * 2 - 1
+    return -F.logsigmoid(sign * logits).sum(dim=1).mean()
 
 
 def image_pair_loss(
@@ -83,8 +108,11 @@ def group_keys(samples: Sequence[TrainingSample]) -> list[str]:
     return [f"class:{s.label}" if s.label is not None else f"text:{s.caption}" for s in samples]
 
 
-def choose_loss(config_loss: str, samples: Sequence[TrainingSample]) -> str:
+def choose_loss(config_loss: str, samples: Sequence[TrainingSample], sigmoid: bool) -> str:
+    """The loss to train with: the configured one, or `auto`'s pick for this model and data."""
     if config_loss != "auto":
         return config_loss
+    if sigmoid:
+        return "sigmoid"
     keys = group_keys(samples)
     return "class-aware" if len(set(keys)) < len(keys) else "clip"

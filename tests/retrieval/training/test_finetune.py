@@ -18,8 +18,15 @@ from retrieval.training.batches import split_samples
 from retrieval.training.config import FinetuneConfig, report_path_for
 from retrieval.training.data import TrainingSample
 from retrieval.training.finetune import finetune, lr_at
-from retrieval.training.losses import choose_loss, class_aware_loss, clip_loss, image_pair_loss
+from retrieval.training.losses import (
+    choose_loss,
+    class_aware_loss,
+    clip_loss,
+    image_pair_loss,
+    sigmoid_loss,
+)
 from retrieval.training.shapes import generate_shapes
+from tests.conftest import FamilyModel
 
 TINY = "clipsearch-tiny"
 
@@ -120,10 +127,37 @@ def test_split_is_stratified_and_keeps_every_class_in_training() -> None:
 
 def test_auto_loss_is_class_aware_only_when_groups_repeat() -> None:
     unique = [TrainingSample(Path(f"{i}.png"), (f"caption {i}",)) for i in range(4)]
-    assert choose_loss("auto", unique) == "clip"
-    assert choose_loss("auto", [*unique, unique[0]]) == "class-aware"
-    assert choose_loss("auto", [sample("a", 0), sample("a", 1)]) == "class-aware"
-    assert choose_loss("clip", [sample("a", 0), sample("a", 1)]) == "clip"
+    assert choose_loss("auto", unique, sigmoid=False) == "clip"
+    assert choose_loss("auto", [*unique, unique[0]], sigmoid=False) == "class-aware"
+    assert choose_loss("auto", [sample("a", 0), sample("a", 1)], sigmoid=False) == "class-aware"
+    assert choose_loss("clip", [sample("a", 0), sample("a", 1)], sigmoid=False) == "clip"
+    # a SigLIP model trains with its own sigmoid, whatever the data
+    assert choose_loss("auto", unique, sigmoid=True) == "sigmoid"
+    assert choose_loss("auto", [sample("a", 0), sample("a", 1)], sigmoid=True) == "sigmoid"
+
+
+def test_sigmoid_loss_is_siglips_with_unique_captions() -> None:
+    from open_clip.loss import SigLipLoss
+
+    image, text = unit_rows(6, 8, 1), unit_rows(6, 8, 2)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    groups = torch.arange(6)
+    ours = sigmoid_loss(image, text, groups, groups, scale, bias)
+    torch.testing.assert_close(ours, SigLipLoss()(image, text, scale, bias))
+
+
+def test_sigmoid_loss_counts_a_repeated_caption_as_a_positive() -> None:
+    # Images 0 and 1 share caption 0: both pairs are positives, no pair pushed apart.
+    image = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]]), dim=-1)
+    text = F.normalize(torch.tensor([[1.0, 0.05], [0.0, 1.0]]), dim=-1)
+    scale, bias = torch.tensor(10.0, requires_grad=True), torch.tensor(-5.0, requires_grad=True)
+    grouped = sigmoid_loss(image, text, torch.tensor([0, 0, 1]), torch.tensor([0, 1]), scale, bias)
+    as_negatives = sigmoid_loss(
+        image, text, torch.tensor([0, 2, 1]), torch.tensor([0, 1]), scale, bias
+    )
+    assert grouped.item() < 0.05 < as_negatives.item()
+    grouped.backward()
+    assert scale.grad is not None and bias.grad is not None
 
 
 def test_bad_options_are_refused_by_name(tmp_path: Path) -> None:
@@ -275,6 +309,33 @@ def test_too_little_data_is_a_training_data_error(tmp_path: Path) -> None:
     generate_shapes(tmp_path / "one", 1, seed=0)
     with pytest.raises(TrainingDataError, match="fewer than two"):
         finetune(config(tmp_path / "one", tmp_path / "m.pt", val_fraction=0.0))
+
+
+@pytest.mark.parametrize("model", ["open_clip-siglip", "hf-siglip"])
+def test_siglip_models_train_with_the_sigmoid_loss_and_keep_their_score_rule(
+    model: str, family_models: dict[str, FamilyModel], shapes: Path, tmp_path: Path
+) -> None:
+    spec = family_models[model].spec()
+    start = load_encoder(spec).score_rule
+    result = finetune(
+        config(shapes, tmp_path / "s.pt", model=spec, steps=30, batch_size=24, lr=2e-3)
+    )
+    report = result.report
+    assert report.loss == "sigmoid"
+    assert report.final_train_loss is not None
+    assert report.final_train_loss < report.first_train_loss * 0.7
+    tuned = load_encoder(
+        ModelSpec(spec.name, str(result.checkpoint), device="cpu", config_dir=spec.config_dir)
+    )
+    rule = tuned.score_rule
+    assert rule.is_sigmoid and rule.logit_bias != pytest.approx(start.logit_bias)
+    with pytest.raises(ConfigError, match="sigmoid"):
+        finetune(config(shapes, tmp_path / "c.pt", model=spec, steps=1, loss="class-aware"))
+
+
+def test_the_sigmoid_loss_needs_a_sigmoid_model(shapes: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no logit bias"):
+        finetune(config(shapes, tmp_path / "m.pt", steps=1, loss="sigmoid"))
 
 
 def test_pretrained_tag_needing_quickgelu_is_refused(tmp_path: Path) -> None:
