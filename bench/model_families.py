@@ -6,9 +6,17 @@ ones), through the product's own loaders and Encoder, in one run:
 - Chinese-CLIP RN50 (cn-clip:RN50: ResNet-50 and the 3-layer RoBERTa-wwm-ext "RBT3") and
   ViT-B-16 (cn-clip:ViT-B-16, the usual choice: ViT-B/16 and RoBERTa-wwm-ext-base);
 - a transformers CLIPModel folder of the ViT-B/32 shape (hf:FOLDER), with OpenAI CLIP's own BPE
-  vocabulary rebuilt from the file open_clip ships, so its tokens are the real ones.
+  vocabulary rebuilt from the file open_clip ships, so its tokens are the real ones;
+- open_clip's multilingual `xlm-roberta-base-ViT-B-32` (XLM-R base as its text tower) and
+  SigLIP2's `ViT-B-16-SigLIP2`, through copies of open_clip's own configs whose Hugging Face
+  names point at local folders: XLM-R base's configuration written out, and cn_clip's Chinese
+  BERT vocabulary standing in for their tokenizers (which live on the hub). The towers are the
+  real ones; XLM-R's text is trimmed as it is with its own tokenizer, SigLIP2's always runs its
+  full 64-token context, so the stand-in tokenizer changes the token count a little, not the
+  cost's shape.
 Text: p50 over single queries as the API encodes them (trimmed where exact); English queries
-for open_clip and hf, Chinese ones for Chinese-CLIP. Images: preprocessed 224-px batches of 32.
+for open_clip and hf, Chinese ones for Chinese-CLIP, both in turn for the multilingual models.
+Images: preprocessed 224-px batches of 32.
 Prints ONE JSON line. Usage: python bench/model_families.py [QUERIES] [IMAGES]
 """
 
@@ -77,6 +85,38 @@ def _hf_clip_folder(folder: Path) -> Path:
     return folder
 
 
+def _hub_free_open_clip_configs(root: Path) -> Path:
+    """open_clip's xlm-roberta-base-ViT-B-32 and ViT-B-16-SigLIP2 configs, with their Hugging Face
+    tokenizer and text-tower names pointing at local folders (see the module docstring)."""
+    import open_clip
+    from cn_clip.clip.bert_tokenizer import default_vocab
+    from transformers import BertTokenizer, XLMRobertaConfig
+
+    tokenizer = root / "tokenizer"
+    BertTokenizer(default_vocab(), model_max_length=512).save_pretrained(str(tokenizer))
+    xlmr = root / "xlm-roberta-base"
+    XLMRobertaConfig(  # xlm-roberta-base's shape; the ids follow the stand-in tokenizer's
+        vocab_size=250002,
+        max_position_embeddings=514,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=101,
+        eos_token_id=102,
+    ).save_pretrained(str(xlmr))
+    configs = root / "configs"
+    configs.mkdir()
+    for name in ("xlm-roberta-base-ViT-B-32", "ViT-B-16-SigLIP2"):
+        config = open_clip.get_model_config(name)
+        assert config is not None, name
+        text = config["text_cfg"]
+        text["hf_tokenizer_name"] = str(tokenizer)
+        if "hf_model_name" in text:
+            text["hf_model_name"] = str(xlmr)
+        (configs / f"{name}-local.json").write_text(json.dumps(config))
+    return configs
+
+
 def _text_p50(encoder: Encoder, queries: list[str], rounds: int) -> float:
     for query in queries:  # warm-up: first calls page the weights in and set up kernels
         encoder.encode_texts([query])
@@ -115,6 +155,15 @@ def main() -> None:
                 ENGLISH,
             ),
         ]
+        configs = _hub_free_open_clip_configs(Path(tmp))
+        for label, name in (
+            ("open_clip xlm-roberta-base-ViT-B-32", "xlm-roberta-base-ViT-B-32-local"),
+            ("open_clip ViT-B-16-SigLIP2", "ViT-B-16-SigLIP2-local"),
+        ):
+            spec = ModelSpec(name, "none", device="cpu", config_dir=configs)
+            models.append(
+                (label, spec, [q for pair in zip(CHINESE, ENGLISH, strict=True) for q in pair])
+            )
         for label, spec, queries in models:
             encoder = load_encoder(spec)
             params = sum(p.numel() for p in encoder.model.parameters())
