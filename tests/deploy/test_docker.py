@@ -219,7 +219,7 @@ def test_gpu_image_installs_the_gpu_extra_and_replaces_faiss_cpu() -> None:
     version = arg_defaults(DOCKERFILES[1])["FAISS_GPU_VERSION"]
     assert gpu_requirement.specifier.contains(version)
     runs = " ".join(i.argument for i in instructions(DOCKERFILES[1]) if i.keyword == "RUN")
-    assert ".[gpu,postgres]" in runs
+    assert ".[gpu,postgres,chinese,hf]" in runs
     assert "uninstall --yes faiss-cpu" in runs
     assert f"{gpu_requirement.name}==${{FAISS_GPU_VERSION}}" in runs
     assert "StandardGpuResources" in runs  # a build without GPU support fails the build
@@ -423,3 +423,25 @@ def test_gpu_override_reserves_a_gpu_for_each_service(compose_gpu: dict[str, Any
         assert service["image"] == "clipsearch:gpu"
     build = compose_gpu["services"]["api"]["build"]
     assert build["dockerfile"] == "docker/Dockerfile.gpu"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
+def test_images_install_every_model_family_and_their_build_checks_run(dockerfile: Path) -> None:
+    runs = [i.argument for i in instructions(dockerfile) if i.keyword == "RUN"]
+    installs = [run for run in runs if 'pip install ".[' in run]
+    assert installs and all("chinese" in run and "hf" in run for run in installs)
+    assert any("gcc" in run for run in runs)  # lmdb (cn_clip's pin) builds from source
+    # The build stage's import checks, run here as the image runs them: a module that moved
+    # would otherwise fail only the Docker build.
+    checks = [
+        script
+        for run in runs
+        for script in re.findall(r'python -c "([^"]+)"', run)
+        if "import api.app" in script
+    ]
+    assert checks
+    for script in checks:
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, cwd="/", timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
