@@ -1,4 +1,4 @@
-"""Model families side by side: text-query encode latency and image throughput on this machine.
+"""Model families side by side: text-query encode latency and image throughput on one CPU.
 
 Each family's smallest real architecture, with random weights (they time the same as trained
 ones), through the product's own loaders and Encoder, in one run:
