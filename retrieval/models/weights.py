@@ -43,6 +43,16 @@ def register_model_configs(extra_dir: Path | None = None) -> None:
             _registered_dirs.add(key)
 
 
+def is_open_clip_tag(value: str) -> bool:
+    """Whether `value` is one of open_clip's pretrained tags (`laion2b_s34b_b79k`, `webli`, ...).
+
+    The default CLIPSEARCH_PRETRAINED is one; the other families read it as "this model's own
+    weights", so that choosing a model is one setting."""
+    import open_clip
+
+    return value in {tag for _, tag in open_clip.list_pretrained()}
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -32,6 +32,7 @@ from retrieval.models.identity import CN_CLIP, ModelIdentity, ModelSpec
 from retrieval.models.weights import (
     BUNDLED_CONFIG_DIR,
     RANDOM_INIT,
+    is_open_clip_tag,
     read_checkpoint_file,
     sha256_file,
     state_dict_differences,
@@ -219,6 +220,16 @@ def resolve_checkpoint(spec: ModelSpec, config: ChineseClipConfig) -> Path | Non
             )
         )
     release = _release_named(pretrained)
+    if release is None and config.release is not None and is_open_clip_tag(pretrained):
+        # The default CLIPSEARCH_PRETRAINED is an open_clip tag: choosing cn-clip:ViT-B-16
+        # alone means its own released checkpoint.
+        log.info(
+            "%s: %r is an open_clip tag; using the model's released checkpoint %s",
+            spec.name,
+            pretrained,
+            config.release.filename,
+        )
+        release = config.release
     if release is None:
         if "/" in pretrained or "\\" in pretrained or path.suffix in (".pt", ".pth", ".bin"):
             raise WeightsUnavailable(_help(spec, "that checkpoint file does not exist."))

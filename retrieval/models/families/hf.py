@@ -43,6 +43,7 @@ from retrieval.errors import ConfigError, WeightsUnavailable
 from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch
 from retrieval.models.identity import HF, ModelIdentity, ModelSpec
 from retrieval.models.weights import (
+    is_open_clip_tag,
     read_checkpoint_file,
     sha256_file,
     state_dict_differences,
@@ -354,9 +355,7 @@ def choose_weights(spec: ModelSpec) -> Weights:
         )
     if "/" in value or "\\" in value or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
         raise WeightsUnavailable(_weights_help(spec, "that checkpoint file does not exist."))
-    import open_clip
-
-    if value in {tag for _, tag in open_clip.list_pretrained()}:
+    if is_open_clip_tag(value):
         log.warning(
             "%s: %r is an open_clip pretrained tag; an hf: folder carries its own weights, "
             "which are used.",

@@ -280,6 +280,23 @@ def test_a_cached_release_is_found(tmp_path: Path) -> None:
     assert chinese_clip.resolve_checkpoint(spec, config) == tmp_path / "clip_cn_rn50.pt"
 
 
+def test_the_default_pretrained_tag_means_the_models_own_release(tmp_path: Path) -> None:
+    # CLIPSEARCH_MODEL=cn-clip:RN50 alone (CLIPSEARCH_PRETRAINED left at open_clip's default
+    # tag) loads cn-clip:RN50's released file, or names it when it is missing.
+    from retrieval.config import Settings
+
+    default = Settings.model_fields["pretrained"].default
+    config = chinese_clip.model_config("RN50")
+    spec = ModelSpec("cn-clip:RN50", default, device="cpu", cache_dir=tmp_path)
+    with pytest.raises(WeightsUnavailable, match="clip_cn_rn50.pt"):
+        chinese_clip.resolve_checkpoint(spec, config)
+    (tmp_path / "clip_cn_rn50.pt").write_bytes(b"")
+    assert chinese_clip.resolve_checkpoint(spec, config) == tmp_path / "clip_cn_rn50.pt"
+    # A tiny config of one's own has no release: the tag is still refused, clearly.
+    with pytest.raises(WeightsUnavailable, match="neither an existing file"):
+        load_encoder(ModelSpec(TINY, default, device="cpu"))
+
+
 def test_the_release_of_another_model_is_refused() -> None:
     with pytest.raises(WeightsUnavailable, match="set CLIPSEARCH_MODEL=cn-clip:RN50"):
         load_encoder(ModelSpec("cn-clip:ViT-B-16", "clip_cn_rn50.pt", device="cpu"))
