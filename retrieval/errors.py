@@ -90,7 +90,10 @@ class LabelSetError(ClipsearchError):
 
 
 class CorruptShard(ClipsearchError):
-    """A shard's files do not match its shard.json (size, checksum or count)."""
+    """A shard's files do not match its shard.json (size, checksum or count).
+
+    `shard_id` and `problem` (what is wrong, without the shard's name) are set where known.
+    """
 
     code = "corrupt_shard"
 
@@ -111,6 +114,13 @@ class PathNotAllowed(ClipsearchError):
     """A catalog path resolves outside every configured image root (a moved root, a symlink)."""
 
     code = "path_not_allowed"
+    def __init__(
+        self, message: str, *, shard_id: str | None = None, problem: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.shard_id = shard_id
+        self.problem = problem
+
 
     def __init__(self, image_id: int, path: str) -> None:
         super().__init__(f"The file of image {image_id} lies outside the configured roots.")

@@ -244,3 +244,38 @@ def _train_and_add_on_gpu(
     gpu_index.train(sample)
     gpu_index.add_with_ids(x, labels)
     return faiss.index_gpu_to_cpu(gpu_index)
+
+
+def stored_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ids (ascending) and exact float32 vectors an index holds, or None for a lossy kind.
+
+    The inverse of `build_index` for the kinds that keep vectors whole: flat and HNSW (in an
+    IndexIDMap) and IVF-Flat (in its inverted lists). IVF-PQ keeps only codes: None.
+    """
+    if isinstance(index, faiss.IndexIDMap):
+        inner = faiss.downcast_index(index.index)
+        if not isinstance(inner, faiss.IndexFlat | faiss.IndexHNSWFlat):
+            return None
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        vectors = inner.reconstruct_n(0, index.ntotal) if index.ntotal else None
+        if vectors is None:
+            vectors = np.zeros((0, index.d), dtype=np.float32)
+    elif isinstance(index, faiss.IndexIVFFlat):
+        lists = index.invlists
+        if lists is None:
+            return None
+        id_parts: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+        vector_parts: list[np.ndarray] = [np.zeros((0, index.d), dtype=np.float32)]
+        for number in range(index.nlist):
+            size = lists.list_size(number)
+            if not size:
+                continue
+            id_parts.append(faiss.rev_swig_ptr(lists.get_ids(number), size).astype(np.int64))
+            codes = faiss.rev_swig_ptr(lists.get_codes(number), size * lists.code_size)
+            vector_parts.append(np.array(codes).view(np.float32).reshape(size, index.d))
+        ids = np.concatenate(id_parts)
+        vectors = np.concatenate(vector_parts)
+    else:
+        return None
+    order = np.argsort(ids, kind="stable")
+    return ids[order], np.ascontiguousarray(vectors[order], dtype=np.float32)

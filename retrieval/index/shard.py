@@ -22,6 +22,7 @@ next job removes with ``remove_shard_dir``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -32,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import faiss
 import numpy as np
@@ -324,16 +325,81 @@ def _checked_manifest(
     return shard_dir, manifest
 
 
-def _load_ids(shard_dir: Path, n: int) -> IdArray:
+def read_npy_header(handle: BinaryIO, path: Path) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """The shape, Fortran flag and dtype of an open .npy file, leaving it at the first data byte.
+
+    CorruptShard for any header that does not parse: numpy reads the header dict with Python's
+    tokenizer and literal_eval, so a flipped byte can raise almost anything (ValueError,
+    SyntaxError, tokenize.TokenError, ...).
+    """
     try:
-        ids = np.load(shard_dir / IDS_FILE, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise CorruptShard(f"{shard_dir}: unreadable array: {exc}") from exc
-    if ids.dtype != np.int64 or ids.shape != (n,):
-        raise CorruptShard(f"{shard_dir}: ids.npy is {ids.dtype}{ids.shape}, expected ({n},)")
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except Exception as exc:
+        raise CorruptShard(
+            f"{path}: unreadable array header ({type(exc).__name__}: {exc})"
+        ) from exc
+    return tuple(int(n) for n in shape), bool(fortran), np.dtype(dtype)
+
+
+def _open_array(
+    path: Path, dtype: np.dtype | type, shape: tuple[int, ...]
+) -> tuple[io.BufferedReader, int]:
+    """Open a shard's .npy file, check its header against `dtype` and `shape`, and return the
+    handle (at the first data byte) and the data offset; CorruptShard on any disagreement."""
+    try:
+        handle = open(path, "rb")  # noqa: SIM115  # returned to the caller
+    except OSError as exc:
+        raise CorruptShard(f"{path}: unreadable: {exc}") from exc
+    try:
+        found_shape, fortran, found_dtype = read_npy_header(handle, path)
+        want = np.dtype(dtype)
+        if found_dtype != want or found_shape != shape or fortran:
+            raise CorruptShard(
+                f"{path}: header says {found_dtype}{found_shape}"
+                f"{' (Fortran order)' if fortran else ''}, expected {want}{shape}"
+            )
+        offset = handle.tell()
+        data_bytes = os.fstat(handle.fileno()).st_size - offset
+        expected_bytes = want.itemsize * int(np.prod(shape, dtype=np.int64))
+        if data_bytes != expected_bytes:
+            raise CorruptShard(
+                f"{path}: holds {data_bytes} data bytes, its header needs {expected_bytes}"
+            )
+    except BaseException:
+        handle.close()
+        raise
+    return handle, offset
+
+
+def _load_ids(shard_dir: Path, n: int) -> IdArray:
+    path = shard_dir / IDS_FILE
+    handle, _ = _open_array(path, np.int64, (n,))
+    with handle:
+        ids = np.empty(n, dtype=np.int64)
+        if n and handle.readinto(ids.data.cast("B")) != ids.nbytes:
+            raise CorruptShard(f"{path}: ends early")
     if n > 1 and not bool(np.all(ids[1:] > ids[:-1])):
-        raise CorruptShard(f"{shard_dir}: ids.npy is not strictly ascending")
+        raise CorruptShard(f"{path}: ids are not strictly ascending")
     return ids
+
+
+def _map_embeddings(shard_dir: Path, n: int, dim: int) -> F16Array:
+    """embeddings.npy memory-mapped, read-only, after checking its header."""
+    path = shard_dir / EMBEDDINGS_FILE
+    handle, offset = _open_array(path, np.float16, (n, dim))
+    handle.close()
+    if n == 0:
+        return np.empty((0, dim), dtype=np.float16)  # an empty file region cannot be mapped
+    try:
+        return np.memmap(path, dtype=np.float16, mode="r", offset=offset, shape=(n, dim))
+    except (OSError, ValueError) as exc:
+        raise CorruptShard(f"{path}: cannot be mapped: {exc}") from exc
 
 
 def iter_embedding_blocks(
@@ -344,30 +410,39 @@ def iter_embedding_blocks(
     The vectors are read from embeddings.npy with plain reads, not a memory map: mapped pages
     that were touched count as the process's resident memory until unmapped, so a pass over a
     million vectors would hold them all. Read this way, memory stays at one block.
+
+    ids.npy is checked against its sha256 before the first block, and embeddings.npy is hashed as
+    it is read: when it differs from its sha256, CorruptShard is raised in place of the last
+    block, so a consumer that commits after the loop never commits what corrupt vectors made.
     """
     if rows_per_block < 1:
         raise ValueError("rows_per_block must be >= 1")
     shard_dir, manifest = _checked_manifest(index_dir, shard_id)
     n, dim = manifest.count, manifest.dim
+    if _sha256(shard_dir / IDS_FILE) != manifest.files[IDS_FILE]["sha256"]:
+        raise CorruptShard(f"{shard_dir / IDS_FILE}: sha256 differs from shard.json")
     ids = _load_ids(shard_dir, n)
     path = shard_dir / EMBEDDINGS_FILE
-    with open(path, "rb") as handle:
-        try:
-            version = np.lib.format.read_magic(handle)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
-        except ValueError as exc:
-            raise CorruptShard(f"{path}: unreadable array: {exc}") from exc
-        if dtype != np.float16 or tuple(shape) != (n, dim) or fortran:
-            raise CorruptShard(f"{path}: is {dtype}{tuple(shape)}, expected float16({n}, {dim})")
+    digest = hashlib.sha256()
+    handle, offset = _open_array(path, np.float16, (n, dim))
+    with handle:
+        handle.seek(0)
+        digest.update(handle.read(offset))
         for start in range(0, n, rows_per_block):
             stop = min(start + rows_per_block, n)
             block = np.empty((stop - start, dim), dtype=np.float16)
             if handle.readinto(block.data.cast("B")) != block.nbytes:
                 raise CorruptShard(f"{path}: ends before row {stop}")
+            digest.update(block.data.cast("B"))
+            if stop == n:
+                digest.update(handle.read())
+                if digest.hexdigest() != manifest.files[EMBEDDINGS_FILE]["sha256"]:
+                    raise CorruptShard(f"{path}: sha256 differs from shard.json")
             yield ids[start:stop], block
+        if n == 0:
+            digest.update(handle.read())
+            if digest.hexdigest() != manifest.files[EMBEDDINGS_FILE]["sha256"]:
+                raise CorruptShard(f"{path}: sha256 differs from shard.json")
 
 
 def read_index_file(path: Path) -> faiss.Index:
@@ -377,14 +452,20 @@ def read_index_file(path: Path) -> faiss.Index:
     array inverted lists (measured on 1.15.1: a 100 MB flat or IVF index costs < 4 MB of RSS; an
     HNSW one keeps its per-node levels and offsets in RAM). The legacy IO_FLAG_MMAP maps IVF lists
     only, and combined with IO_FLAG_MMAP_IFC it fails, so it is not used.
+
+    CorruptShard when FAISS cannot read the file (it raises RuntimeError for a bad header, and
+    MemoryError or others for sizes a flipped byte made absurd).
     """
     flag = getattr(faiss, "IO_FLAG_MMAP_IFC", None)
     if flag is not None:
         try:
             return faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY)
-        except RuntimeError:
-            pass  # an index type this FAISS cannot map: fall through to a plain read
-    return faiss.read_index(str(path))
+        except Exception:
+            pass  # an index type this FAISS cannot map, or a bad file: a plain read tells which
+    try:
+        return faiss.read_index(str(path))
+    except Exception as exc:
+        raise CorruptShard(f"{path}: unreadable ({type(exc).__name__}: {exc})") from exc
 
 
 class Shard:
@@ -431,19 +512,8 @@ class Shard:
         shard_dir, manifest = _checked_manifest(index_dir, shard_id, verify=verify)
         n, dim = manifest.count, manifest.dim
         ids = _load_ids(shard_dir, n)
-        try:
-            embeddings = np.load(shard_dir / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise CorruptShard(f"{shard_dir}: unreadable array: {exc}") from exc
-        if embeddings.dtype != np.float16 or embeddings.shape != (n, dim):
-            raise CorruptShard(
-                f"{shard_dir}: embeddings.npy is {embeddings.dtype}{embeddings.shape}, "
-                f"expected float16({n}, {dim})"
-            )
-        try:
-            index = read_index_file(shard_dir / INDEX_FILE)
-        except RuntimeError as exc:
-            raise CorruptShard(f"{shard_dir / INDEX_FILE}: unreadable: {exc}") from exc
+        embeddings = _map_embeddings(shard_dir, n, dim)
+        index = read_index_file(shard_dir / INDEX_FILE)
         if index.ntotal != n or index.d != dim or index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise CorruptShard(
                 f"{shard_dir / INDEX_FILE}: holds {index.ntotal} vectors of dimension {index.d}, "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,15 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from retrieval.errors import EmptyIndex, ModelMismatch
+from retrieval.errors import CorruptShard, EmptyIndex, ModelMismatch
 from retrieval.index.faiss_gpu import DevicePlacement
+from retrieval.index.integrity import (
+    COSINE_BOUND,
+    UNIT_NORM_TOLERANCE,
+    ShardExpectation,
+    open_checked,
+)
+from retrieval.index.marks import VerifiedMarks
 from retrieval.index.shard import F32Array, IdArray, Shard, sorted_unique_ids
 
 log = logging.getLogger("clipsearch.shards")
@@ -81,6 +90,15 @@ class _ShardState:
 
 
 @dataclass(frozen=True)
+class UnservedShard:
+    """A shard of the generation that is not served because it is corrupt."""
+
+    shard_id: str
+    reason: str
+    count: int  # its vectors (tombstoned ones included)
+
+
+@dataclass(frozen=True)
 class _Query:
     vectors: F32Array
     k: int
@@ -106,6 +124,12 @@ class ShardSet:
     searches run there: a GPU index ignores selectors, so it is asked for k plus the shard's
     tombstone count and the tombstoned ids are dropped afterwards (see retrieval/faiss_gpu.py).
     Filtered searches, and searches that would need more than the GPU's 2048 results, use the CPU.
+
+    A cheap sanity check runs on every FAISS result: a shard that returns an id it does not hold,
+    or a score that is no cosine (outside [-1.0001, 1.0001] once divided by the norms of the query
+    and of the stored vector), or a stored vector that is not of unit length, is corrupt. It is
+    marked so (`corrupt_shards`), `on_corrupt` is told, and the set stops serving it at once: the
+    query in hand is answered from the other shards.
     """
 
     def __init__(
@@ -117,8 +141,15 @@ class ShardSet:
         exact_below: int = 20_000,
         exact_fraction: float = 0.05,
         gpu: DevicePlacement | None = None,
+        on_corrupt: Callable[[str, str], None] | None = None,
+        left_out: dict[str, tuple[str, int]] | None = None,
     ) -> None:
         self._shards = list(shards)
+        # Shards of the generation that were never opened: id -> (why, vectors).
+        self._left_out = dict(left_out or {})
+        self._corrupt: dict[str, str] = {}
+        self._corrupt_lock = threading.Lock()
+        self._on_corrupt = on_corrupt
         dims = {s.dim for s in self._shards}
         if len(dims) > 1:
             raise ValueError(f"shards of different dimensions in one set: {sorted(dims)}")
@@ -186,6 +217,40 @@ class ShardSet:
         shards = [Shard.open(index_dir, shard_id, verify=verify) for shard_id in shard_ids]
         return cls(shards, deleted_ids=deleted_ids, threads=threads, gpu=gpu)
 
+    @classmethod
+    def open_checked(
+        cls,
+        index_dir: Path,
+        expected: list[ShardExpectation],
+        *,
+        marks: VerifiedMarks | None = None,
+        deleted_ids: np.ndarray | None = None,
+        threads: int | None = None,
+        gpu: DevicePlacement | None = None,
+        on_corrupt: Callable[[str, str], None] | None = None,
+    ) -> ShardSet:
+        """The set of the catalog's shards that verify (see `integrity.open_checked`).
+
+        A corrupt shard does not stop the others from being served: it is left out, and listed
+        in `corrupt_shards` with the reason, its vectors counted in `unserved_count`.
+        """
+        shards: list[Shard] = []
+        left_out: dict[str, tuple[str, int]] = {}
+        for row in expected:
+            try:
+                shards.append(open_checked(index_dir, row, marks))
+            except CorruptShard as exc:
+                log.error("not serving shard %s: %s", row.shard_id, exc)
+                left_out[row.shard_id] = (exc.problem or str(exc), row.count)
+        return cls(
+            shards,
+            deleted_ids=deleted_ids,
+            threads=threads,
+            gpu=gpu,
+            on_corrupt=on_corrupt,
+            left_out=left_out,
+        )
+
     @property
     def shards(self) -> list[Shard]:
         return list(self._shards)
@@ -197,7 +262,50 @@ class ShardSet:
 
     @property
     def live_count(self) -> int:
-        return sum(state.live_count for state in self._states)
+        """Live vectors being served (not those of shards found corrupt while serving)."""
+        return sum(s.live_count for s in self._states if s.shard.shard_id not in self._corrupt)
+
+    @property
+    def corrupt_shards(self) -> dict[str, str]:
+        """Shards of this generation that are not served, with the reason: those left out when
+        the set was opened, and those it stopped serving (see the class docstring)."""
+        found = {shard_id: why for shard_id, (why, _) in self._left_out.items()}
+        found.update(self._corrupt)
+        return found
+
+    @property
+    def served_shards(self) -> list[Shard]:
+        """The shards being searched: all but those found corrupt while serving."""
+        return [s for s in self._shards if s.shard_id not in self._corrupt]
+
+    @property
+    def unserved(self) -> list[UnservedShard]:
+        """The corrupt shards of this generation, with the reason and their vector counts."""
+        found = [UnservedShard(i, why, count) for i, (why, count) in self._left_out.items()]
+        found += [
+            UnservedShard(s.shard_id, self._corrupt[s.shard_id], s.count)
+            for s in self._shards
+            if s.shard_id in self._corrupt
+        ]
+        return sorted(found, key=lambda shard: shard.shard_id)
+
+    @property
+    def unserved_count(self) -> int:
+        """Vectors of the generation that corrupt shards keep out of results."""
+        return sum(shard.count for shard in self.unserved)
+
+    def mark_corrupt(self, shard_id: str, reason: str) -> None:
+        """Stop serving a shard; the first report of each shard reaches `on_corrupt`."""
+        with self._corrupt_lock:
+            if shard_id in self._corrupt:
+                return
+            self._corrupt[shard_id] = reason
+        log.error("shard %s is corrupt and no longer served: %s", shard_id, reason)
+        if self._on_corrupt is not None:
+            try:
+                self._on_corrupt(shard_id, reason)
+            except Exception:  # the shard is out of service whatever the listener does
+                log.exception("recording corrupt shard %s failed", shard_id)
 
     @property
     def dim(self) -> int:
@@ -248,7 +356,9 @@ class ShardSet:
         allowed = None if allowed_ids is None else sorted_unique_ids(allowed_ids)
         query = _Query(q, k, allowed, ef_search, nprobe, refine_factor)
 
-        states = [s for s in self._states if s.live_count > 0]
+        states = [
+            s for s in self._states if s.live_count > 0 and s.shard.shard_id not in self._corrupt
+        ]
         if self._pool is None or len(states) <= 1:
             parts = [self._search_shard(state, query) for state in states]
         else:
@@ -288,7 +398,15 @@ class ShardSet:
                 selector: faiss.IDSelector | None = _id_selector(shard.ids[rows])
             else:
                 selector = state.live_selector
-            scores, labels = _faiss_search(shard, query, selector)
+            try:
+                scores, labels = _faiss_search(shard, query, selector)
+            except RuntimeError as exc:  # FAISS reports what a damaged index makes it read
+                self.mark_corrupt(shard.shard_id, f"FAISS failed searching index.faiss: {exc}")
+                return _padding(nq, k)
+        impossible = _impossible_result(shard, query.vectors, scores, labels)
+        if impossible is not None:
+            self.mark_corrupt(shard.shard_id, impossible)
+            return _padding(nq, k)
 
         # Never fewer results than exist: HNSW with a filter, or IVF whose probed lists hold
         # fewer than k allowed vectors, can come back short. Those rows are redone exactly.
@@ -317,13 +435,58 @@ class ShardSet:
             done = self._deleted[at] == wanted  # tombstoned: treated as absent
         tombstoned = done.copy()
         for shard in self._shards:
+            if shard.shard_id in self._corrupt:
+                continue
             found, rows = shard.positions(wanted)
             found &= ~done
             if found.any():
-                out[found] = shard.rows_f32(rows[found])
+                x = shard.rows_f32(rows[found])
+                problem = _not_unit(x, wanted[found])
+                if problem is not None:
+                    self.mark_corrupt(shard.shard_id, problem)
+                    continue
+                out[found] = x
                 done |= found
         hit = done & ~tombstoned
         return wanted[hit], out[hit]
+
+
+def _impossible_result(shard: Shard, q: F32Array, scores: F32Array, labels: IdArray) -> str | None:
+    """Why a FAISS result cannot come from a sound shard, or None when it can."""
+    valid = labels >= 0
+    if not valid.any() or not bool(np.isfinite(q).all()):
+        return None  # a non-finite query is the caller's problem, not the shard's
+    hit_ids = labels[valid]
+    found, rows = shard.positions(hit_ids)
+    if not found.all():
+        return f"index.faiss returned id {int(hit_ids[~found][0])}, which the shard does not hold"
+    x = shard.rows_f32(rows)
+    query_rows = np.broadcast_to(np.arange(q.shape[0])[:, None], labels.shape)[valid]
+    scale = np.linalg.norm(q, axis=1)[query_rows] * np.linalg.norm(x, axis=1)
+    score = scores[valid].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cosine = np.where(scale > 0, score / scale, np.where(score == 0, 0.0, np.inf))
+    bad = ~np.isfinite(cosine) | (np.abs(cosine) > COSINE_BOUND)
+    if not bad.any():
+        return None
+    first = int(np.flatnonzero(bad)[0])
+    return (
+        f"index.faiss scored id {int(hit_ids[first])} with a cosine of {float(cosine[first]):.6g}, "
+        f"outside [-{COSINE_BOUND}, {COSINE_BOUND}]"
+    )
+
+
+def _not_unit(x: F32Array, ids: IdArray) -> str | None:
+    """Why stored vectors cannot be sound (not finite, or not of unit length), or None."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.linalg.norm(x, axis=1)
+    bad = ~np.isfinite(norms) | (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
+    if not bad.any():
+        return None
+    first = int(np.flatnonzero(bad)[0])
+    return (
+        f"embeddings.npy holds a vector of norm {float(norms[first]):.6g} for id {int(ids[first])}"
+    )
 
 
 def _padding(nq: int, k: int) -> tuple[F32Array, IdArray]:
@@ -448,8 +611,12 @@ def _faiss_search(
 def _refine(shard: Shard, q: F32Array, labels: IdArray, k: int) -> tuple[F32Array, IdArray]:
     """Re-score PQ candidates exactly from embeddings.npy and keep the best k."""
     valid = labels >= 0
-    _, rows = shard.positions(np.where(valid, labels, shard.ids[0]))
+    held, rows = shard.positions(np.where(valid, labels, shard.ids[0]))
+    rows = np.minimum(rows, shard.count - 1)
     x = shard.rows_f32(rows.ravel()).reshape(*labels.shape, shard.dim)
     scores = np.einsum("qd,qcd->qc", q, x).astype(np.float32)
+    # An id the shard does not hold can only come from a corrupt index: scored +inf, it comes
+    # first, and the sanity check in _search_shard sees it.
+    scores[valid & ~held] = np.inf
     scores[~valid] = -np.inf
     return _top_k(scores, np.where(valid, labels, -1), k)
