@@ -6,10 +6,13 @@ Each file comes back either as a preprocessed tensor with its decoded size and f
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from indexer.workers import die_with_parent
 from retrieval.errors import ImageError
 from retrieval.images import decode_image
 
@@ -83,9 +86,11 @@ def _collate(batch: list[tuple[int, Any, DecodedMeta | DecodeFailure]]) -> Decod
     )
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(_: int, parent_pid: int) -> None:
     import torch
 
+    # A worker of a killed indexer must not go on decoding (and holding memory) for seconds.
+    die_with_parent(parent_pid)
     # Each loader process decodes one image at a time; torch threads there only compete
     # with the encoder for the same cores.
     torch.set_num_threads(1)
@@ -110,7 +115,7 @@ def iterate_decoded(
         shuffle=False,
         num_workers=workers,
         collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None,
+        worker_init_fn=functools.partial(_worker_init, parent_pid=os.getpid()) if workers else None,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
