@@ -24,6 +24,7 @@ from api.services import Services
 from api.text_queries import TextQueryEncoder
 from retrieval.catalog.database import Catalog
 from retrieval.config import Settings, load_settings
+from retrieval.errors import CatalogMismatch
 from retrieval.models.encoder import Encoder, encoder_from_settings
 from retrieval.search import Searcher
 
@@ -40,7 +41,13 @@ def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> S
     catalog = Catalog(settings.resolved_database_url)
     catalog.upgrade()
     searcher = Searcher.from_settings(catalog, settings, encoder)
-    searcher.refresh()  # fail at start-up (model mismatch, corrupt shard), not on a query
+    unready_reason = None
+    try:
+        searcher.refresh()  # fail at start-up (model mismatch, corrupt shard), not on a query
+    except CatalogMismatch as exc:
+        # Start unready and say why; the generation poller follows the catalog until it and
+        # the index dir agree again (restored, or rebuilt).
+        unready_reason = str(exc)
     text_encoder = TextQueryEncoder(encoder, EmbeddingCache(settings.query_cache_size), None)
     services = Services(
         settings=settings,
@@ -50,6 +57,7 @@ def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> S
         text_encoder=text_encoder,
         metrics=metrics,
         keys=KeyRing.build(settings.api_keys, settings.admin_keys),
+        unready_reason=unready_reason,
     )
     metrics.gauge(
         "clipsearch_index_generation",
@@ -118,11 +126,14 @@ def create_app(
             poller = asyncio.create_task(
                 services.poll_generations(settings.reload_interval_seconds)
             )
-        log.warning(
-            "serving generation %d (%s)",
-            services.searcher.snapshot().generation,
-            encoder.identity.describe(),
-        )
+        if services.unready_reason is not None:
+            log.error("not ready, serving nothing: %s", services.unready_reason)
+        else:
+            log.warning(
+                "serving generation %d (%s)",
+                services.searcher.snapshot().generation,
+                encoder.identity.describe(),
+            )
         try:
             yield
         finally:

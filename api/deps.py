@@ -22,6 +22,8 @@ def get_services(request: Request) -> Services:
     services: Services | None = getattr(request.app.state, "services", None)
     if services is None or not services.ready:
         raise ApiError(503, "not_ready", "The model or the index is still loading.")
+    if services.unready_reason is not None:
+        raise ApiError(503, "not_ready", services.unready_reason)
     return services
 
 

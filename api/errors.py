@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retrieval.errors import (
     BadQuery,
+    CatalogMismatch,
     ClipsearchError,
     ConfigError,
     CorruptShard,
@@ -35,6 +36,7 @@ STATUS: list[tuple[type[ClipsearchError], int]] = [
     (EmptyIndex, 503),
     (ModelMismatch, 503),
     (CorruptShard, 503),
+    (CatalogMismatch, 503),
     (WeightsUnavailable, 503),
     (ConfigError, 500),
 ]

@@ -167,6 +167,11 @@ class Readiness(BaseModel):
     model_loaded: bool
     index_loaded: bool
     generation: int | None
+    reason: str | None = Field(
+        default=None,
+        description="Why the service is not ready (null when it is), e.g. a catalog that was "
+        "removed, replaced or reset under the running service.",
+    )
 
 
 class LabelEntry(BaseModel):

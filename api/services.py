@@ -14,6 +14,7 @@ from api.security import KeyRing
 from api.text_queries import TextQueryEncoder
 from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
+from retrieval.errors import CatalogMismatch
 from retrieval.models.encoder import Encoder
 from retrieval.search import Searcher
 
@@ -31,6 +32,9 @@ class Services:
     keys: KeyRing
     ready: bool = False
     last_reload_error: str | None = None
+    # Why nothing may be served although the process is up: the catalog was removed, replaced
+    # or reset under us (CatalogMismatch). Cleared when catalog and index dir agree again.
+    unready_reason: str | None = None
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def allowed_roots(self) -> list[str]:
@@ -40,11 +44,29 @@ class Services:
             roots.update(str(r) for r in (job.roots or []))
         return sorted(roots)
 
+    @property
+    def serving(self) -> bool:
+        """Started, not stopping, and reading a catalog that still belongs to the index dir."""
+        return self.ready and self.unready_reason is None
+
     async def reload(self, force: bool = False) -> bool:
         """Swap in the catalog's newest generation (off the event loop). True if swapped."""
         async with self._reload_lock:
             started = time.perf_counter()
-            swapped = await run_in_threadpool(self.searcher.refresh, force)
+            try:
+                swapped = await run_in_threadpool(self.searcher.refresh, force)
+            except CatalogMismatch as exc:
+                if self.unready_reason != str(exc):
+                    log.error("not ready, serving nothing: %s", exc)
+                self.unready_reason = str(exc)
+                raise
+            if self.unready_reason is not None:
+                log.warning(
+                    "ready again: the catalog and the index dir hold the same index "
+                    "(generation %d)",
+                    self.searcher.snapshot().generation,
+                )
+                self.unready_reason = None
             if swapped:
                 self.metrics.inc("clipsearch_reloads_total", "Index generations swapped in.")
                 self.metrics.observe(

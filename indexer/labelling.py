@@ -18,6 +18,7 @@ import numpy as np
 from sqlalchemy.exc import IntegrityError
 from tqdm import tqdm
 
+from indexer.binding import claim_problem
 from indexer.crash import crash_point
 from indexer.lock import IndexLock
 from retrieval.catalog.database import Catalog
@@ -91,6 +92,9 @@ class LabelJob:
         self.index_dir.mkdir(parents=True, exist_ok=True)
         with IndexLock(self.index_dir):
             self.catalog.upgrade()
+            problem = claim_problem(self.catalog, self.index_dir)
+            if problem is not None:
+                raise problem  # its shard ids would name another index's vectors
             return self.run_locked(set_names)
 
     def run_locked(self, set_names: Sequence[str] | None = None) -> LabelReport:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from indexer.binding import claim_index
 from indexer.crash import crash_point
 from indexer.decode import DecodedMeta, DecodeFailure, iterate_decoded
 from indexer.lock import IndexLock
@@ -55,6 +56,7 @@ class IndexReport:
     encode_seconds: float = 0.0
     decoded: int = 0
     labelled: dict[str, int] = field(default_factory=dict)  # label set -> images labelled
+    set_aside: str | None = None  # where --rebuild-catalog moved the previous index
 
     @property
     def images_per_second(self) -> float:
@@ -134,12 +136,15 @@ class IndexJob:
         encoder_factory: Callable[[], Encoder],
         *,
         progress: bool | None = None,
+        rebuild_catalog: bool = False,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
         self.encoder_factory = encoder_factory
         self._encoder: Encoder | None = None
         self.index_dir = settings.resolved_index_dir
+        # Only with this may a lost catalog start over (the old index is set aside, not deleted).
+        self.rebuild_catalog = rebuild_catalog
         # Decided once, before any work: CLIPSEARCH_FAISS_GPU=on without a GPU fails here.
         self.use_faiss_gpu = resolve_faiss_gpu(settings.faiss_gpu, settings.device)
         # tqdm's disable=None hides bars when stderr is not a terminal (cron, CI).
@@ -169,8 +174,11 @@ class IndexJob:
         self.index_dir.mkdir(parents=True, exist_ok=True)
         with IndexLock(self.index_dir):
             self.catalog.upgrade()
+            # Before the job row: a catalog that does not own index_dir gets nothing written.
+            claim = claim_index(self.catalog, self.index_dir, rebuild=self.rebuild_catalog)
             job_id = self.catalog.start_job("index", root_paths)
             report = IndexReport()
+            report.set_aside = str(claim.set_aside) if claim.set_aside else None
             try:
                 cleanup_index_dir(self.catalog, self.index_dir, self.settings.retire_grace_seconds)
                 self._run_locked(root_paths, report)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from indexer.binding import claim_index
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.records import ShardRecord
 from retrieval.catalog.tables import utcnow
@@ -59,8 +60,11 @@ def write_shard_record(
 def cleanup_index_dir(catalog: Catalog, index_dir: Path, grace_seconds: float) -> list[str]:
     """Delete orphan shard dirs (no catalog row) and retired shards past the grace period.
 
-    Must run under the IndexLock: an uncommitted shard of a live job also has no row.
+    Must run under the IndexLock: an uncommitted shard of a live job also has no row. Raises
+    CatalogMismatch, deleting nothing, unless this catalog owns index_dir: to a lost or
+    another index's catalog every shard looks like an orphan.
     """
+    claim_index(catalog, index_dir)
     removed: list[str] = []
     known = catalog.known_shard_ids()
     for shard_id in list_shard_dirs(index_dir):

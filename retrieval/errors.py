@@ -114,13 +114,13 @@ class PathNotAllowed(ClipsearchError):
     """A catalog path resolves outside every configured image root (a moved root, a symlink)."""
 
     code = "path_not_allowed"
+
     def __init__(
         self, message: str, *, shard_id: str | None = None, problem: str | None = None
     ) -> None:
         super().__init__(message)
         self.shard_id = shard_id
         self.problem = problem
-
 
     def __init__(self, image_id: int, path: str) -> None:
         super().__init__(f"The file of image {image_id} lies outside the configured roots.")
@@ -158,3 +158,21 @@ class CatalogCopyError(ClipsearchError):
     """A catalog copy cannot go ahead, or did not verify; nothing was committed."""
 
     code = "catalog_copy_failed"
+
+
+class CatalogMismatch(ClipsearchError):
+    """The catalog and the index directory do not belong together, so neither may be used.
+
+    `reason` is a stable code: catalog_lost (an empty or new catalog beside an index dir that
+    holds shards), catalog_removed, catalog_replaced, other_index (the catalog belongs to
+    another index dir), index_dir_lost (the catalog's shards are not in the index dir),
+    unreadable_identity. Nothing was changed or deleted.
+    """
+
+    code = "catalog_mismatch"
+
+    def __init__(self, reason: str, message: str, catalog: str = "", index_dir: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.catalog = catalog
+        self.index_dir = index_dir

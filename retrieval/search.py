@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 
 from retrieval.catalog.database import Catalog
+from retrieval.catalog.identity import pairing_problem, read_index_id
+from retrieval.catalog.records import IndexState
 from retrieval.config import Settings
 from retrieval.errors import BadQuery, NotFound
 from retrieval.filters import SearchFilters, ids_passing
@@ -70,6 +72,7 @@ class IndexSnapshot:
     generation: int
     shards: ShardSet
     model: dict[str, Any] | None
+    index_id: str | None = None  # generations of two indexes may share a number
 
     @property
     def model_name(self) -> str:
@@ -151,13 +154,22 @@ class Searcher:
         return current
 
     def refresh(self, force: bool = False) -> bool:
-        """Load the catalog's current generation if it is newer. Returns True if swapped."""
+        """Load the catalog's current generation if it is newer. Returns True if swapped.
+
+        Raises CatalogMismatch, and swaps nothing, when the catalog no longer belongs to the
+        index dir (a SQLite file removed, or replaced by another index's; a database reset).
+        """
         with self._lock:
+            if self.catalog.reopen_if_replaced():
+                force = True  # the new file may even repeat the generation number
             state = self.catalog.state()
+            self._require_paired(state)
+            current = self._snapshot
             if (
                 not force
-                and self._snapshot is not None
-                and self._snapshot.generation == state.generation
+                and current is not None
+                and current.generation == state.generation
+                and current.index_id == state.index_id
             ):
                 return False
             if self.encoder is not None and state.model:
@@ -177,8 +189,23 @@ class Searcher:
             if self._previous is not None:
                 self._previous.shards.close()
             self._previous = self._snapshot
-            self._snapshot = IndexSnapshot(state.generation, shards, state.model)
+            self._snapshot = IndexSnapshot(state.generation, shards, state.model, state.index_id)
             return True
+
+    def _require_paired(self, state: IndexState) -> None:
+        """Raise CatalogMismatch unless the catalog and the index dir hold the same index."""
+        file_id = read_index_id(self.index_dir)
+        if state.index_id == file_id:
+            return
+        problem = pairing_problem(
+            state.index_id,
+            file_id,
+            bool(self.catalog.shards()),
+            catalog=self.catalog.shown_url,
+            index_dir=self.index_dir,
+        )
+        if problem is not None:
+            raise problem
 
     def close(self) -> None:
         for snap in (self._snapshot, self._previous):

@@ -30,13 +30,18 @@ async def health() -> Health:
 )
 async def ready(request: Request) -> JSONResponse:
     services: Services | None = getattr(request.app.state, "services", None)
-    is_ready = services is not None and services.ready
+    is_ready = services is not None and services.serving
     generation = services.searcher.snapshot().generation if is_ready and services else None
+    reason = None
+    if not is_ready:
+        reason = services.unready_reason if services else None
+        reason = reason or "The model or the index is still loading."
     body = Readiness(
         ready=is_ready,
         model_loaded=services is not None,
         index_loaded=is_ready,
         generation=generation,
+        reason=reason,
     )
     return JSONResponse(body.model_dump(), status_code=200 if is_ready else 503)
 

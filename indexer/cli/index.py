@@ -45,6 +45,16 @@ SinceLastRunOpt = Annotated[
         "wrong database or a lost volume does not silently re-encode everything.",
     ),
 ]
+RebuildCatalogOpt = Annotated[
+    bool,
+    typer.Option(
+        "--rebuild-catalog",
+        help="Only after the catalog was lost (an index refused with exit 8 because the "
+        "catalog holds no shard while the index dir does): move the old shards and "
+        "index.json to INDEX_DIR/set-aside/<time>-<id>/ (nothing is deleted) and index every "
+        "image again into a new index. Does nothing extra when the catalog owns the index dir.",
+    ),
+]
 CompactKindOpt = Annotated[
     str, typer.Option(help="Index kind for the merged shards: auto, flat, hnsw, ivf, ivfpq.")
 ]
@@ -85,6 +95,7 @@ def index(
     shard_size: ShardSizeOpt = None,
     progress: ProgressOpt = None,
     since_last_run: SinceLastRunOpt = False,
+    rebuild_catalog: RebuildCatalogOpt = False,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
     index_dir: IndexDirOpt = None,
@@ -94,6 +105,7 @@ def index(
     as_json: JsonOpt = False,
 ) -> None:
     """Index new, changed, moved and deleted images under ROOTS (incremental, crash-safe)."""
+    from indexer.binding import claim_problem
     from indexer.pipeline import IndexJob
 
     settings = load_settings(
@@ -115,18 +127,33 @@ def index(
         catalog.upgrade()
         previous = catalog.last_finished_job("index")
     if since_last_run and previous is None:
+        # A lost catalog is the likelier story when the index dir holds an index: say so.
+        problem = claim_problem(catalog, settings.resolved_index_dir)
+        if problem is not None:
+            raise problem
         raise typer.BadParameter(
             f"the catalog {settings.resolved_database_url} has no previous index run. Check "
             "CLIPSEARCH_DATABASE_URL; for the very first run, leave this flag out (a first "
             "run encodes every image).",
             param_hint="'--since-last-run'",
         )
-    job = IndexJob(settings, catalog, encoder_factory(settings), progress=progress)
+    job = IndexJob(
+        settings,
+        catalog,
+        encoder_factory(settings),
+        progress=progress,
+        rebuild_catalog=rebuild_catalog,
+    )
     report = job.run(chosen_roots)
     if as_json:
         since = {"since": _job_summary(previous)} if previous is not None else {}
         print_json({**report.to_dict(), **since})
         return
+    if report.set_aside:
+        typer.echo(
+            f"rebuilt the catalog: the previous index is set aside in {report.set_aside} "
+            "(delete it when no longer needed)"
+        )
     if previous is not None:
         typer.echo(
             f"since job {previous.id} ({previous.status}, started {utc_text(previous.started_at)}):"

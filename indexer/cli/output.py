@@ -10,6 +10,7 @@ import typer
 
 from retrieval.errors import (
     BadQuery,
+    CatalogMismatch,
     CatalogNotEmpty,
     ClipsearchError,
     ConfigError,
@@ -35,6 +36,7 @@ EXIT_CODES: dict[type[ClipsearchError], int] = {
     WeightsUnavailable: 5,
     CorruptShard: 6,
     NotFound: 7,
+    CatalogMismatch: 8,
 }
 
 

@@ -20,8 +20,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
+from retrieval.catalog.catalog_file import CatalogFileWatch, sqlite_file
 from retrieval.catalog.records import GenerationCommit, ImageRecord, IndexState
 from retrieval.catalog.tables import (
     ACTIVE,
@@ -36,7 +38,7 @@ from retrieval.catalog.tables import (
     ShardRow,
     utcnow,
 )
-from retrieval.errors import NotFound
+from retrieval.errors import CatalogMismatch, NotFound
 
 # SQLite caps bound parameters per statement; chunk large id lists below it.
 _CHUNK = 5000
@@ -132,6 +134,12 @@ class Catalog:
         self.url = url
         self.engine = engine or make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        path = sqlite_file(url)
+        self.file_watch = CatalogFileWatch(path) if path is not None else None
+        if self.file_watch is not None:
+            watch = self.file_watch
+            event.listen(self.engine, "do_connect", lambda *_: watch.before_connect())
+            event.listen(self.engine, "connect", lambda _conn, _record: watch.connected())
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -144,16 +152,71 @@ class Catalog:
 
         upgrade_database(self.engine)
 
+    @property
+    def shown_url(self) -> str:
+        """The URL with any password masked, for messages."""
+        return self.engine.url.render_as_string(hide_password=True)
+
     def dispose(self) -> None:
         self.engine.dispose()
+        if self.file_watch is not None:
+            self.file_watch.release()
+
+    def reopen_if_replaced(self) -> bool:
+        """For a SQLite file: True (after closing every connection) if the path now holds another
+        file. Raises CatalogMismatch if the file was removed. False for Postgres."""
+        if self.file_watch is None or not self.file_watch.check():
+            return False
+        self.dispose()
+        return True
+
+    def _missing_tables(self, error: Exception) -> CatalogMismatch | None:
+        """A CatalogMismatch if `error` came from a catalog whose tables are gone (reset)."""
+        try:
+            with self.engine.connect() as conn:
+                present = conn.dialect.has_table(conn, IndexStateRow.__tablename__)
+        except (OperationalError, ProgrammingError):
+            return None
+        if present:
+            return None
+        return CatalogMismatch(
+            "catalog_lost",
+            f"The catalog {self.shown_url} has no clipsearch tables (was the database reset "
+            f"or dropped?): {type(error).__name__}.",
+            self.shown_url,
+        )
 
     # --- state -------------------------------------------------------------------
     def state(self) -> IndexState:
+        try:
+            with self.session() as session:
+                row = session.get(IndexStateRow, 1)
+                if row is None:
+                    return IndexState(generation=0, model=None)
+                return IndexState(row.generation, row.model, row.index_id)
+        except (OperationalError, ProgrammingError) as exc:
+            lost = self._missing_tables(exc)
+            if lost is not None:
+                raise lost from exc
+            raise
+
+    def set_index_id(self, index_id: str) -> None:
+        """Record the index this catalog belongs to (index_dir/index.json holds the same id)."""
         with self.session() as session:
-            row = session.get(IndexStateRow, 1)
-            if row is None:
-                return IndexState(generation=0, model=None)
-            return IndexState(generation=row.generation, model=row.model)
+            state = session.get(IndexStateRow, 1, with_for_update=True)
+            if state is None:
+                session.add(
+                    IndexStateRow(id=1, generation=0, updated_at=utcnow(), index_id=index_id)
+                )
+            else:
+                state.index_id = index_id
+
+    def holds_anything(self) -> bool:
+        """True once any shard or image row was committed (a new or emptied catalog has none)."""
+        with self.engine.connect() as conn:
+            shard = conn.execute(select(ShardRow.id).limit(1)).first()
+            image = conn.execute(select(ImageRow.id).limit(1)).first()
+            return shard is not None or image is not None
 
     def generation(self) -> int:
         with self.engine.connect() as conn:

@@ -60,6 +60,7 @@ class ShardRecord:
 class IndexState:
     generation: int
     model: dict[str, Any] | None
+    index_id: str | None = None  # the index dir this catalog belongs to (index.json)
 
 
 @dataclass

@@ -106,6 +106,8 @@ class IndexStateRow(Base):
     model: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     model_key: Mapped[str | None] = mapped_column(String(32))
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    # The index this catalog belongs to; index_dir/index.json holds the same id.
+    index_id: Mapped[str | None] = mapped_column(String(32))
 
 
 class LabelSetRow(Base):

@@ -58,7 +58,7 @@ def _write(
 
 
 def test_migrations_reach_head_and_keep_cached_label_embeddings(db_url: str) -> None:
-    # A catalog at 0002 with a cached class embedding, upgraded to 0003: the row keeps its
+    # A catalog at 0002 with a cached class embedding, upgraded to head: the row keeps its
     # vectors and reads back as a softmax model's (no logit bias).
     catalog = Catalog(db_url)
     upgrade_database(catalog.engine, "0002")
@@ -74,7 +74,7 @@ def test_migrations_reach_head_and_keep_cached_label_embeddings(db_url: str) -> 
             {"v": stored.version_id, "blob": vectors.astype("<f4").tobytes(), "now": utcnow()},
         )
     catalog.upgrade()
-    assert current_revision(catalog.engine) == "0003"
+    assert current_revision(catalog.engine) == "0004"
     found = LabelStore(catalog).cached_embeddings(stored.version_id, "k1")
     assert found is not None and found.logit_scale == 50.0 and found.logit_bias is None
     np.testing.assert_array_equal(found.vectors, vectors)
