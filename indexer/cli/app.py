@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from indexer.cli import db, demo, index, labels, schedule, search, serve, train
+from indexer.cli import db, demo, index, labels, models, schedule, search, serve, train
 from indexer.cli.output import exit_code
 from retrieval.errors import ClipsearchError
 
@@ -38,6 +38,7 @@ app.command()(demo.demo)
 app.command()(labels.label)
 app.add_typer(db.db_app, name="db")
 app.add_typer(labels.labels_app, name="labels")
+app.add_typer(models.models_app, name="models")
 
 
 def main() -> None:

@@ -17,7 +17,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 from retrieval.errors import WeightsUnavailable
+from retrieval.models.cache import cached_repo_file, clip_cache_dir, hub_endpoint
 from retrieval.models.identity import ModelSpec
+from retrieval.models.recommended import nearest_names
+from retrieval.models.sources import WeightsSource, source_for
 
 # `pretrained` values that mean "no weights": only for timing benchmarks and the
 # no-weights demo; results carry no meaning and the CLI says so.
@@ -93,53 +96,109 @@ def host_resolves(url: str, timeout: float = 3.0) -> bool:
     return bool(result and result[0])
 
 
-def weights_help(spec: ModelSpec, reason: str) -> str:
-    return (
-        f"Cannot load weights '{spec.pretrained}' for model {spec.name}: {reason}\n"
-        "Do one of these:\n"
-        "  * set CLIPSEARCH_PRETRAINED (or --pretrained) to a local checkpoint file "
-        "(.pt, .bin or .safetensors), or\n"
-        "  * pre-populate the model cache on a machine with internet access, e.g.\n"
-        f"      python -c \"import open_clip; open_clip.create_model('{spec.family_name}', "
-        f"pretrained='{spec.pretrained}')\"\n"
-        "    then copy the Hugging Face cache (~/.cache/huggingface, or HF_HOME) here and "
-        "point HF_HOME or CLIPSEARCH_MODEL_CACHE_DIR at it."
+def weights_help(spec: ModelSpec, reason: str, source: WeightsSource | None = None) -> str:
+    """The message of a WeightsUnavailable: what failed, and (for weights that come from the
+    hub) the repo, file, size and sha256, and the command that gets them."""
+    lines = [f"Cannot load weights '{spec.pretrained}' for model {spec.name}: {reason}"]
+    if source is not None:
+        lines.append(source.howto(spec.cache_dir))
+        lines.append(
+            "  * or set CLIPSEARCH_PRETRAINED (or --pretrained) to a local checkpoint file "
+            "(.pt, .bin or .safetensors)."
+        )
+    else:
+        lines.append(
+            "Set CLIPSEARCH_PRETRAINED (or --pretrained) to a local checkpoint file (.pt, .bin or "
+            "or .safetensors), or to a pretrained tag (see `clipsearch models` for the "
+            "recommended ones)."
+        )
+    return "\n".join(lines)
+
+
+def hf_names(name: str) -> list[tuple[str, str]]:
+    """(config key, value) of the Hugging Face names an open_clip model reads at creation: an HF
+    tokenizer or HF text tower's config (SigLIP, XLM-R and NLLB models); their weights come with
+    the checkpoint."""
+    import open_clip
+
+    text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+    keys = ("hf_tokenizer_name", "hf_model_name")
+    return [(key, text_cfg[key]) for key in keys if text_cfg.get(key)]
+
+
+def hub_files(cfg: dict[str, Any]) -> tuple[str, tuple[str, ...]] | None:
+    """(repo, file names in open_clip's order of preference) of a tag's hub source, or None."""
+    from open_clip import pretrained as oc_pretrained
+
+    hub = cfg.get("hf_hub", "")
+    if not hub:
+        return None
+    # 'org/name/file.bin', or 'org/name/' for open_clip's default file name.
+    repo, filename = os.path.split(hub)
+    filename = filename or "open_clip_pytorch_model.bin"
+    alternatives: Callable[[str], Any] = getattr(
+        oc_pretrained, "_get_safe_alternatives", lambda name: []
     )
+    return repo, tuple(dict.fromkeys([*alternatives(filename), filename]))
+
+
+def open_clip_source(name: str, tag: str) -> WeightsSource | None:
+    """Where open_clip gets the weights of `name` / `tag` (with the table's figures when the
+    model is a recommended one); None for a tag open_clip does not know."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not cfg:
+        return None
+    needs = tuple(dict.fromkeys(repo for _, repo in hf_names(name) if not _is_local(repo)))
+    known = source_for(name, tag)
+    hub = hub_files(cfg)
+    if hub is None:
+        url = str(cfg.get("url", ""))
+        file = os.path.basename(urlparse(url).path)
+        return WeightsSource(name, tag, "", (file,) if file else (), needs, url=url)
+    repo, files = hub
+    if known is not None and known.repo == repo:
+        return WeightsSource(
+            name, tag, repo, files, needs, known.size, known.approx_size, known.sha256
+        )
+    return WeightsSource(name, tag, repo, files, needs)
+
+
+def _is_local(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
 
 
 def _cached_tag_file(cfg: dict[str, Any], cache_dir: Path | None) -> str | None:
-    """The local file for a pretrained tag if it is already cached; never touches the network."""
-    from huggingface_hub import hf_hub_download
-    from open_clip import pretrained as oc_pretrained
-
+    """The local file for a pretrained tag if it is already here (imported by hand or in the
+    hub cache); never touches the network."""
     if cfg.get("file"):
         return str(cfg["file"])
-    hub = cfg.get("hf_hub", "")
-    if hub:
-        model_id, filename = os.path.split(hub)
-        filename = filename or "open_clip_pytorch_model.bin"
-        alternatives: Callable[[str], list[str]] = getattr(
-            oc_pretrained, "_get_safe_alternatives", lambda name: []
-        )
-        for candidate in [*alternatives(filename), filename]:
-            try:
-                return str(
-                    hf_hub_download(
-                        model_id,
-                        candidate,
-                        cache_dir=str(cache_dir) if cache_dir else None,
-                        local_files_only=True,
-                    )
-                )
-            except Exception:  # noqa: BLE001 - any failure here just means "not cached"
-                continue
+    hub = hub_files(cfg)
+    if hub is not None:
+        found = cached_repo_file(hub[0], hub[1], cache_dir)
+        if found is not None:
+            return str(found)
     url = cfg.get("url", "")
     if url:
-        root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "clip"
-        target = root / os.path.basename(urlparse(url).path)
+        target = clip_cache_dir(cache_dir) / os.path.basename(urlparse(url).path)
         if target.is_file():
             return str(target)
     return None
+
+
+def unknown_tag_reason(spec: ModelSpec) -> str:
+    """Why a pretrained value that is neither a file nor a tag of the model is refused: the
+    nearest known tags first (a typo), then every tag of the model."""
+    import open_clip
+
+    tags = list(open_clip.list_pretrained_tags_by_model(spec.family_name))
+    nearest = nearest_names(spec.pretrained, tags)
+    guess = f" Did you mean {' or '.join(repr(tag) for tag in nearest)}?" if nearest else ""
+    return (
+        f"it is neither an existing file nor a known tag for {spec.family_name}.{guess} "
+        f"Known tags: {', '.join(tags) or 'none'}."
+    )
 
 
 def resolve_weights(spec: ModelSpec) -> tuple[str | None, dict[str, Any]]:
@@ -154,14 +213,7 @@ def resolve_weights(spec: ModelSpec) -> tuple[str | None, dict[str, Any]]:
     if not cfg:
         if os.sep in spec.pretrained or spec.pretrained.endswith((".pt", ".bin", ".safetensors")):
             raise WeightsUnavailable(weights_help(spec, "that checkpoint file does not exist."))
-        tags = open_clip.list_pretrained_tags_by_model(spec.family_name)
-        raise WeightsUnavailable(
-            weights_help(
-                spec,
-                f"it is neither an existing file nor a known tag for {spec.name} "
-                f"(known tags: {', '.join(tags) or 'none'}).",
-            )
-        )
+        raise WeightsUnavailable(weights_help(spec, unknown_tag_reason(spec)))
     overrides = {
         "image_mean": cfg.get("mean"),
         "image_std": cfg.get("std"),
@@ -173,19 +225,22 @@ def resolve_weights(spec: ModelSpec) -> tuple[str | None, dict[str, Any]]:
     cached = _cached_tag_file(cfg, spec.cache_dir)
     if cached:
         return cached, overrides
-    source = f"https://huggingface.co/{cfg['hf_hub']}" if cfg.get("hf_hub") else cfg.get("url", "")
-    if not source or not host_resolves(source):
+    source = open_clip_source(spec.family_name, spec.pretrained)
+    where = hub_endpoint() if cfg.get("hf_hub") else cfg.get("url", "")
+    if not where or not host_resolves(where):
         raise WeightsUnavailable(
-            weights_help(spec, "they are not in the local cache and the hub is unreachable.")
+            weights_help(
+                spec, "they are not in the local cache and the hub is unreachable.", source
+            )
         )
     try:
         path = open_clip.download_pretrained(
             cfg, cache_dir=str(spec.cache_dir) if spec.cache_dir else None
         )
     except Exception as exc:  # noqa: BLE001 - hub errors are many; the user needs one message
-        raise WeightsUnavailable(weights_help(spec, f"download failed ({exc}).")) from None
+        raise WeightsUnavailable(weights_help(spec, f"download failed ({exc}).", source)) from None
     if not path:
-        raise WeightsUnavailable(weights_help(spec, "the tag has no download source."))
+        raise WeightsUnavailable(weights_help(spec, "the tag has no download source.", source))
     return str(path), overrides
 
 
@@ -219,6 +274,30 @@ def read_checkpoint_file(path: Path) -> CheckpointFile:
         raise ValueError(f"{path} holds no state dict of model weights")
     meta = loaded.get("clipsearch") if isinstance(loaded, dict) else None
     return CheckpointFile(state, meta if isinstance(meta, dict) else {})
+
+
+def file_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensors' names and shapes in a weights file (.safetensors, or a torch state dict,
+    bare or under "state_dict"), without reading the tensors where possible. ValueError saying
+    what is wrong with an unreadable file."""
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        try:
+            loaded: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails in many ways; one message
+        raise ValueError(f"{path} is not a readable weights file ({str(exc)[:200]})") from None
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state dict of model weights")
+    return {key: tuple(value.shape) for key, value in state.items() if hasattr(value, "shape")}
 
 
 def tensor_shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -28,7 +28,10 @@ from torchvision.transforms import Normalize
 
 from retrieval.errors import ConfigError, WeightsUnavailable
 from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch
+from retrieval.models.cache import cached_repo_file, clip_cache_dir
 from retrieval.models.identity import CN_CLIP, ModelIdentity, ModelSpec
+from retrieval.models.recommended import nearest_names
+from retrieval.models.sources import WeightsSource, source_for
 from retrieval.models.weights import (
     BUNDLED_CONFIG_DIR,
     RANDOM_INIT,
@@ -45,8 +48,6 @@ log = logging.getLogger(__name__)
 CONTEXT_LENGTH = 52
 CN_CLIP_CONFIG_DIR = BUNDLED_CONFIG_DIR / "cn_clip"
 _CN_CLIP_STRUCTURES = Path(cn_clip.clip.__file__).parent / "model_configs"
-# cn_clip's default download root (`load_from_name`), where its users already keep the files.
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "clip"
 # `CLIP` arguments a config may not set: the tokenizer is fixed (its vocabulary is in the
 # identity), and flash attention renames the weights and needs a package we do not install.
 _NOT_CONFIGURABLE = frozenset({"self", "tokenizer", "use_flash_attention"})
@@ -116,9 +117,11 @@ def model_config(name: str, config_dir: Path | None = None) -> ChineseClipConfig
     for path in candidates:
         if path.is_file():
             return ChineseClipConfig(name, _read_model_info(path), str(path))
+    nearest = nearest_names(name, known_models())
+    guess = f" (did you mean {' or '.join(nearest)}?)" if nearest else ""
     raise ConfigError(
         "CLIPSEARCH_MODEL",
-        f"unknown Chinese-CLIP model {name!r}; known models: {', '.join(known_models())} "
+        f"unknown Chinese-CLIP model {name!r}{guess}; known models: {', '.join(known_models())} "
         "(or add your own <name>.json with the keyword arguments of cn_clip's CLIP to "
         "CLIPSEARCH_MODEL_CONFIG_DIR)",
     )
@@ -170,17 +173,24 @@ def _help(spec: ModelSpec, reason: str) -> str:
     )
 
 
+def release_source(release: Release) -> WeightsSource:
+    """Where a release comes from, with the table's figures when it is a recommended model."""
+    model = f"cn-clip:{release.model}"
+    known = source_for(model, release.filename)
+    if known is not None:
+        return known
+    return WeightsSource(model, release.filename, release.repo, (release.filename,))
+
+
 def _release_help(spec: ModelSpec, release: Release, looked_in: Path) -> str:
+    source = release_source(release)
     return (
         f"Cannot load weights '{spec.pretrained}' for model {spec.name}: the released checkpoint "
-        f"{release.filename} is not in the local cache (looked in {looked_in} and the Hugging "
-        "Face cache), and clipsearch never downloads Chinese-CLIP weights.\n"
-        "Do this:\n"
-        f"  * on a machine with internet access, download {release.filename} from the Hugging "
-        f"Face repo {release.repo}:\n"
-        f"      {release.url}\n"
-        "  * copy it to this machine and set CLIPSEARCH_PRETRAINED to its path, or put it in "
-        f"{looked_in} (CLIPSEARCH_MODEL_CACHE_DIR; cn_clip's default is ~/.cache/clip)."
+        f"{release.filename} is not here (looked in {looked_in}, the clipsearch import folder "
+        "and the Hugging Face cache), and loading a model never downloads Chinese-CLIP "
+        "weights.\n"
+        f"{source.howto(spec.cache_dir)}\n"
+        "  * or set CLIPSEARCH_PRETRAINED to the path of the file."
     )
 
 
@@ -194,13 +204,10 @@ def _release_named(tag: str) -> Release | None:
 
 def _cached_release(release: Release, cache_dir: Path | None) -> Path | None:
     """The release's file if it is already on this machine; never touches the network."""
-    from huggingface_hub import try_to_load_from_cache
-
-    flat = (cache_dir or DEFAULT_CACHE_DIR) / release.filename  # where cn_clip downloads
+    flat = clip_cache_dir(cache_dir) / release.filename  # where cn_clip downloads
     if flat.is_file():
         return flat
-    cached = try_to_load_from_cache(release.repo, release.filename, cache_dir=cache_dir)
-    return Path(cached) if isinstance(cached, str) else None
+    return cached_repo_file(release.repo, (release.filename,), cache_dir)
 
 
 def resolve_checkpoint(spec: ModelSpec, config: ChineseClipConfig) -> Path | None:
@@ -234,6 +241,10 @@ def resolve_checkpoint(spec: ModelSpec, config: ChineseClipConfig) -> Path | Non
         if "/" in pretrained or "\\" in pretrained or path.suffix in (".pt", ".pth", ".bin"):
             raise WeightsUnavailable(_help(spec, "that checkpoint file does not exist."))
         tag = f" (its released checkpoint: {config.release.filename})" if config.release else ""
+        files = [known.filename for known in releases().values()]
+        nearest = nearest_names(pretrained, files)
+        if nearest and not tag:
+            tag = f" (did you mean {' or '.join(nearest)}?)"
         raise WeightsUnavailable(
             _help(spec, f"it is neither an existing file nor a released checkpoint name{tag}.")
         )
@@ -247,7 +258,7 @@ def resolve_checkpoint(spec: ModelSpec, config: ChineseClipConfig) -> Path | Non
         )
     cached = _cached_release(release, spec.cache_dir)
     if cached is None:
-        raise WeightsUnavailable(_release_help(spec, release, spec.cache_dir or DEFAULT_CACHE_DIR))
+        raise WeightsUnavailable(_release_help(spec, release, clip_cache_dir(spec.cache_dir)))
     return cached
 
 

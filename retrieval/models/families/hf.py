@@ -20,6 +20,7 @@ and raises one `WeightsUnavailable` that names the folder, the file and what to 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -41,8 +42,11 @@ from transformers import (
 
 from retrieval.errors import ConfigError, WeightsUnavailable
 from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch
+from retrieval.models.cache import cached_repo_snapshot
 from retrieval.models.identity import HF, ModelIdentity, ModelSpec
+from retrieval.models.sources import WeightsSource, source_for
 from retrieval.models.weights import (
+    file_tensor_shapes,
     is_open_clip_tag,
     read_checkpoint_file,
     sha256_file,
@@ -237,24 +241,18 @@ def resolve_folder(spec: ModelSpec) -> Path:
             "hf:/path/to/the/folder that holds config.json, the weights, "
             "preprocessor_config.json and the tokenizer files (what save_pretrained writes)."
         )
-    from huggingface_hub import snapshot_download
-
-    try:
-        cache_dir = str(spec.cache_dir) if spec.cache_dir else None
-        return Path(snapshot_download(name, cache_dir=cache_dir, local_files_only=True))
-    except Exception:  # noqa: BLE001 - a bad id, a missing snapshot: all mean "not here"
-        pass
-    cache = spec.cache_dir or "~/.cache/huggingface/hub (or $HF_HOME/hub)"
+    found = cached_repo_snapshot(name, spec.cache_dir)
+    if found is not None:
+        return found
+    known = source_for(spec.name, spec.pretrained) or source_for(spec.name, "")
+    source = known or WeightsSource(spec.name, "", name, ())
+    return_help = source.howto(spec.cache_dir)
     raise WeightsUnavailable(
-        f"{spec.name}: {name} is neither a folder nor a Hugging Face model in the local cache "
-        f"({cache}), and clipsearch never downloads models.\n"
-        "Do one of these:\n"
-        "  * on a machine with internet access, run\n"
-        f'      python -c "from huggingface_hub import snapshot_download; '
-        f"print(snapshot_download('{name}'))\"\n"
-        "    and copy the folder it prints here; set CLIPSEARCH_MODEL=hf:/path/to/that/folder, or\n"
-        "  * copy that machine's Hugging Face cache folder models--"
-        f"{name.replace('/', '--')} into {cache}."
+        f"{spec.name}: {name} is neither a folder nor a Hugging Face model here (looked in the "
+        "clipsearch import folder and the Hugging Face cache), and loading a model never "
+        f"downloads one.\n{return_help}\n"
+        "  * or copy a folder that save_pretrained (or snapshot_download) wrote, and set "
+        "CLIPSEARCH_MODEL=hf:/path/to/that/folder."
     )
 
 
@@ -516,7 +514,8 @@ def _from_folder(
             expected = tensor_shapes(cls._from_config(config).state_dict())
         found: dict[str, tuple[int, ...]] = {}
         for path in files.files:
-            found.update(_file_shapes(path))
+            with contextlib.suppress(ValueError):
+                found.update(file_tensor_shapes(path))
         raise another_architecture(
             state_dict_differences(expected, found) or str(exc)[:300]
         ) from None
@@ -538,17 +537,6 @@ def read_checkpoint(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
         return read_checkpoint_file(path).state_dict
     except ValueError as exc:
         raise WeightsUnavailable(_weights_help(spec, f"{exc}.")) from None
-
-
-def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """The tensors' shapes in a weights file, without reading the tensors where possible."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return tensor_shapes(state) if isinstance(state, dict) else {}
 
 
 def load(spec: ModelSpec, device: str, precision: str) -> HfBackend:

@@ -15,9 +15,18 @@ from open_clip.transformer import text_global_pool
 
 from retrieval.errors import WeightsUnavailable
 from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch
+from retrieval.models.cache import (
+    cached_repo_snapshot,
+    hub_cache_dir,
+    hub_endpoint,
+    repo_folder_name,
+)
 from retrieval.models.identity import OPEN_CLIP, ModelIdentity, ModelSpec
+from retrieval.models.recommended import nearest_names
 from retrieval.models.weights import (
+    hf_names,
     host_resolves,
+    open_clip_source,
     register_model_configs,
     resolve_weights,
     sha256_file,
@@ -126,15 +135,6 @@ class OpenClipBackend(ModelBackend):
         return x
 
 
-def _hf_names(name: str) -> list[tuple[str, str]]:
-    """(config key, value) of the Hugging Face names a model reads at creation: an HF tokenizer
-    or HF text tower's config (SigLIP, XLM-R and NLLB models); their weights come with the
-    checkpoint."""
-    text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
-    keys = ("hf_tokenizer_name", "hf_model_name")
-    return [(key, text_cfg[key]) for key in keys if text_cfg.get(key)]
-
-
 def _is_path(name: str) -> bool:
     """A local path rather than a hub repo id (`owner/name`)."""
     return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
@@ -143,9 +143,7 @@ def _is_path(name: str) -> bool:
 def _require_hub_files(spec: ModelSpec) -> None:
     """Fail in seconds, with instructions, when a repo the model needs is neither cached nor
     reachable: transformers would otherwise retry for half a minute and raise its own error."""
-    from huggingface_hub import snapshot_download
-
-    for key, repo in dict.fromkeys(_hf_names(spec.family_name)):
+    for key, repo in dict.fromkeys(hf_names(spec.family_name)):
         if os.path.isdir(os.path.expanduser(repo)):
             continue
         if _is_path(repo):
@@ -155,26 +153,24 @@ def _require_hub_files(spec: ModelSpec) -> None:
                 "save_pretrained writes them; a text tower needs its config.json), or point "
                 f"{key} in the model's JSON config at the folder that holds them."
             )
-        try:
-            snapshot_download(
-                repo,
-                cache_dir=str(spec.cache_dir) if spec.cache_dir else None,
-                local_files_only=True,
-            )
+        if cached_repo_snapshot(repo, spec.cache_dir, hub_only=True) is not None:
             continue
-        except Exception:  # noqa: BLE001 - any failure here means "not cached"
-            pass
-        if host_resolves("https://huggingface.co"):
+        if host_resolves(hub_endpoint()):
             continue  # open_clip downloads it
+        pretrained = spec.pretrained or "none"
+        fetch = (
+            source.fetch_name
+            if (source := open_clip_source(spec.family_name, pretrained)) is not None
+            else f"{spec.family_name} --pretrained {pretrained}"
+        )
+        folder = hub_cache_dir(spec.cache_dir) / f"models--{repo_folder_name(repo)}"
         raise WeightsUnavailable(
             f"Model {spec.family_name} needs the Hugging Face files of {repo} (its tokenizer "
             "or text tower), which are not in the local cache, and the hub is unreachable.\n"
-            "On a machine with internet access, run\n"
-            f'    python -c "from huggingface_hub import snapshot_download; '
-            f"snapshot_download('{repo}')\"\n"
-            "then copy its cache folder (~/.cache/huggingface/hub/models--"
-            f"{repo.replace('/', '--')}) into the same place here (or under $HF_HOME/hub, or "
-            "CLIPSEARCH_MODEL_CACHE_DIR when that is set)."
+            "To get them:\n"
+            f"  * with internet access: clipsearch models fetch {fetch}  (it fills {folder})\n"
+            "  * for a machine without it: run that where there is internet, copy the folders "
+            "it prints over, and run there: clipsearch models import FOLDER"
         )
 
 
@@ -195,10 +191,12 @@ def load(spec: ModelSpec, device: str, precision: str) -> OpenClipBackend:
     name = spec.family_name
     register_model_configs(spec.config_dir)
     if open_clip.get_model_config(name) is None:
-        known = ", ".join(open_clip.list_models()[:12])
+        nearest = nearest_names(name, open_clip.list_models())
+        guess = f"Did you mean {' or '.join(nearest)}? " if nearest else ""
         raise WeightsUnavailable(
-            f"Unknown model '{name}'. Known models include: {known}, ... "
-            "(add your own JSON config with CLIPSEARCH_MODEL_CONFIG_DIR)."
+            f"Unknown model '{name}'. {guess}`clipsearch models` lists the recommended models, "
+            "open_clip.list_models() all of open_clip's (add your own JSON config with "
+            "CLIPSEARCH_MODEL_CONFIG_DIR)."
         )
     checkpoint, overrides = resolve_weights(spec)
     _require_hub_files(spec)
@@ -232,7 +230,7 @@ def load(spec: ModelSpec, device: str, precision: str) -> OpenClipBackend:
             name, cache_dir=str(spec.cache_dir) if spec.cache_dir else None
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        folder = dict(_hf_names(name)).get("hf_tokenizer_name", name)
+        folder = dict(hf_names(name)).get("hf_tokenizer_name", name)
         raise WeightsUnavailable(
             f"Model {name}: cannot read its tokenizer {folder} ({str(exc)[:300]}). Copy the "
             "model's tokenizer files (tokenizer.save_pretrained(folder) writes them) there."

@@ -270,6 +270,9 @@ def test_an_uncached_release_names_the_file_and_the_repo(tmp_path: Path) -> None
     assert "clip_cn_vit-b-16.pt" in message
     assert "OFA-Sys/chinese-clip-vit-base-patch16" in message
     assert "CLIPSEARCH_PRETRAINED" in message and str(tmp_path) in message
+    assert "about 753 MB" in message and "sha256 not recorded" in message
+    assert "clipsearch models fetch cn-clip:ViT-B-16" in message
+    assert "clipsearch models import FILE --name cn-clip:ViT-B-16" in message
 
 
 def test_a_cached_release_is_found(tmp_path: Path) -> None:

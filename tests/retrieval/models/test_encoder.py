@@ -97,6 +97,19 @@ def test_unknown_tag_lists_known_tags() -> None:
     assert "laion2b_s34b_b79k" in str(info.value)
 
 
+def test_a_mistyped_tag_suggests_the_nearest_one() -> None:
+    with pytest.raises(WeightsUnavailable) as info:
+        load_encoder(ModelSpec("ViT-B-32", "laion2b_s34b_b97k", device="cpu"))
+    message = str(info.value)
+    assert "Did you mean 'laion2b_s34b_b79k'?" in message
+    assert "open_clip.create_model" not in message and "python -c" not in message
+
+
+def test_a_mistyped_model_suggests_the_nearest_one() -> None:
+    with pytest.raises(WeightsUnavailable, match="Did you mean ViT-B-32"):
+        load_encoder(ModelSpec("ViT-B-23", "none", device="cpu"))
+
+
 def test_unknown_model_name() -> None:
     with pytest.raises(WeightsUnavailable, match="Unknown model"):
         load_encoder(ModelSpec("ViT-Nope", "none", device="cpu"))
@@ -114,7 +127,12 @@ def test_uncached_tag_offline_fails_fast_with_instructions(
         load_encoder(ModelSpec("ViT-B-32", "laion2b_s34b_b79k", cache_dir=tmp_path, device="cpu"))
     message = str(info.value)
     assert "not in the local cache" in message
-    assert "checkpoint" in message and "cache" in message
+    # The exact repo and file, their size, and the commands that get them.
+    assert "laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in message
+    assert "open_clip_model.safetensors" in message and "about 605 MB" in message
+    assert "clipsearch models fetch ViT-B-32" in message
+    assert "clipsearch models import FILE --name ViT-B-32" in message
+    assert "open_clip.create_model" not in message and "pre-populate" not in message
 
 
 def test_fp16_on_cpu_is_refused_clearly(tiny_checkpoint: Path) -> None:
@@ -157,7 +175,9 @@ def test_a_missing_hub_tokenizer_fails_fast_with_instructions(
     with pytest.raises(WeightsUnavailable) as info:
         load_encoder(ModelSpec("ViT-B-16-SigLIP", "none", device="cpu"))
     message = str(info.value)
-    assert "timm/ViT-B-16-SigLIP" in message and "snapshot_download" in message
+    assert "timm/ViT-B-16-SigLIP" in message
+    assert "clipsearch models fetch ViT-B-16-SigLIP --pretrained none" in message
+    assert "clipsearch models import FOLDER" in message
 
 
 def test_family_prefixes_name_the_same_open_clip_model(
