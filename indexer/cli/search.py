@@ -116,6 +116,12 @@ def status(
     settings = load_settings(data_dir=data_dir, database_url=database_url, index_dir=index_dir)
     catalog = open_catalog(settings)
     catalog.upgrade()
+    # A lost, reset or other index's catalog would read as an empty index: name it (exit 8).
+    from indexer.binding import claim_problem
+
+    problem = claim_problem(catalog, settings.resolved_index_dir)
+    if problem is not None:
+        raise problem
     state = catalog.state()
     shards = catalog.shards()
     counts = catalog.counts()

@@ -244,6 +244,8 @@ def test_the_cli_exits_8_with_the_way_out_and_rebuilds_only_when_asked(
         err = capsys.readouterr().err
         assert "holds no index" in err and "--rebuild-catalog" in err
         assert "Traceback" not in err
+    assert _cli(["status"], monkeypatch) == 8  # not an empty index: a lost catalog
+    assert "holds no index" in capsys.readouterr().err
     assert index_dir_files(small.resolved_index_dir) == before
     assert (
         _cli(["index", str(pics), "--no-progress", "--rebuild-catalog", "--json"], monkeypatch) == 0
