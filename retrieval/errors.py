@@ -97,6 +97,13 @@ class CorruptShard(ClipsearchError):
 
     code = "corrupt_shard"
 
+    def __init__(
+        self, message: str, *, shard_id: str | None = None, problem: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.shard_id = shard_id
+        self.problem = problem
+
 
 class EmptyIndex(ClipsearchError):
     """A search was asked of an index that has no vectors yet."""
@@ -114,13 +121,6 @@ class PathNotAllowed(ClipsearchError):
     """A catalog path resolves outside every configured image root (a moved root, a symlink)."""
 
     code = "path_not_allowed"
-
-    def __init__(
-        self, message: str, *, shard_id: str | None = None, problem: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.shard_id = shard_id
-        self.problem = problem
 
     def __init__(self, image_id: int, path: str) -> None:
         super().__init__(f"The file of image {image_id} lies outside the configured roots.")
