@@ -135,6 +135,10 @@ def decode_image(
                 rgb = _render_rgb(opened, cost.factor, orientation)
             except Exception as exc:  # Pillow raises almost anything on bad data
                 raise _classify(exc, data, shown_as) from exc
+            finally:
+                # Leaving `with` frees nothing (Image.__exit__ only closes the file); the frame
+                # must be gone before its memory can go back to the system.
+                opened.close()
     if cost.total >= TRIM_ABOVE_BYTES:
         release_free_heap()
     width, height = stored
