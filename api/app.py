@@ -72,7 +72,17 @@ def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> S
     metrics.gauge(
         "clipsearch_index_shards",
         "Shards being served.",
-        lambda: len(searcher.snapshot().shards.shards),
+        lambda: len(searcher.snapshot().shards.served_shards),
+    )
+    metrics.gauge(
+        "clipsearch_index_corrupt_shards",
+        "Shards of the generation that are corrupt and not served (repair: clipsearch repair).",
+        lambda: len(searcher.snapshot().shards.corrupt_shards),
+    )
+    metrics.gauge(
+        "clipsearch_index_unserved_vectors",
+        "Vectors in corrupt shards, missing from every result.",
+        lambda: searcher.snapshot().shards.unserved_count,
     )
     metrics.gauge(
         "clipsearch_query_cache_entries",

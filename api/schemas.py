@@ -143,14 +143,33 @@ class ImageMetadata(BaseModel):
     labels: list[HitLabel] = Field(default_factory=list)
 
 
+class CorruptShardInfo(BaseModel):
+    id: str
+    reason: str = Field(description="What is wrong with its files, or with what it returned.")
+    vector_count: int = Field(description="Its vectors, which no result includes.")
+
+
 class IndexInfo(BaseModel):
     generation: int
-    shard_count: int
+    shard_count: int = Field(description="Shards being served (corrupt ones not counted).")
     vector_count: int
     live_vector_count: int
     index_kinds: dict[str, int] = Field(description="Shard count per index kind.")
     model: dict[str, object] | None
     images: dict[str, int]
+    degraded: bool = Field(
+        default=False,
+        description="Some shards are corrupt and not served: results come from the others.",
+    )
+    corrupt_shards: list[CorruptShardInfo] = Field(default_factory=list)
+    unserved_vector_count: int = Field(
+        default=0, description="Vectors in corrupt shards, missing from every result."
+    )
+    repair: str | None = Field(
+        default=None,
+        description="The command that replaces the corrupt shards (null when there are none).",
+        examples=["clipsearch repair"],
+    )
 
 
 class ReloadResponse(BaseModel):
@@ -172,6 +191,12 @@ class Readiness(BaseModel):
         description="Why the service is not ready (null when it is), e.g. a catalog that was "
         "removed, replaced or reset under the running service.",
     )
+    degraded: bool = Field(
+        default=False,
+        description="Ready, but some shards are corrupt and not served (see /index): results "
+        "come from the healthy shards.",
+    )
+    corrupt_shards: list[str] = Field(default_factory=list, description="Their ids.")
 
 
 class LabelEntry(BaseModel):

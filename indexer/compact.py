@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,9 +16,11 @@ from indexer.publish import cleanup_index_dir, write_shard_record
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.records import GenerationCommit
 from retrieval.catalog.tables import ShardRow
-from retrieval.index.shard import Shard
+from retrieval.index.integrity import ShardExpectation, check_shard
 from retrieval.labels.store import LabelStore
 from retrieval.models.identity import ModelIdentity
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,6 +31,8 @@ class CompactReport:
     written: list[str] = field(default_factory=list)
     dropped_vectors: int = 0
     live_vectors: int = 0
+    # Shards that failed verification: left as they are (never rewritten), with the reason.
+    corrupt: dict[str, str] = field(default_factory=dict)
     generation: int = 0
     seconds: float = 0.0
 
@@ -51,6 +56,10 @@ def compact_index(
     Candidates: every shard holding tombstones, every shard smaller than half of
     shard_size when there are two or more such, every shard whose kind differs from an
     explicitly requested one, or all with merge_all. Nothing is re-encoded.
+
+    Every candidate is verified first (every file's sha256, and its vectors' contents) no
+    matter what any verified mark says: a shard that fails is left out and reported in
+    `corrupt`, so corrupt vectors are never rewritten into a new shard with fresh checksums.
     """
     started = time.monotonic()
     report = CompactReport()
@@ -70,10 +79,16 @@ def compact_index(
                 catalog.finish_job(job_id, "succeeded", report.to_dict(), state.generation)
                 return report
             identity = ModelIdentity.from_dict(state.model)
-            ids, vecs, report.dropped_vectors = _live_vectors(
-                index_dir, candidates, by_shard, identity.dim, progress
+            ids, vecs, report.dropped_vectors, verified = _live_vectors(
+                index_dir, candidates, by_shard, identity.dim, progress, report.corrupt
             )
             report.live_vectors = len(ids)
+            candidates = [row for row in candidates if row.id in verified]
+            if not candidates:
+                report.shards_after = len(shards)
+                report.generation = state.generation
+                catalog.finish_job(job_id, "succeeded", report.to_dict(), state.generation)
+                return report
             commit = GenerationCommit(model=state.model)
             for start in range(0, len(ids), shard_size):
                 chunk_ids = ids[start : start + shard_size]
@@ -129,19 +144,45 @@ def _live_vectors(
     tombstones: dict[str, np.ndarray],
     dim: int,
     progress: bool | None,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """The live ids (ascending) and float16 vectors of these shards, and how many vectors of
-    theirs were tombstoned (dropped)."""
+    corrupt: dict[str, str],
+) -> tuple[np.ndarray, np.ndarray, int, set[str]]:
+    """The live ids (ascending) and float16 vectors of those of these shards that verify, how
+    many vectors of theirs were tombstoned (dropped), and the ids of the shards that verified.
+
+    Each shard is read once: hashed and checked in the same pass that loads its vectors. A
+    shard that fails goes into `corrupt` (id -> what is wrong) and contributes nothing.
+    """
     live_ids: list[np.ndarray] = []
     live_vecs: list[np.ndarray] = []
     dropped = 0
-    for row in tqdm(rows, desc="read shards", unit=" shard", disable=progress is False):
-        shard = Shard.open(index_dir, row.id)
-        keep = ~np.isin(shard.ids, tombstones.get(row.id, np.zeros(0, dtype=np.int64)))
-        dropped += int((~keep).sum())
-        live_ids.append(np.asarray(shard.ids[keep], dtype=np.int64))
-        live_vecs.append(np.asarray(shard.embeddings[keep], dtype=np.float16))
+    verified: set[str] = set()
+    bar = tqdm(
+        total=sum(int(row.bytes or 0) for row in rows),
+        desc="verify and read shards",
+        unit="B",
+        unit_scale=True,
+        disable=progress is False,
+    )
+    with bar:
+        for row in rows:
+            check = check_shard(
+                index_dir,
+                row.id,
+                ShardExpectation.of(row),
+                content=True,
+                keep_embeddings=True,
+                on_bytes=bar.update,
+            )
+            if not check.ok or check.ids is None or check.embeddings is None:
+                corrupt[row.id] = check.describe()
+                log.error("compaction leaves corrupt shard %s alone: %s", row.id, check.describe())
+                continue
+            verified.add(row.id)
+            keep = ~np.isin(check.ids, tombstones.get(row.id, np.zeros(0, dtype=np.int64)))
+            dropped += int((~keep).sum())
+            live_ids.append(check.ids[keep])
+            live_vecs.append(check.embeddings[keep])
     ids = np.concatenate(live_ids) if live_ids else np.zeros(0, dtype=np.int64)
     vecs = np.concatenate(live_vecs) if live_vecs else np.zeros((0, dim), np.float16)
     order = np.argsort(ids, kind="stable")
-    return ids[order], vecs[order], dropped
+    return ids[order], vecs[order], dropped, verified

@@ -23,7 +23,7 @@ from indexer.crash import crash_point
 from indexer.lock import IndexLock
 from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
-from retrieval.errors import NotFound
+from retrieval.errors import CorruptShard, NotFound
 from retrieval.index.shard import iter_embedding_blocks
 from retrieval.labels.scoring import ClassEmbeddings, score_block
 from retrieval.labels.store import LabelStore, StoredLabelSet
@@ -46,6 +46,8 @@ class SetReport:
     published: bool = False
     seconds: float = 0.0
     skipped: str | None = None
+    # Shards whose stored vectors failed their checksum: not labelled (repair them).
+    corrupt_shards: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -188,19 +190,27 @@ class LabelJob:
             for shard in shards:
                 dead = tombstones.get(shard.id)
                 # One transaction per shard: its labels and its "labelled" mark, or nothing.
-                with self.store.shard_writer(
-                    label_set.version_id, shard.id, store_cosine=definition.store_cosine
-                ) as writer:
-                    for ids, vectors in iter_embedding_blocks(
-                        self.index_dir, shard.id, self.settings.label_block_size
-                    ):
-                        block = score_block(
-                            vectors, classes, definition.top_k, min_probability, min_cosine
-                        )
-                        alive = None if dead is None else ~np.isin(ids, dead)
-                        writer.add(ids, block, alive)
-                        bar.update(len(ids))
-                        crash_point("during_labels")
+                try:
+                    with self.store.shard_writer(
+                        label_set.version_id, shard.id, store_cosine=definition.store_cosine
+                    ) as writer:
+                        for ids, vectors in iter_embedding_blocks(
+                            self.index_dir, shard.id, self.settings.label_block_size
+                        ):
+                            block = score_block(
+                                vectors, classes, definition.top_k, min_probability, min_cosine
+                            )
+                            alive = None if dead is None else ~np.isin(ids, dead)
+                            writer.add(ids, block, alive)
+                            bar.update(len(ids))
+                            crash_point("during_labels")
+                except CorruptShard as exc:
+                    # Rolled back: no label comes from vectors that fail their checksum.
+                    done.corrupt_shards.append(shard.id)
+                    log.error(
+                        "not labelling shard %s (clipsearch repair fixes it): %s", shard.id, exc
+                    )
+                    continue
                 done.shards += 1
                 done.images += writer.images
                 done.labelled += writer.labelled

@@ -19,13 +19,14 @@ from indexer.decode import DecodedMeta, DecodeFailure, iterate_decoded
 from indexer.lock import IndexLock
 from indexer.publish import cleanup_index_dir, write_shard_record
 from indexer.scan import FileStat, ScanDiff, diff_scan, hash_files, normalise_root, scan_roots
+from indexer.verify import corrupt_shards
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.records import GenerationCommit, ImageRecord
 from retrieval.catalog.tables import ACTIVE, ERROR
 from retrieval.config import Settings
-from retrieval.errors import ConfigError
+from retrieval.errors import ConfigError, CorruptShard
 from retrieval.index.faiss_gpu import resolve_faiss_gpu
-from retrieval.index.shard import Shard
+from retrieval.index.integrity import ShardExpectation, open_checked
 from retrieval.models.encoder import Encoder
 from retrieval.models.identity import ModelIdentity
 
@@ -56,6 +57,7 @@ class IndexReport:
     encode_seconds: float = 0.0
     decoded: int = 0
     labelled: dict[str, int] = field(default_factory=dict)  # label set -> images labelled
+    corrupt_shards: dict[str, str] = field(default_factory=dict)  # shard id -> what is wrong
     set_aside: str | None = None  # where --rebuild-catalog moved the previous index
 
     @property
@@ -184,6 +186,9 @@ class IndexJob:
                 self._run_locked(root_paths, report)
                 if self.settings.label_on_index:
                     self._label(report)
+                # A nightly run is where a corrupt shard gets noticed (hashing only the files
+                # no verified mark vouches for): the report names each one.
+                report.corrupt_shards = corrupt_shards(self.catalog, self.index_dir)
             except BaseException as exc:
                 report.seconds = time.monotonic() - started
                 self.catalog.finish_job(
@@ -321,8 +326,15 @@ class IndexJob:
             if item.source is not None and item.source.shard_id:
                 by_shard.setdefault(item.source.shard_id, []).append(item)
         vectors: dict[int, np.ndarray] = {}
+        rows = {row.id: row for row in self.catalog.shards()}
         for shard_id, group in by_shard.items():
-            shard = Shard.open(self.index_dir, shard_id)
+            # Reused vectors go into a new shard with fresh checksums: like compaction, read
+            # them only from a shard whose files verify now. Else the files are encoded anew.
+            try:
+                shard = open_checked(self.index_dir, ShardExpectation.of(rows[shard_id]))
+            except (CorruptShard, KeyError) as exc:
+                log.warning("not reusing vectors of shard %s (encoding instead): %s", shard_id, exc)
+                continue
             wanted = np.array(sorted({i.source.id for i in group if i.source}), dtype=np.int64)
             found_ids, found = shard.vectors(wanted)
             lookup = {int(i): found[n] for n, i in enumerate(found_ids)}

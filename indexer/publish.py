@@ -14,8 +14,15 @@ from indexer.binding import claim_index
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.records import ShardRecord
 from retrieval.catalog.tables import utcnow
-from retrieval.index.kinds import choose_params
-from retrieval.index.shard import list_shard_dirs, new_shard_id, remove_shard_dir, write_shard
+from retrieval.index.integrity import manifest_digest
+from retrieval.index.kinds import IndexParams, choose_params
+from retrieval.index.shard import (
+    list_shard_dirs,
+    new_shard_id,
+    remove_shard_dir,
+    shard_path,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +36,16 @@ def write_shard_record(
     model: dict[str, Any],
     model_key: str,
     use_gpu: bool | None,
+    params: IndexParams | None = None,
 ) -> ShardRecord:
     """Write (and fsync) a new shard of `vectors`, and return the record that commits it.
 
     The shard is not live until a catalog commit carries the record; a writer killed before
-    that leaves an orphan directory, which `cleanup_index_dir` removes.
+    that leaves an orphan directory, which `cleanup_index_dir` removes. `params` (a repair
+    keeps the old shard's) overrides the choice that `kind` makes.
     """
-    params = choose_params(kind, len(ids), vectors.shape[1])
+    if params is None:
+        params = choose_params(kind, len(ids), vectors.shape[1])
     shard_id = new_shard_id()
     manifest = write_shard(
         index_dir,
@@ -54,6 +64,7 @@ def write_shard_record(
         params=manifest.params,
         model_key=model_key,
         bytes=sum(int(f.get("bytes", 0)) for f in manifest.files.values()),
+        manifest_sha256=manifest_digest(shard_path(index_dir, shard_id)),
     )
 
 

@@ -14,11 +14,14 @@ import numpy as np
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.identity import pairing_problem, read_index_id
 from retrieval.catalog.records import IndexState
+from retrieval.catalog.tables import ACTIVE
 from retrieval.config import Settings
-from retrieval.errors import BadQuery, NotFound
+from retrieval.errors import BadQuery, CorruptShard, NotFound
 from retrieval.filters import SearchFilters, ids_passing
 from retrieval.images import decode_image
 from retrieval.index.faiss_gpu import DevicePlacement, placement_from_settings
+from retrieval.index.integrity import ShardExpectation, quarantine
+from retrieval.index.marks import VerifiedMarks
 from retrieval.index.shard_set import ShardSet
 from retrieval.labels.store import ImageLabel, LabelStore
 from retrieval.models.encoder import Encoder
@@ -125,6 +128,7 @@ class Searcher:
         self._lock = threading.Lock()
         self._snapshot: IndexSnapshot | None = None
         self._previous: IndexSnapshot | None = None
+        self.marks = VerifiedMarks(self.index_dir)
 
     @classmethod
     def from_settings(
@@ -174,13 +178,20 @@ class Searcher:
                 return False
             if self.encoder is not None and state.model:
                 self.encoder.identity.require_same(ModelIdentity.from_dict(state.model))
-            shard_ids = [row.id for row in self.catalog.shards()]
-            shards = ShardSet.open(
+            rows = self.catalog.shards()
+            shard_ids = [row.id for row in rows]
+            # Each shard's files are hashed before it is first served (a verified mark spares
+            # the hashing of files unchanged since); corrupt shards are left out, not fatal.
+            self.marks.reload()
+            shards = ShardSet.open_checked(
                 self.index_dir,
-                shard_ids,
+                [ShardExpectation.of(row) for row in rows],
+                marks=self.marks,
                 deleted_ids=self.catalog.tombstoned_ids(),
                 gpu=self.gpu,
+                on_corrupt=self._stopped_serving,
             )
+            self.marks.save()
             if self.gpu is not None:
                 # Shards that left the index free their GPU copies; the set still serving
                 # in-flight queries holds its own references until it is closed.
@@ -206,6 +217,11 @@ class Searcher:
         )
         if problem is not None:
             raise problem
+
+    def _stopped_serving(self, shard_id: str, reason: str) -> None:
+        """A shard gave an impossible result: keep it out after a restart too, until repaired."""
+        quarantine(self.marks, self.index_dir, shard_id, reason)
+        self.marks.save()
 
     def close(self) -> None:
         for snap in (self._snapshot, self._previous):
@@ -324,6 +340,19 @@ class Searcher:
         """More like this: the stored vector of an indexed image, no re-encoding."""
         snap = self.snapshot()
         found_ids, vectors = snap.shards.vectors(np.array([image_id], dtype=np.int64))
-        if len(found_ids) == 0:  # unknown, or tombstoned
+        if len(found_ids) == 0:  # unknown, tombstoned, or in a shard that is not served
+            self._require_served(snap, image_id)
             raise NotFound(f"No indexed image with id {image_id}.")
         return self.search_vector(vectors[0], k, allowed_ids=allowed_ids, exclude_id=image_id)
+
+    def _require_served(self, snap: IndexSnapshot, image_id: int) -> None:
+        """Raise CorruptShard if the image's vector sits in a shard that is not being served."""
+        corrupt = snap.shards.corrupt_shards
+        if not corrupt:
+            return
+        record = self.catalog.records([image_id]).get(image_id)
+        if record is not None and record.status == ACTIVE and record.shard_id in corrupt:
+            raise CorruptShard(
+                f"The stored vector of image {image_id} is in shard {record.shard_id}, which is "
+                f"corrupt and not served: {corrupt[record.shard_id]}"
+            )

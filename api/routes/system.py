@@ -9,12 +9,22 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import AdminAccess, CatalogDep, MetricsDep, ReadAccess, SearcherDep, ServicesDep
-from api.schemas import ERROR_RESPONSES, Health, IndexInfo, Readiness, ReloadResponse
+from api.schemas import (
+    ERROR_RESPONSES,
+    CorruptShardInfo,
+    Health,
+    IndexInfo,
+    Readiness,
+    ReloadResponse,
+)
 from api.services import Services
 from retrieval.catalog.database import Catalog
 from retrieval.search import Searcher
 
 router = APIRouter(tags=["system"])
+
+# The command that replaces corrupt shards (the API names it; it cannot run it).
+REPAIR_COMMAND = "clipsearch repair"
 
 
 @router.get("/health", response_model=Health, summary="Liveness: the process answers")
@@ -31,7 +41,11 @@ async def health() -> Health:
 async def ready(request: Request) -> JSONResponse:
     services: Services | None = getattr(request.app.state, "services", None)
     is_ready = services is not None and services.serving
-    generation = services.searcher.snapshot().generation if is_ready and services else None
+    snap = services.searcher.snapshot() if is_ready and services else None
+    generation = snap.generation if snap else None
+    # Degraded stays ready: the healthy shards answer, and every replica sharing the index
+    # would otherwise drop out of its load balancer at once over one bad shard.
+    corrupt = sorted(snap.shards.corrupt_shards) if snap else []
     reason = None
     if not is_ready:
         reason = services.unready_reason if services else None
@@ -42,6 +56,8 @@ async def ready(request: Request) -> JSONResponse:
         index_loaded=is_ready,
         generation=generation,
         reason=reason,
+        degraded=bool(corrupt),
+        corrupt_shards=corrupt,
     )
     return JSONResponse(body.model_dump(), status_code=200 if is_ready else 503)
 
@@ -61,15 +77,24 @@ async def metrics(metrics: MetricsDep) -> PlainTextResponse:
 
 def _index_info(searcher: Searcher, catalog: Catalog) -> IndexInfo:
     snap = searcher.snapshot()
-    kinds = Counter(shard.kind for shard in snap.shards.shards)
+    unserved = snap.shards.unserved
+    served = snap.shards.served_shards
+    kinds = Counter(shard.kind for shard in served)
     return IndexInfo(
         generation=snap.generation,
-        shard_count=len(snap.shards.shards),
-        vector_count=snap.shards.count,
+        shard_count=len(served),
+        vector_count=sum(shard.count for shard in served),
         live_vector_count=snap.shards.live_count,
         index_kinds=dict(kinds),
         model=snap.model,
         images=catalog.counts(),
+        degraded=bool(unserved),
+        corrupt_shards=[
+            CorruptShardInfo(id=shard.shard_id, reason=shard.reason, vector_count=shard.count)
+            for shard in unserved
+        ],
+        unserved_vector_count=sum(shard.count for shard in unserved),
+        repair=REPAIR_COMMAND if unserved else None,
     )
 
 

@@ -167,13 +167,22 @@ async function refreshIndexStatus({ report = true } = {}) {
     const wasEmpty = indexIsEmpty();
     state.index = info;
     document.body.dataset.index = info.live_vector_count === 0 ? "empty" : "ready";
+    document.body.dataset.degraded = info.degraded ? "true" : "false";
     const count = info.live_vector_count;
-    setIndexStatus(() =>
-      t("index.status", {
-        generation: info.generation,
-        images: t("index.images", { count }),
-        model: describeModel(info.model),
-      }),
+    const corrupt = info.corrupt_shards ?? [];
+    setIndexStatus(
+      () =>
+        t("index.status", {
+          generation: info.generation,
+          images: t("index.images", { count }),
+          model: describeModel(info.model),
+        }) +
+        (corrupt.length
+          ? t("index.degraded", {
+              count: corrupt.length,
+              missing: t("index.images", { count: info.unserved_vector_count ?? 0 }),
+            })
+          : ""),
     );
     if (indexIsEmpty()) showNoIndex();
     else {

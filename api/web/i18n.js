@@ -40,6 +40,10 @@ const MESSAGES = {
     "index.status": "Generation {generation} · {images} · {model}",
     "index.images": "{count} images",
     "index.images.one": "{count} image",
+    "index.degraded":
+      " · degraded: {count} corrupt shards not served ({missing}); run “clipsearch repair”",
+    "index.degraded.one":
+      " · degraded: {count} corrupt shard not served ({missing}); run “clipsearch repair”",
     "index.noModel": "no model yet",
     "index.unreachable": "Server unreachable",
     "index.keyNeeded": "API key needed",
@@ -123,6 +127,7 @@ const MESSAGES = {
     "index.connecting": "正在连接…",
     "index.status": "第 {generation} 代 · {images} · {model}",
     "index.images": "{count} 张图片",
+    "index.degraded": " · 降级：{count} 个损坏的分片未提供服务（{missing}）；请运行“clipsearch repair”",
     "index.noModel": "尚无模型",
     "index.unreachable": "无法连接服务器",
     "index.keyNeeded": "需要 API 密钥",

@@ -7,7 +7,18 @@ import sys
 
 import typer
 
-from indexer.cli import db, demo, index, labels, models, schedule, search, serve, train
+from indexer.cli import (
+    db,
+    demo,
+    index,
+    integrity,
+    labels,
+    models,
+    schedule,
+    search,
+    serve,
+    train,
+)
 from indexer.cli.output import exit_code
 from retrieval.errors import ClipsearchError
 
@@ -29,6 +40,8 @@ app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=Fals
 app.command()(index.index)
 app.command(help=schedule.SCHEDULE_HELP)(schedule.schedule)
 app.command()(index.compact)
+app.command(help=integrity.VERIFY_HELP)(integrity.verify)
+app.command(help=integrity.REPAIR_HELP)(integrity.repair)
 app.command()(search.search)
 app.command()(search.status)
 app.command()(serve.serve)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from indexer.cli.integrity import echo_corrupt_shards
 from indexer.cli.options import (
     BatchSizeOpt,
     DataDirOpt,
@@ -163,6 +164,7 @@ def index(
     for set_name, count in report.labelled.items():
         if count:
             typer.echo(f"  labelled {count} images with label set {set_name}")
+    echo_corrupt_shards(report.corrupt_shards)
 
 
 def compact(
@@ -196,3 +198,6 @@ def compact(
         f"generation {report.generation}: {report.shards_before} shards -> {report.shards_after}, "
         f"dropped {report.dropped_vectors} deleted vectors, {report.live_vectors} vectors rewritten"
     )
+    if report.corrupt:
+        typer.echo("left out of the compaction (their vectors are never rewritten):", err=True)
+        echo_corrupt_shards(report.corrupt)

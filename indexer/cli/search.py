@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from indexer.cli.integrity import REPAIR_HINT, echo_corrupt_shards
 from indexer.cli.options import (
     DataDirOpt,
     DbOpt,
@@ -89,8 +90,10 @@ def search(
         else:
             assert query is not None
             result = searcher.search_text(query, k, allowed_ids=ids)
+        corrupt = searcher.snapshot().shards.corrupt_shards
     finally:
         searcher.close()
+    echo_corrupt_shards(corrupt)  # on stderr: the results miss those shards' images
     if as_json:
         print_json(result.to_dict())
         return
@@ -112,7 +115,12 @@ def status(
     index_dir: IndexDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show the index generation, shard and image counts, model, and recent failures."""
+    """Show the index generation, shard and image counts, model, corrupt shards, and failures.
+
+    Each shard's files are hashed unless a verified mark vouches for them (see `verify`).
+    """
+    from indexer.verify import corrupt_shards
+
     settings = load_settings(data_dir=data_dir, database_url=database_url, index_dir=index_dir)
     catalog = open_catalog(settings)
     catalog.upgrade()
@@ -125,11 +133,18 @@ def status(
     state = catalog.state()
     shards = catalog.shards()
     counts = catalog.counts()
+    corrupt = corrupt_shards(catalog, settings.resolved_index_dir)
     info = {
         "generation": state.generation,
         "model": state.model,
-        "shards": [{"id": s.id, "kind": s.kind, "count": s.count} for s in shards],
+        "shards": [
+            {"id": s.id, "kind": s.kind, "count": s.count, "corrupt": corrupt.get(s.id)}
+            for s in shards
+        ],
         "images": counts,
+        "degraded": bool(corrupt),
+        "corrupt_shards": corrupt,
+        "repair": REPAIR_HINT if corrupt else None,
         "database": settings.resolved_database_url,
         "index_dir": str(settings.resolved_index_dir),
     }
@@ -143,3 +158,4 @@ def status(
         f"{counts.get('error', 0)} failed; {len(shards)} shards "
         f"({sum(s.count for s in shards)} vectors)"
     )
+    echo_corrupt_shards(corrupt, err=False)

@@ -91,8 +91,8 @@ def _upsert_images(session: Session, records: Sequence[ImageRecord]) -> None:
         session.execute(insert(ImageRow), fresh)
 
 
-def _purge_images(session: Session, ids: Sequence[int]) -> None:
-    """Delete image rows for good, with their labels."""
+def _drop_labels(session: Session, ids: Sequence[int]) -> None:
+    """Delete the zero-shot labels of these images, in every label set version."""
     # Deleting per label version lets the (version_id, image_id, rank) key find the rows.
     versions = list(session.scalars(select(LabelSetVersionRow.id)))
     for chunk in chunks(ids):
@@ -103,6 +103,12 @@ def _purge_images(session: Session, ids: Sequence[int]) -> None:
                     ImageLabelRow.image_id.in_(chunk),
                 )
             )
+
+
+def _purge_images(session: Session, ids: Sequence[int]) -> None:
+    """Delete image rows for good, with their labels."""
+    _drop_labels(session, ids)
+    for chunk in chunks(ids):
         session.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
 
 
@@ -234,6 +240,22 @@ class Catalog:
             if status is not None:
                 query = query.where(ShardRow.status == status)
             return list(session.scalars(query))
+
+    def shard_members(self, shard_id: str) -> list[ImageRecord]:
+        """The image rows whose vectors a shard holds (live and tombstoned), by id."""
+        with self.session() as session:
+            query = select(ImageRow).where(ImageRow.shard_id == shard_id).order_by(ImageRow.id)
+            return [_record(row) for row in session.scalars(query)]
+
+    def active_images_by_shard(self) -> dict[str | None, int]:
+        """How many active images each shard holds (None: active images with no shard)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(ImageRow.shard_id, func.count())
+                .where(ImageRow.status == ACTIVE)
+                .group_by(ImageRow.shard_id)
+            )
+            return {shard_id: int(count) for shard_id, count in rows}
 
     def known_shard_ids(self) -> set[str]:
         with self.engine.connect() as conn:
@@ -371,6 +393,7 @@ class Catalog:
                         params=shard.params,
                         model_key=shard.model_key,
                         bytes=shard.bytes,
+                        manifest_sha256=shard.manifest_sha256,
                         generation=generation,
                         status=ACTIVE,
                         created_at=now,
@@ -402,6 +425,8 @@ class Catalog:
                 session.execute(
                     update(ImageRow), [{"id": i, "shard_id": s} for i, s in change.reassign]
                 )
+            if change.drop_labels:
+                _drop_labels(session, change.drop_labels)
             if change.purge_ids:
                 _purge_images(session, change.purge_ids)
             for chunk in chunks(change.retire_shards):

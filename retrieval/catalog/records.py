@@ -54,6 +54,7 @@ class ShardRecord:
     params: dict[str, Any]
     model_key: str
     bytes: int = 0
+    manifest_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class GenerationCommit:
     reassign: list[tuple[int, str]] = field(default_factory=list)  # id -> shard (compaction)
     retire_shards: list[str] = field(default_factory=list)
     purge_ids: list[int] = field(default_factory=list)
+    # Images whose labels no longer match their vector (re-encoded, or lost by a repair).
+    drop_labels: list[int] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -92,4 +95,5 @@ class GenerationCommit:
             or self.reassign
             or self.retire_shards
             or self.purge_ids
+            or self.drop_labels
         )

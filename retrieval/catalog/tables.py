@@ -43,6 +43,9 @@ class ShardRow(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     model_key: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The sha256 of the shard's shard.json, which holds the sha256 of every other file: the
+    # commit pins every byte of the shard. NULL for shards committed before it was kept.
+    manifest_sha256: Mapped[str | None] = mapped_column(String(64))
     generation: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default=ACTIVE, index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))

@@ -128,4 +128,4 @@ def test_db_upgrade_reports_revision(
     env: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     code, out, _ = run_cli(["db", "upgrade"], capsys, monkeypatch)
-    assert code == 0 and "revision 0004" in out
+    assert code == 0 and "revision 0005" in out

@@ -39,7 +39,7 @@ def test_upgrade_creates_tables_and_is_idempotent(catalog: Catalog) -> None:
     catalog.upgrade()
     tables = set(inspect(catalog.engine).get_table_names())
     assert {"images", "shards", "index_jobs", "index_state", "alembic_version"} <= tables
-    assert current_revision(catalog.engine) == "0004"
+    assert current_revision(catalog.engine) == "0005"
 
 
 def test_sqlite_uses_wal_and_busy_timeout(catalog: Catalog) -> None:
