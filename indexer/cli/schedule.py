@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from indexer.cli.index import RootsArg, echo_failures, index_summary
+from indexer.cli.integrity import echo_corrupt_shards
 from indexer.cli.options import (
     BatchSizeOpt,
     DataDirOpt,
@@ -109,6 +110,7 @@ class _ScheduleOutput:
         elif run.report is not None:
             typer.echo(f"{stamp} run {run.number}: {index_summary(run.report)}")
             echo_failures(run.report)
+            echo_corrupt_shards(run.report.corrupt_shards)
         if run.error is not None:
             error = run.error
             what = "" if isinstance(error, ClipsearchError) else f"{type(error).__name__}: "

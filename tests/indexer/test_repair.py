@@ -22,11 +22,13 @@ from indexer.repair import (
     RepairJob,
     RepairReport,
 )
-from indexer.verify import corrupt_shards, verify_index
+from indexer.verify import SERVING, corrupt_shards, verify_index
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.tables import ACTIVE, DELETED, ERROR
 from retrieval.config import Settings, load_settings
 from retrieval.errors import CorruptShard
+from retrieval.index.integrity import quarantine
+from retrieval.index.marks import VerifiedMarks
 from retrieval.index.shard import EMBEDDINGS_FILE, IDS_FILE, INDEX_FILE, MANIFEST_FILE
 from retrieval.labels.definitions import LabelSet
 from retrieval.labels.store import LabelStore
@@ -289,7 +291,7 @@ def test_repair_keeps_labels_in_step_with_the_vectors(
         assert {r.new_shard for r in report.repaired} <= labelled
 
 
-def test_a_served_quarantine_survives_a_restart_and_verify_reports_it(
+def test_bytes_changed_under_a_running_searcher_stop_that_shard(
     settings: Settings, tmp_path: Path, tiny_checkpoint: Path, encoder: Encoder
 ) -> None:
     """Bytes changed under a running service (its index is memory-mapped): the bound stops
@@ -338,3 +340,30 @@ def test_index_and_status_name_a_corrupt_shard(
         )
         assert list(report.corrupt_shards) == [corpus.shards[0]]
         assert "ids.npy" in report.corrupt_shards[corpus.shards[0]]
+
+
+def test_a_shard_the_service_stopped_serving_is_reported_and_rebuilt_from_its_embeddings(
+    tmp_path: Path, tiny_checkpoint: Path, encoder: Encoder
+) -> None:
+    """Checksums that pass do not clear it: verify reports the service's verdict, and repair
+    rebuilds the index from the embeddings instead of trusting the index that lied."""
+    for corpus in build_corpus("sqlite", tmp_path / "c", tiny_checkpoint, encoder):
+        bad = corpus.shards[1]
+        index_dir = corpus.settings.resolved_index_dir
+        marks = VerifiedMarks(index_dir)
+        quarantine(marks, index_dir, bad, "index.faiss scored id 9 with a cosine of 25.7")
+        marks.save()
+
+        assert corrupt_shards(corpus.catalog, index_dir) == {
+            bad: "index.faiss scored id 9 with a cosine of 25.7"
+        }
+        report = verify_index(corpus.catalog, index_dir)
+        assert list(report.corrupt) == [bad] and list(report.corrupt[bad]) == [SERVING]
+        found, corrupt = corpus.results()
+        assert list(corrupt) == [bad]
+
+        result = corpus.repair().repaired[0]
+        assert result.recovered == {FROM_EMBEDDINGS: SHARD_SIZE}
+        assert verify_index(corpus.catalog, index_dir).ok
+        found, corrupt = corpus.results()
+        assert corrupt == {} and found == corpus.baseline

@@ -17,6 +17,7 @@ from retrieval.index.integrity import (
     check_shard,
     manifest_digest,
     open_checked,
+    quarantine,
 )
 from retrieval.index.kinds import choose_params, stored_vectors
 from retrieval.index.marks import VerifiedMarks
@@ -252,6 +253,28 @@ def test_a_corrupt_mark_refuses_without_hashing_and_survives_a_restart(tmp_path:
     again = VerifiedMarks(tmp_path)
     mark = again.lookup("s", _identity(tmp_path, "s"))
     assert mark is not None and mark.corrupt and "sha256" in mark.corrupt
+
+
+def test_a_shard_stopped_while_serving_stays_out_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its checksums may pass (the bytes were wrong before they were hashed): the mark, not a
+    new hashing, keeps it out until its files change or a repair replaces it."""
+    _, _, expected = write(tmp_path, "s", 50, seed=19)
+    marks = VerifiedMarks(tmp_path)
+    open_checked(tmp_path, expected, marks)
+    quarantine(marks, tmp_path, "s", "index.faiss scored id 3 with a cosine of 25.7")
+    assert marks.save()
+
+    import retrieval.index.integrity as integrity
+
+    with monkeypatch.context() as patched:
+        patched.setattr(integrity, "check_shard", lambda *a, **k: pytest.fail("hashed"))
+        with pytest.raises(CorruptShard, match="cosine of 25.7") as caught:
+            open_checked(tmp_path, expected, VerifiedMarks(tmp_path))
+    assert caught.value.problem == "index.faiss scored id 3 with a cosine of 25.7"
+    mark = VerifiedMarks(tmp_path).lookup("s", _identity(tmp_path, "s"))
+    assert mark is not None and mark.source == "served"  # not overwritten by the refusal
 
 
 def test_an_unwritable_or_damaged_marks_file_costs_only_time(tmp_path: Path) -> None:
