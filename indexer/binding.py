@@ -20,8 +20,10 @@ from retrieval.catalog.identity import (
     index_file,
     new_index_id,
     pairing_problem,
+    read_index_file,
     read_index_id,
-    write_index_id,
+    shards_missing,
+    write_index_file,
 )
 from retrieval.catalog.tables import utcnow
 from retrieval.errors import CatalogMismatch
@@ -41,20 +43,31 @@ class Claim:
     set_aside_shards: int = 0
 
 
-def claim_problem(catalog: Catalog, index_dir: Path) -> CatalogMismatch | None:
-    """Why a writer must not touch index_dir with this catalog; None if it may (read-only)."""
+def claim_problem(
+    catalog: Catalog, index_dir: Path, *, writing: bool = True
+) -> CatalogMismatch | None:
+    """Why a job must not write (or, with `writing` False, read) index_dir through this catalog;
+    None if it may. Changes nothing."""
     catalog_id = catalog.state().index_id
-    file_id = read_index_id(index_dir)
-    if catalog_id is not None and catalog_id == file_id:
+    found = read_index_file(index_dir)
+    if catalog_id is not None and found is not None and catalog_id == found.index_id:
         return None
-    known = catalog.known_shard_ids()
+    active = [row.id for row in catalog.shards()]
     problem = pairing_problem(
-        catalog_id, file_id, bool(known), catalog=catalog.shown_url, index_dir=index_dir
+        catalog_id,
+        found,
+        shards_missing(active, index_dir),
+        writing=writing,
+        catalog=catalog.shown_url,
+        index_dir=index_dir,
     )
     if problem is not None:
         if problem.reason == "catalog_lost" and _nothing_to_lose(catalog, index_dir):
             return None  # only an index.json is left: the new catalog adopts its id
         return problem
+    if found is not None and catalog_id is not None:
+        return None  # a read-only copy, reading
+    known = catalog.known_shard_ids()
     dirs = set(list_shard_dirs(index_dir))
     if dirs and not known:
         return CatalogMismatch(
@@ -104,6 +117,27 @@ def claim_index(catalog: Catalog, index_dir: Path, *, rebuild: bool = False) -> 
     return Claim(_bind(catalog, index_dir, catalog.state().index_id, read_index_id(index_dir)))
 
 
+def hand_over(source: Catalog, target: Catalog, index_dir: Path) -> str | None:
+    """After a catalog copy: index_dir is written through `target` from now on, while `source`
+    may still read it. Returns the target's new index id; None (nothing changed) when `source`
+    does not own index_dir. The caller holds the IndexLock.
+
+    Two catalogs with one identity could each take the other's new shards for orphans; so the
+    copy gets an identity of its own, and index.json lists the source as read-only.
+    """
+    if claim_problem(source, index_dir) is not None:
+        return None
+    old_id = claim_index(source, index_dir).index_id
+    found = read_index_file(index_dir)
+    read_only = tuple(found.read_only) if found else ()
+    new_id = new_index_id()
+    # index.json first: cut short here, both catalogs may read and neither may write.
+    write_index_file(index_dir, new_id, (*read_only, old_id))
+    target.set_index_id(new_id)
+    log.info("index %s is now written through %s (was %s)", new_id, target.shown_url, old_id)
+    return new_id
+
+
 def _nothing_to_lose(catalog: Catalog, index_dir: Path) -> bool:
     return not list_shard_dirs(index_dir) and not catalog.holds_anything()
 
@@ -116,7 +150,7 @@ def _bind(catalog: Catalog, index_dir: Path, catalog_id: str | None, file_id: st
         catalog.set_index_id(index_id)
         log.info("catalog %s now holds index %s", catalog.shown_url, index_id)
     if file_id != index_id:
-        write_index_id(index_dir, index_id)
+        write_index_file(index_dir, index_id)
     return index_id
 
 

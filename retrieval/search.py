@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.catalog.database import Catalog
-from retrieval.catalog.identity import pairing_problem, read_index_id
+from retrieval.catalog.identity import pairing_problem, read_index_file, shards_missing
 from retrieval.catalog.records import IndexState
 from retrieval.catalog.tables import ACTIVE
 from retrieval.config import Settings
@@ -204,14 +204,15 @@ class Searcher:
             return True
 
     def _require_paired(self, state: IndexState) -> None:
-        """Raise CatalogMismatch unless the catalog and the index dir hold the same index."""
-        file_id = read_index_id(self.index_dir)
-        if state.index_id == file_id:
+        """Raise CatalogMismatch unless the catalog may read the index dir (the same index)."""
+        found = read_index_file(self.index_dir)
+        if found is not None and state.index_id == found.index_id:
             return
         problem = pairing_problem(
             state.index_id,
-            file_id,
-            bool(self.catalog.shards()),
+            found,
+            shards_missing((row.id for row in self.catalog.shards()), self.index_dir),
+            writing=False,
             catalog=self.catalog.shown_url,
             index_dir=self.index_dir,
         )

@@ -78,6 +78,7 @@ def db_migrate_to(
     """Copy the whole catalog into another database (SQLite to Postgres), ids kept."""
     from tqdm import tqdm
 
+    from indexer.binding import hand_over
     from indexer.lock import IndexLock
     from retrieval.catalog.copy import copy_catalog
     from retrieval.config import normalise_database_url
@@ -106,14 +107,28 @@ def db_migrate_to(
                 batch_size=batch_size,
                 on_progress=on_progress,
             )
+            # From now on the index dir is written through the copy only (the source may
+            # still read it): two writers would take each other's new shards for orphans.
+            handed_over = hand_over(source_catalog, target_catalog, settings.resolved_index_dir)
     finally:
         bar.close()
         source_catalog.dispose()
         target_catalog.dispose()
     if as_json:
-        print_json({**report.to_dict(), "index_dir": str(settings.resolved_index_dir)})
+        print_json(
+            {
+                **report.to_dict(),
+                "index_dir": str(settings.resolved_index_dir),
+                "index_id": handed_over,
+            }
+        )
         return
     _echo_copy(report, target, settings.resolved_index_dir)
+    if handed_over:
+        typer.echo(
+            "the index dir is now written through the new catalog only: the old one can "
+            "still be searched, and its index jobs refuse (exit 8)"
+        )
 
 
 def _echo_copy(report: CatalogCopyReport, target: str, index_dir: Path) -> None:

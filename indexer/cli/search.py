@@ -127,7 +127,7 @@ def status(
     # A lost, reset or other index's catalog would read as an empty index: name it (exit 8).
     from indexer.binding import claim_problem
 
-    problem = claim_problem(catalog, settings.resolved_index_dir)
+    problem = claim_problem(catalog, settings.resolved_index_dir, writing=False)
     if problem is not None:
         raise problem
     state = catalog.state()

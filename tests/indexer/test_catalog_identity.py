@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from indexer.binding import SET_ASIDE_DIR, claim_index
+from indexer.binding import SET_ASIDE_DIR, claim_index, hand_over
 from indexer.cli.app import main
 from indexer.compact import compact_index
 from indexer.labelling import LabelJob
+from indexer.lock import IndexLock
 from indexer.pipeline import IndexJob
+from retrieval.catalog.copy import copy_catalog
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.identity import INDEX_FILE, read_index_id
 from retrieval.catalog.tables import IndexStateRow
@@ -162,6 +164,47 @@ def test_a_catalog_from_before_identities_is_claimed_with_its_shards(
     _index(small, catalog, encoder, pics)
     assert catalog.state().index_id == read_index_id(index_dir) is not None
     assert sorted(list_shard_dirs(index_dir)) == sorted(s.id for s in catalog.shards())
+
+
+def test_a_lost_index_json_beside_all_the_catalogs_shards_is_written_again(
+    small: Settings, catalog: Catalog, encoder: Encoder, pics: Path
+) -> None:
+    _index(small, catalog, encoder, pics)
+    index_dir = small.resolved_index_dir
+    index_id = read_index_id(index_dir)
+    (index_dir / INDEX_FILE).unlink()
+    assert Searcher(catalog, index_dir, encoder).search_text("a red circle", 3).hits
+    _index(small, catalog, encoder, pics)
+    assert read_index_id(index_dir) == index_id == catalog.state().index_id
+
+
+def test_after_a_catalog_copy_only_the_copy_writes_and_both_read(
+    small: Settings, catalog: Catalog, encoder: Encoder, pics: Path, tmp_path: Path
+) -> None:
+    _index(small, catalog, encoder, pics)
+    index_dir = small.resolved_index_dir
+    copy = Catalog(f"sqlite:///{tmp_path / 'copy.db'}")
+    try:
+        with IndexLock(index_dir):
+            copy_catalog(catalog, copy)
+            new_id = hand_over(catalog, copy, index_dir)
+        assert new_id and copy.state().index_id == new_id == read_index_id(index_dir)
+        more = tmp_path / "more"
+        generate_shapes(more, 4, seed=9)
+        copied = small.model_copy(update={"database_url": copy.url})
+        _index(copied, copy, encoder, more)  # the copy writes on
+        before = index_dir_files(index_dir)
+        with pytest.raises(CatalogMismatch) as refused:  # the old catalog would delete its shards
+            _index(small, catalog, encoder, pics)
+        assert refused.value.reason == "read_only_catalog"
+        assert "migrate-to" in str(refused.value)
+        with pytest.raises(CatalogMismatch):
+            compact_index(catalog, index_dir, merge_all=True, grace_seconds=0)
+        assert index_dir_files(index_dir) == before
+        for reader in (catalog, copy):  # both still search the index
+            assert Searcher(reader, index_dir, encoder).search_text("a red circle", 3).hits
+    finally:
+        copy.dispose()
 
 
 def test_a_pre_identity_index_dir_beside_an_empty_catalog_is_refused(

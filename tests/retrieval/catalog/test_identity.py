@@ -12,10 +12,12 @@ from retrieval.catalog.catalog_file import sqlite_file
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.identity import (
     INDEX_FILE,
+    IndexFile,
     new_index_id,
     pairing_problem,
+    read_index_file,
     read_index_id,
-    write_index_id,
+    write_index_file,
 )
 from retrieval.errors import CatalogMismatch
 from tests.fixtures.catalogs import drop_catalog
@@ -31,10 +33,17 @@ def _catalog_with_id(path: Path, index_id: str) -> Catalog:
 def test_index_json_round_trip_and_refusals(tmp_path: Path) -> None:
     assert read_index_id(tmp_path) is None
     index_id = new_index_id()
-    write_index_id(tmp_path, index_id)
+    write_index_file(tmp_path, index_id, ("older",))
+    assert read_index_file(tmp_path) == IndexFile(index_id, ("older",))
     assert read_index_id(tmp_path) == index_id
     assert [p.name for p in tmp_path.iterdir()] == [INDEX_FILE]  # no temporary file left
-    for body in ("{broken", "[]", '{"index_id": ""}', '{"index_id": 7}'):
+    for body in (
+        "{broken",
+        "[]",
+        '{"index_id": ""}',
+        '{"index_id": 7}',
+        '{"index_id": "a", "read_only_catalogs": "b"}',
+    ):
         (tmp_path / INDEX_FILE).write_text(body)
         with pytest.raises(CatalogMismatch) as refused:
             read_index_id(tmp_path)
@@ -42,23 +51,30 @@ def test_index_json_round_trip_and_refusals(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("catalog_id", "file_id", "holds_shards", "reason"),
+    ("catalog_id", "found", "missing", "reason", "reason_writing"),
     [
-        ("a", "a", True, None),
-        (None, None, True, None),  # written before identities; the writer checks its shards
-        ("a", None, False, None),  # a first run between its two writes
-        ("a", None, True, "index_dir_lost"),
-        (None, "a", False, "catalog_lost"),
-        ("a", "b", True, "other_index"),
+        ("a", IndexFile("a"), False, None, None),
+        (None, None, False, None, None),  # before identities; the writer checks its shards
+        ("a", None, False, None, None),  # index.json lost, every shard there (or a first run)
+        ("a", None, True, "index_dir_lost", "index_dir_lost"),
+        (None, IndexFile("a"), False, "catalog_lost", "catalog_lost"),
+        ("a", IndexFile("b"), False, "other_index", "other_index"),
+        ("a", IndexFile("b", ("a",)), False, None, "read_only_catalog"),  # left by migrate-to
+        ("c", IndexFile("b", ("a",)), False, "other_index", "other_index"),
     ],
 )
 def test_pairing_rules(
-    catalog_id: str | None, file_id: str | None, holds_shards: bool, reason: str | None
+    catalog_id: str | None,
+    found: IndexFile | None,
+    missing: bool,
+    reason: str | None,
+    reason_writing: str | None,
 ) -> None:
-    problem = pairing_problem(
-        catalog_id, file_id, holds_shards, catalog="db", index_dir=Path("/index")
-    )
-    assert (problem.reason if problem else None) == reason
+    for writing, expected in ((False, reason), (True, reason_writing)):
+        problem = pairing_problem(
+            catalog_id, found, missing, writing=writing, catalog="db", index_dir=Path("/index")
+        )
+        assert (problem.reason if problem else None) == expected, writing
 
 
 def test_sqlite_file_url_parsing() -> None:
