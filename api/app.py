@@ -26,6 +26,7 @@ from retrieval.catalog.database import Catalog
 from retrieval.config import Settings, load_settings
 from retrieval.errors import CatalogMismatch
 from retrieval.models.encoder import Encoder, encoder_from_settings
+from retrieval.models.recorded import choose_model
 from retrieval.search import Searcher
 
 log = logging.getLogger("clipsearch.api")
@@ -92,6 +93,16 @@ def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> S
     return services
 
 
+def _index_model_settings(settings: Settings) -> Settings:
+    """The settings with the model recorded in the catalog in place of every model setting not
+    given explicitly (CLIPSEARCH_MODEL, _PRETRAINED, _MODEL_CONFIG_DIR)."""
+    catalog = Catalog(settings.resolved_database_url)
+    try:
+        return choose_model(settings, catalog.recorded_model()).settings
+    finally:
+        catalog.dispose()
+
+
 def _warn_about_auth(keys: KeyRing) -> None:
     if keys.enabled:
         log.warning(
@@ -118,8 +129,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        encoder = await run_in_threadpool(build_encoder, settings)
-        services = await run_in_threadpool(_build_services, settings, encoder, metrics)
+        # The index's model, unless the settings name one explicitly.
+        served = await run_in_threadpool(_index_model_settings, settings)
+        encoder = await run_in_threadpool(build_encoder, served)
+        services = await run_in_threadpool(_build_services, served, encoder, metrics)
         batcher: MicroBatcher | None = None
         if settings.microbatch:
             batcher = MicroBatcher(

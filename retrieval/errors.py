@@ -51,7 +51,8 @@ class ModelMismatch(ClipsearchError):
     def __init__(self, configured: str, indexed: str) -> None:
         super().__init__(
             f"The configured model ({configured}) differs from the model the index was "
-            f"built with ({indexed}). Configure the index's model, or re-index into a new "
+            f"built with ({indexed}). Leave out --model and --pretrained (and CLIPSEARCH_MODEL, "
+            "CLIPSEARCH_PRETRAINED) to use the index's own model, or re-index into a new "
             "index directory and database to switch models."
         )
         self.configured = configured

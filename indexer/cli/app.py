@@ -31,7 +31,8 @@ HELP = (
     "Exit codes: 0 ok (bad images are reported, not fatal), 1 unexpected error, "
     "2 bad setting, usage or input, 3 another indexer is running, 4 model differs from the "
     "index's, 5 model weights unavailable, 6 corrupt shard, 7 not found, 8 the catalog and "
-    "the index dir do not belong together (a lost, reset or other index's catalog)."
+    "the index dir do not belong together (a lost, reset or other index's catalog), 9 the "
+    "index is empty (nothing indexed yet)."
 )
 
 

@@ -21,10 +21,10 @@ from indexer.cli.options import (
     ProgressOpt,
     ShardSizeOpt,
     WorkersOpt,
-    encoder_factory,
     open_catalog,
 )
 from indexer.cli.output import print_json, utc_text
+from indexer.cli.reading import index_model, model_loader
 from retrieval.config import load_settings
 
 if TYPE_CHECKING:
@@ -138,10 +138,14 @@ def index(
             "run encodes every image).",
             param_hint="'--since-last-run'",
         )
+    # An index keeps its model unless one is named; a named one that cannot be the index's is
+    # refused now, before the scan and the model load.
+    choice = index_model(settings, catalog)
+    settings = choice.settings
     job = IndexJob(
         settings,
         catalog,
-        encoder_factory(settings),
+        model_loader(choice),
         progress=progress,
         rebuild_catalog=rebuild_catalog,
     )

@@ -18,10 +18,10 @@ from indexer.cli.options import (
     ModelOpt,
     PretrainedOpt,
     ProgressOpt,
-    encoder_factory,
     open_catalog,
 )
 from indexer.cli.output import echo_table, print_json
+from indexer.cli.reading import open_for_reading
 from retrieval.config import Settings, load_settings
 from retrieval.errors import ConfigError
 
@@ -186,7 +186,10 @@ def label(
     """
     from indexer.labelling import LabelJob
 
-    settings = load_settings(
+    # The index's model unless one is named; a data dir that does not exist or a model that is
+    # not the index's is refused before any weights are loaded.
+    reading = open_for_reading(
+        need_images=False,
         data_dir=data_dir,
         database_url=database_url,
         index_dir=index_dir,
@@ -195,7 +198,7 @@ def label(
         device=device,
         label_block_size=block_size,
     )
-    job = LabelJob(settings, open_catalog(settings), encoder_factory(settings), progress=progress)
+    job = LabelJob(reading.settings, reading.catalog, reading.encoder_factory(), progress=progress)
     report = job.run(set_names)
     if as_json:
         print_json(report.to_dict())

@@ -15,6 +15,7 @@ from retrieval.errors import (
     ClipsearchError,
     ConfigError,
     CorruptShard,
+    EmptyIndex,
     ImageError,
     IndexLocked,
     LabelSetError,
@@ -37,6 +38,7 @@ EXIT_CODES: dict[type[ClipsearchError], int] = {
     CorruptShard: 6,
     NotFound: 7,
     CatalogMismatch: 8,
+    EmptyIndex: 9,
 }
 
 

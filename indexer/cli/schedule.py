@@ -22,10 +22,10 @@ from indexer.cli.options import (
     ProgressOpt,
     ShardSizeOpt,
     WorkersOpt,
-    encoder_factory,
     open_catalog,
 )
 from indexer.cli.output import exit_code, print_json
+from indexer.cli.reading import index_model, model_loader
 from retrieval.config import load_settings
 from retrieval.errors import ClipsearchError, ConfigError
 
@@ -196,8 +196,10 @@ def schedule(
     catalog = open_catalog(settings)
 
     def run_job() -> IndexReport:
-        # The model loads only when a run has something to encode, and is dropped after.
-        job = IndexJob(settings, catalog, encoder_factory(settings), progress=progress)
+        # The model loads only when a run has something to encode, and is dropped after; an
+        # index keeps its model unless one is named.
+        choice = index_model(settings, catalog)
+        job = IndexJob(choice.settings, catalog, model_loader(choice), progress=progress)
         return job.run(chosen_roots)
 
     output = _ScheduleOutput(as_json, max_runs)

@@ -16,10 +16,10 @@ from indexer.cli.options import (
     JsonOpt,
     ModelOpt,
     PretrainedOpt,
-    encoder_factory,
     open_catalog,
 )
 from indexer.cli.output import print_json
+from indexer.cli.reading import open_for_reading, require_images
 from retrieval.config import load_settings
 from retrieval.errors import ConfigError
 
@@ -61,12 +61,16 @@ def search(
     as_json: JsonOpt = False,
 ) -> None:
     """Search the index from the shell by text or by an example image."""
-    from retrieval.filters import SearchFilters
+    from retrieval.filters import SearchFilters, ids_passing
+    from retrieval.images import read_header
+    from retrieval.labels.store import LabelStore
     from retrieval.search import Searcher
 
     if (query is None) == (image is None):
         raise ConfigError("query", "give either a text QUERY or --image PATH")
-    settings = load_settings(
+    # Everything that needs no model first: the data dir, an empty index, the model's identity.
+    reading = open_for_reading(
+        need_images=False,
         data_dir=data_dir,
         database_url=database_url,
         index_dir=index_dir,
@@ -74,17 +78,23 @@ def search(
         pretrained=pretrained,
         device=device,
     )
-    catalog = open_catalog(settings)
-    catalog.upgrade()
-    searcher = Searcher.from_settings(catalog, settings, encoder_factory(settings)())
+    settings = reading.settings
+    filters = SearchFilters(
+        labels=tuple(label_names or ()),
+        labels_mode=labels_mode,
+        label_min_score=label_min_score,
+        label_set=label_set,
+    )
+    # An unknown label or a bad query image is a bad argument (exit 2), told before the model.
+    label_store = LabelStore(reading.catalog)
+    ids = ids_passing(reading.catalog, filters, label_store)
+    if image is not None:
+        read_header(image, max_pixels=settings.max_image_pixels)
+    require_images(reading.catalog)
+    searcher = Searcher.from_settings(
+        reading.catalog, settings, reading.encoder_factory()(), label_store=label_store
+    )
     try:
-        filters = SearchFilters(
-            labels=tuple(label_names or ()),
-            labels_mode=labels_mode,
-            label_min_score=label_min_score,
-            label_set=label_set,
-        )
-        ids = searcher.allowed_ids(filters)
         if image is not None:
             result = searcher.search_image(image, k, allowed_ids=ids)
         else:
@@ -102,7 +112,7 @@ def search(
 
 def echo_hits(result: SearchResult) -> None:
     if not result.hits:
-        typer.echo("no results (is anything indexed? run `clipsearch index DIR`)")
+        typer.echo("no results (no image matches the filters)")
     for hit in result.hits:
         labels = ", ".join(f"{x.label} {x.score:.2f}" for x in hit.labels[:3])
         suffix = f"  [{labels}]" if labels else ""

@@ -16,10 +16,10 @@ from indexer.cli.options import (
     JsonOpt,
     ModelOpt,
     PretrainedOpt,
-    encoder_factory,
     open_catalog,
 )
 from indexer.cli.output import echo_table, print_json, print_warnings
+from indexer.cli.reading import existing_index_model, model_loader
 from retrieval.config import load_settings
 from retrieval.errors import ConfigError
 
@@ -289,7 +289,9 @@ def evaluate(
     )
     report = EvaluationReport()
     if retrieval_set is not None or zero_shot_set is not None:
-        report = evaluate_sets(encoder_factory(settings)(), sets)
+        # The index's model, when there is an index and no model is named.
+        choice = existing_index_model(settings)
+        report = evaluate_sets(model_loader(choice)(), sets)
     if ann:
         catalog = open_catalog(settings)
         catalog.upgrade()

@@ -206,6 +206,17 @@ class Catalog:
                 raise lost from exc
             raise
 
+    def recorded_model(self) -> dict[str, Any] | None:
+        """The model identity the index was built with (None: nothing indexed yet), read alone,
+        so that a catalog with an older schema or none at all answers None; creates nothing."""
+        try:
+            with self.engine.connect() as conn:
+                query = select(IndexStateRow.model).where(IndexStateRow.id == 1)
+                model = conn.execute(query).scalar()
+        except (OperationalError, ProgrammingError):
+            return None
+        return model if isinstance(model, dict) else None
+
     def set_index_id(self, index_id: str) -> None:
         """Record the index this catalog belongs to (index_dir/index.json holds the same id)."""
         with self.session() as session:

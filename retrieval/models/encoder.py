@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 
 from retrieval.errors import WeightsUnavailable
 from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch, load_backend
-from retrieval.models.identity import ModelIdentity, ModelSpec
+from retrieval.models.identity import ModelIdentity, ModelSource, ModelSpec
 
 if TYPE_CHECKING:
     from retrieval.config import Settings
@@ -129,6 +130,8 @@ def load_encoder(spec: ModelSpec) -> Encoder:
     device = resolve_device(spec.device)
     precision = resolve_precision(spec.precision, device)
     backend = load_backend(spec, device, precision)
+    # Recorded with the identity, so that reading commands can load the index's model again.
+    backend.identity = replace(backend.identity, source=ModelSource.of(spec))
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     return Encoder(backend, device, dtype)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,45 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class ModelSource:
+    """How the model was named when it was loaded (CLIPSEARCH_MODEL, _PRETRAINED and
+    _MODEL_CONFIG_DIR, paths made absolute), so that reading commands can load it again."""
+
+    model: str
+    pretrained: str
+    config_dir: str | None = None
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> ModelSource:
+        family, name = parse_model_name(spec.name)
+        model = spec.name
+        if family == HF and _local(name):
+            model = f"{HF}:{Path(name).expanduser().resolve()}"
+        pretrained = spec.pretrained
+        if pretrained and _local(pretrained):
+            pretrained = str(Path(pretrained).expanduser().resolve())
+        config_dir = str(Path(spec.config_dir).resolve()) if spec.config_dir else None
+        return cls(model, pretrained, config_dir)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelSource | None:
+        if not isinstance(data, dict) or not isinstance(data.get("model"), str):
+            return None
+        config_dir = data.get("config_dir")
+        return cls(
+            data["model"],
+            str(data.get("pretrained") or ""),
+            config_dir if isinstance(config_dir, str) else None,
+        )
+
+
+def _local(value: str) -> bool:
+    """Whether a model or pretrained value names something on disk (not a tag or hub id)."""
+    path = Path(value).expanduser()
+    return path.exists() or path.is_absolute() or value.startswith((".", "~"))
+
+
+@dataclass(frozen=True)
 class ModelIdentity:
     """Everything that decides which vector an image gets. Stored in shard.json and the DB."""
 
@@ -92,6 +131,9 @@ class ModelIdentity:
     # What turns text into tokens (its name and, for files, their digest); "" for open_clip,
     # whose model name fixes its tokenizer.
     tokenizer: str = ""
+    # How it was named when loaded: not part of what the model computes (a moved file is the
+    # same model), so neither in the key nor in comparisons.
+    source: ModelSource | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
@@ -118,6 +160,8 @@ class ModelIdentity:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        if self.source is None:
+            del data["source"]
         data["mean"] = list(self.mean)
         data["std"] = list(self.std)
         data["key"] = self.key
@@ -135,6 +179,7 @@ class ModelIdentity:
             std=tuple(float(v) for v in data["std"]),
             family=str(data.get("family") or OPEN_CLIP),
             tokenizer=str(data.get("tokenizer") or ""),
+            source=ModelSource.from_dict(data.get("source")),
         )
 
     def require_same(self, indexed: ModelIdentity | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -68,3 +69,39 @@ def test_an_unreachable_server_is_reported_and_retry_recovers(
     page.get_by_role("button", name="Retry").click()
     sp.wait_for_message("no_index")
     assert sp.index_status().startswith("Generation 0")
+
+
+# What /index answers while one of three shards is corrupt and left out (api/routes/system.py).
+DEGRADED_INDEX = {
+    "generation": 7,
+    "shard_count": 2,
+    "vector_count": 24,
+    "live_vector_count": 24,
+    "index_kinds": {"flat": 2},
+    "model": {"name": "clipsearch-tiny", "pretrained": "/weights/tiny.pt"},
+    "images": {"active": 36},
+    "degraded": True,
+    "corrupt_shards": [
+        {
+            "id": "20261203T1200-ab12cd34",
+            "reason": "index.faiss: sha256 differs",
+            "vector_count": 12,
+        }
+    ],
+    "unserved_vector_count": 12,
+    "repair": "clipsearch repair",
+}
+
+
+def test_a_degraded_index_is_named_in_the_header(open_page: OpenPage, empty_server: str) -> None:
+    page = open_page(empty_server + "/")
+    page.route(
+        lambda url: urlparse(url).path == "/index",
+        lambda route: route.fulfill(json=DEGRADED_INDEX),
+    )
+    page.reload()
+    page.wait_for_selector("body[data-degraded='true']")
+    assert SearchPage(page).index_status() == (
+        "Generation 7 · 24 images · clipsearch-tiny (tiny.pt) · degraded: 1 corrupt shard not "
+        "served (12 images); run “clipsearch repair”"
+    )

@@ -1,5 +1,8 @@
-"""A bad model setting, through `clipsearch index` over an existing index: each one a clear
-error with its exit code, no traceback, and nothing in the catalog or the index changed."""
+"""A bad model setting, through `clipsearch index`: each one a clear error with its exit code, no
+traceback, and nothing in the catalog or the index changed.
+
+Over an existing index, a model of another family or architecture is refused as not the index's
+(exit 4) before anything is loaded; into a new index, each setting gets its own error."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 
 from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
+from retrieval.models import encoder
 from retrieval.training.shapes import generate_shapes
 from tests.conftest import FamilyModel
 from tests.fixtures.open_clip_hf import SIGLIP, write_configs
@@ -81,17 +85,31 @@ CASES: list[tuple[str, Callable[..., None], int, tuple[str, ...]]] = [
     ("a config whose tokenizer is missing", _tokenizer_missing, 5, ("/gone", "does not exist")),
     ("the family's extra not installed", _extra_missing, 2, ("pip install 'clipsearch[chinese]'",)),
     ("weights of another architecture", _wrong_architecture, 5, ("clipsearch-tiny-zh",)),
-    ("an index built with another family", _another_family, 4, ("re-index",)),
+]
+# Over an existing index of the tiny open_clip model: what makes each one not the index's model.
+NOT_THE_INDEXS = {
+    "a folder that is not a model": "an hf model, the index's is an open_clip model",
+    "a config whose tokenizer is missing": f"architecture {SIGLIP}, the index's is",
+    "the family's extra not installed": "a cn_clip model, the index's is an open_clip model",
+    "weights of another architecture": "a cn_clip model, the index's is an open_clip model",
+    "an index built with another family": "a cn_clip model, the index's is an open_clip model",
+}
+
+
+OVER_AN_INDEX = [
+    *((name, setup) for name, setup, *_ in CASES),
+    ("an index built with another family", _another_family),
 ]
 
 
 @pytest.mark.parametrize(
-    ("setup", "code", "says"), [case[1:] for case in CASES], ids=[case[0] for case in CASES]
+    ("setup", "says"),
+    [(setup, NOT_THE_INDEXS[name]) for name, setup in OVER_AN_INDEX],
+    ids=[name for name, _ in OVER_AN_INDEX],
 )
-def test_a_bad_model_is_refused_and_changes_nothing(
+def test_a_model_that_is_not_the_indexs_is_refused_before_loading(
     setup: Callable[..., None],
-    code: int,
-    says: tuple[str, ...],
+    says: str,
     env: Settings,  # noqa: F811 - the fixture
     family_models: dict[str, FamilyModel],
     tmp_path: Path,
@@ -106,10 +124,47 @@ def test_a_bad_model_is_refused_and_changes_nothing(
     before = _snapshot(env)
 
     setup(tmp_path, monkeypatch, family_models)
+    loads: list[str] = []
+    monkeypatch.setattr(encoder, "load_backend", lambda spec, *_: loads.append(spec.name))
+    exit_code, out, err = run_cli(["index", str(pictures)], capsys, monkeypatch)
+    assert exit_code == 4, err
+    assert says in err and "re-index" in err and "Traceback" not in err + out
+    assert loads == []  # refused from the recorded identity, before any weights were read
+    assert _snapshot(env) == before
+
+
+@pytest.mark.parametrize(
+    ("setup", "code", "says"), [case[1:] for case in CASES], ids=[case[0] for case in CASES]
+)
+def test_a_bad_model_is_refused_and_changes_nothing(
+    setup: Callable[..., None],
+    code: int,
+    says: tuple[str, ...],
+    family_models: dict[str, FamilyModel],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A new index (nothing recorded to compare with): each setting gets its own error.
+    data = tmp_path / "data"
+    data.mkdir()
+    monkeypatch.setenv("CLIPSEARCH_DATA_DIR", str(data))
+    monkeypatch.delenv("CLIPSEARCH_DATABASE_URL", raising=False)
+    monkeypatch.setenv("CLIPSEARCH_DEVICE", "cpu")
+    monkeypatch.setenv("CLIPSEARCH_WORKERS", "0")
+    pictures = tmp_path / "pics"
+    generate_shapes(pictures, 2, seed=3)
+
+    setup(tmp_path, monkeypatch, family_models)
     torch.manual_seed(0)
     exit_code, out, err = run_cli(["index", str(pictures)], capsys, monkeypatch)
     assert exit_code == code, err
     assert "Traceback" not in err + out
     for text in says:
         assert text in err
-    assert _snapshot(env) == before
+    catalog = Catalog(f"sqlite:///{data / 'catalog.db'}")
+    try:
+        assert catalog.state().generation == 0 and catalog.counts() == {}
+    finally:
+        catalog.dispose()
+    assert not list((data / "index").glob("shards/*"))

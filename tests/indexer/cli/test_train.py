@@ -73,6 +73,12 @@ def test_finetune_then_index_and_eval_with_the_checkpoint(
     for heading in ("text to image", "image to text", "single: a {}", "ensemble of 2", "hnsw"):
         assert heading in text
 
+    # With no weights named, eval measures the index's model: the fine-tuned checkpoint.
+    assert eval_args[-2:] == ["--pretrained", str(out)]
+    code, text, err = run_cli([*eval_args[:-2], "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads(text)["model"]["weights_sha256"] == report["checkpoint_sha256"]
+
 
 def test_finetune_reports_skipped_annotations(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

@@ -156,3 +156,16 @@ def test_records_by_sha_only_rows_with_vectors(catalog: Catalog) -> None:
     )
     found = catalog.records_by_sha([f"{1:064x}", f"{2:064x}"])
     assert list(found) == [f"{1:064x}"]
+
+
+def test_recorded_model_reads_the_model_alone_and_creates_nothing(db_url: str) -> None:
+    bare = Catalog(db_url)
+    try:
+        assert bare.recorded_model() is None  # no tables at all: nothing recorded
+        assert "index_state" not in inspect(bare.engine).get_table_names()
+        bare.upgrade()
+        assert bare.recorded_model() is None  # nothing indexed yet
+        bare.commit(GenerationCommit(model=MODEL, new_shards=[_shard()], upserts=[_rec(1, "/a")]))
+        assert bare.recorded_model() == MODEL
+    finally:
+        bare.dispose()

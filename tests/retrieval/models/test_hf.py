@@ -166,7 +166,12 @@ def test_identity_describes_the_model_not_the_folder(
     assert identity.weights_sha256 == sha256_file(folders[kind] / "model.safetensors")
     assert identity.image_size == IMAGE_SIZE
     assert identity.tokenizer.split(":")[0].endswith(f"/{CONTEXT[kind]}")
-    assert str(folders[kind]) not in json.dumps(identity.to_dict())
+    # The folder is only where the model was loaded from (so reading commands can load it
+    # again), never part of what identifies it.
+    described = {key: value for key, value in identity.to_dict().items() if key != "source"}
+    assert str(folders[kind]) not in json.dumps(described)
+    assert identity.source is not None
+    assert identity.source.model == f"hf:{folders[kind].resolve()}"
     assert type(identity).from_dict(identity.to_dict()) == identity
 
 
@@ -270,7 +275,9 @@ def _refused(spec: ModelSpec) -> str:
 
 def test_an_uncached_hub_id_says_how_to_get_it(tmp_path: Path) -> None:
     message = _refused(ModelSpec("hf:org/no-such-model", "", device="cpu", cache_dir=tmp_path))
-    assert "never downloads" in message and "snapshot_download('org/no-such-model')" in message
+    assert "never downloads" in message and "the Hugging Face repo org/no-such-model" in message
+    assert "clipsearch models fetch hf:org/no-such-model" in message
+    assert "clipsearch models import FOLDER" in message
 
 
 def test_a_folder_without_config_is_not_a_model(tmp_path: Path) -> None:
