@@ -12,9 +12,11 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
+from api.admission import AdmissionControl, Gate
 from api.batching import MicroBatcher
 from api.errors import install_error_handlers
-from api.limits import BodySizeLimit
+from api.label_prompts import PromptEmbedder
+from api.limits import BodyLimits
 from api.metrics import Metrics, RequestMetrics
 from api.query_cache import EmbeddingCache
 from api.routes import images, labels, search, system
@@ -41,7 +43,9 @@ Every error is JSON `{"code": "...", "message": "..."}` with a stable code.
 def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> Services:
     catalog = Catalog(settings.resolved_database_url)
     catalog.upgrade()
-    searcher = Searcher.from_settings(catalog, settings, encoder)
+    searcher = Searcher.from_settings(
+        catalog, settings, encoder, max_decode_bytes=settings.api_max_decode_bytes
+    )
     unready_reason = None
     try:
         searcher.refresh()  # fail at start-up (model mismatch, corrupt shard), not on a query
@@ -59,7 +63,21 @@ def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> S
         metrics=metrics,
         keys=KeyRing.build(settings.api_keys, settings.admin_keys),
         unready_reason=unready_reason,
+        prompts=PromptEmbedder(
+            encoder,
+            EmbeddingCache(settings.prompt_cache_size),
+            None,
+            settings.classify_max_prompts,
+        ),
+        decode_slots=Gate(
+            "concurrent image decodes",
+            limit=settings.max_concurrent_decodes,
+            max_waiting=settings.max_concurrent_requests,
+            wait_s=settings.queue_timeout_seconds,
+            on_refuse=_counting_refusals(metrics, "decodes"),
+        ),
     )
+    _load_gauges(metrics, services)
     metrics.gauge(
         "clipsearch_index_generation",
         "Index generation being served.",
@@ -117,6 +135,30 @@ def _warn_about_auth(keys: KeyRing) -> None:
         )
 
 
+def _counting_refusals(metrics: Metrics, limit: str) -> Callable[[], None]:
+    def count() -> None:
+        metrics.inc(
+            "clipsearch_overload_refusals_total",
+            "Requests refused with 503 because a limit was full, by limit.",
+            limit=limit,
+        )
+
+    return count
+
+
+def _load_gauges(metrics: Metrics, services: Services) -> None:
+    slots = services.decode_slots
+    metrics.gauge("clipsearch_decodes_in_flight", "Images being decoded.", lambda: slots.holding)
+    metrics.gauge(
+        "clipsearch_decodes_waiting", "Uploads waiting for a decode slot.", lambda: slots.waiting
+    )
+    metrics.gauge(
+        "clipsearch_prompt_cache_entries",
+        "Label prompt embeddings in the LRU cache.",
+        lambda: len(services.prompts.cache),
+    )
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -139,8 +181,11 @@ def create_app(
                 services.text_encoder.encode_batch,
                 max_wait_s=settings.microbatch_wait_ms / 1000,
                 max_batch=settings.microbatch_max_size,
+                max_pending=settings.microbatch_max_pending,
+                on_refuse=_counting_refusals(metrics, "encode_queue"),
             )
             services.text_encoder.batcher = batcher
+            services.prompts.batcher = batcher
         _warn_about_auth(services.keys)
         services.ready = True
         app.state.services = services
@@ -183,6 +228,22 @@ def create_app(
     app.include_router(images.router)
     app.include_router(labels.router)
     install_web(app)  # the search page at /, after the API routes
+    requests = Gate(
+        "concurrent requests",
+        limit=settings.max_concurrent_requests,
+        max_waiting=settings.max_queued_requests,
+        wait_s=settings.queue_timeout_seconds,
+        on_refuse=_counting_refusals(metrics, "requests"),
+    )
+    metrics.gauge(
+        "clipsearch_requests_in_flight", "Requests being served.", lambda: requests.holding
+    )
+    metrics.gauge(
+        "clipsearch_requests_waiting", "Requests waiting for their turn.", lambda: requests.waiting
+    )
+    # Innermost, so a refusal still passes CORS, the body limits and the request metrics.
+    app.add_middleware(AdmissionControl, gate=requests)
+    app.state.admission = requests
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -190,6 +251,8 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        BodyLimits, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_seconds
+    )
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

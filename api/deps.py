@@ -6,7 +6,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from api.admission import Gate
 from api.errors import ApiError
+from api.label_prompts import PromptEmbedder
 from api.metrics import Metrics
 from api.security import ADMIN, READ, api_key_scheme, bearer_scheme, require_scope
 from api.services import Services
@@ -58,6 +60,14 @@ def get_metrics(services: ServicesDep) -> Metrics:
     return services.metrics
 
 
+def get_prompts(services: ServicesDep) -> PromptEmbedder:
+    return services.prompts
+
+
+def get_decode_slots(services: ServicesDep) -> Gate:
+    return services.decode_slots
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EncoderDep = Annotated[Encoder, Depends(get_encoder)]
 SearcherDep = Annotated[Searcher, Depends(get_searcher)]
@@ -65,6 +75,8 @@ CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 LabelStoreDep = Annotated[LabelStore, Depends(get_label_store)]
 TextEncoderDep = Annotated[TextQueryEncoder, Depends(get_text_encoder)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+PromptsDep = Annotated[PromptEmbedder, Depends(get_prompts)]
+DecodeSlotsDep = Annotated[Gate, Depends(get_decode_slots)]
 
 
 def _security_schemes(

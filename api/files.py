@@ -49,9 +49,9 @@ def resolve_inside(record: ImageRecord, roots: Iterable[str]) -> str:
     raise PathNotAllowed(record.id, record.path)
 
 
-def make_thumbnail(path: str, *, side: int, max_pixels: int) -> bytes:
-    """A JPEG no larger than side x side, from the product's safe decoder."""
-    decoded = decode_image(path, max_pixels=max_pixels, min_side=side)
+def make_thumbnail(path: str, *, side: int, max_pixels: int, max_bytes: int | None = None) -> bytes:
+    """A JPEG no larger than side x side, from the product's safe decoder (within `max_bytes`)."""
+    decoded = decode_image(path, max_pixels=max_pixels, min_side=side, max_bytes=max_bytes)
     image: Image.Image = decoded.image
     image.thumbnail((side, side), Image.Resampling.LANCZOS)
     out = io.BytesIO()

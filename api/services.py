@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from starlette.concurrency import run_in_threadpool
 
+from api.admission import Gate
+from api.label_prompts import PromptEmbedder
 from api.metrics import Metrics
 from api.security import KeyRing
 from api.text_queries import TextQueryEncoder
@@ -30,6 +32,8 @@ class Services:
     text_encoder: TextQueryEncoder
     metrics: Metrics
     keys: KeyRing
+    prompts: PromptEmbedder  # /classify's class embeddings (bounded, batched, cached)
+    decode_slots: Gate  # uploads and thumbnails decoded (and encoded) at once
     ready: bool = False
     last_reload_error: str | None = None
     # Why nothing may be served although the process is up: the catalog was removed, replaced

@@ -51,11 +51,13 @@ class _DecodeDataset:
         preprocess: Callable[[Any], Any],
         max_pixels: int,
         min_side: int | None,
+        max_bytes: int | None = None,
     ):
         self.paths = list(paths)
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.min_side = min_side
+        self.max_bytes = max_bytes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -63,7 +65,10 @@ class _DecodeDataset:
     def __getitem__(self, index: int) -> tuple[int, Any, DecodedMeta | DecodeFailure]:
         try:
             decoded = decode_image(
-                self.paths[index], max_pixels=self.max_pixels, min_side=self.min_side
+                self.paths[index],
+                max_pixels=self.max_pixels,
+                min_side=self.min_side,
+                max_bytes=self.max_bytes,
             )
             tensor = self.preprocess(decoded.image)
             return index, tensor, DecodedMeta(decoded.width, decoded.height, decoded.format)
@@ -104,11 +109,15 @@ def iterate_decoded(
     workers: int,
     max_pixels: int,
     min_side: int | None = None,
+    max_bytes: int | None = None,
 ) -> Iterator[DecodedBatch]:
-    """Decoded batches of `paths`, in order; `workers=0` decodes in this process."""
+    """Decoded batches of `paths`, in order; `workers=0` decodes in this process.
+
+    `max_bytes` is the decode budget of one image (retrieval.images.DecodeCost); an image over
+    it fails as too_large without being decoded."""
     from torch.utils.data import DataLoader
 
-    dataset = _DecodeDataset(paths, preprocess, max_pixels, min_side)
+    dataset = _DecodeDataset(paths, preprocess, max_pixels, min_side, max_bytes)
     loader: Any = DataLoader(
         dataset,  # type: ignore[arg-type]
         batch_size=batch_size,

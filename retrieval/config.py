@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from retrieval.errors import ConfigError
@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     shard_size: int = Field(default=100_000, ge=1)
     retire_grace_seconds: float = Field(default=600.0, ge=0)
     max_image_pixels: int = Field(default=100_000_000, ge=1)
+    # Bytes one image may take while the indexer decodes it (retrieval.images.DecodeCost: the
+    # pixels by mode, so float and 16-bit count double or more, the codec's buffer, the RGB
+    # result), checked from the header before decoding.
+    max_decode_bytes: int = Field(default=1024**3, ge=1024**2)
     # Decode JPEGs at a reduced DCT scale that still covers the model's input size.
     jpeg_draft: bool = True
     # FAISS on the GPU (faiss-gpu build): IVF training and adding, flat/IVF search.
@@ -115,6 +119,32 @@ class Settings(BaseSettings):
     microbatch_wait_ms: float = Field(default=0.0, ge=0, le=1000)
     microbatch_max_size: int = Field(default=32, ge=1, le=1024)
     thumbnail_max_side: int = Field(default=512, ge=16, le=2048)
+    # --- load limits of the API: what one process holds at most, whatever clients send ---
+    # The decode budget of uploads and thumbnails; lower than the indexer's, since a client
+    # chooses what the API decodes.
+    api_max_decode_bytes: int = Field(default=256 * 1024**2, ge=1024**2)
+    max_concurrent_decodes: int = Field(default=2, ge=1, le=256)  # uploads/thumbnails at once
+    # Requests served at once (past the health routes), requests waiting for a turn, and how
+    # long one may wait; a full queue or a long wait is answered 503 with Retry-After.
+    max_concurrent_requests: int = Field(default=32, ge=1, le=10_000)
+    max_queued_requests: int = Field(default=64, ge=0, le=100_000)
+    queue_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
+    # Against slow clients: the headers of a request, and its whole body, must arrive within
+    # these; an idle keep-alive connection is closed after keep_alive_seconds.
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
+    body_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    keep_alive_seconds: int = Field(default=5, ge=1, le=3600)
+    # Open connections; past it a request gets 503 and its connection is closed. Keep the
+    # open-file limit (ulimit -n) above it.
+    max_connections: int = Field(default=2048, ge=1, le=1_000_000)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024**2)  # larger: 400
+    # Prompts (labels x templates, synonyms and own prompts included) one /classify request
+    # may have encoded, and that one stored label set may hold.
+    classify_max_prompts: int = Field(default=2048, ge=1, le=1_000_000)
+    label_set_max_prompts: int = Field(default=200_000, ge=1, le=100_000_000)
+    prompt_cache_size: int = Field(default=16_384, ge=0)  # prompt embeddings kept (LRU)
+    # Texts waiting for the micro-batcher (queries and prompts); more are refused with 503.
+    microbatch_max_pending: int = Field(default=8192, ge=1, le=10_000_000)
     # --- scheduled indexing (`clipsearch schedule`) ---
     index_every: float = Field(default=86_400.0, gt=0)  # seconds; also 24h, 30m, 1h30m
     index_at: str | None = None  # HH:MM local time the runs are aligned to
@@ -173,6 +203,17 @@ class Settings(BaseSettings):
         if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+    @field_validator("microbatch_max_pending")
+    @classmethod
+    def _room_for_one_classify(cls, value: int, info: ValidationInfo) -> int:
+        prompts = info.data.get("classify_max_prompts")
+        if prompts is not None and value < prompts:
+            raise ValueError(
+                f"must be at least CLIPSEARCH_CLASSIFY_MAX_PROMPTS ({prompts}), "
+                "or a /classify at that limit could never be queued"
+            )
+        return value
 
     @field_validator("database_url")
     @classmethod

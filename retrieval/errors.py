@@ -90,6 +90,23 @@ class LabelSetError(ClipsearchError):
         self.detail = message
 
 
+class TooManyPrompts(LabelSetError):
+    """A label set needs more prompts (labels x templates, synonyms and own prompts counted)
+    than a limit allows; `setting` names the environment variable that sets the limit."""
+
+    code = "too_many_prompts"
+
+    def __init__(self, source: str, count: int, limit: int, setting: str, advice: str = "") -> None:
+        super().__init__(
+            source,
+            f"{count} prompts to encode (labels x templates, synonyms and own prompts "
+            f"counted); the limit is {limit} ({setting}){advice}",
+        )
+        self.count = count
+        self.limit = limit
+        self.setting = setting
+
+
 class CorruptShard(ClipsearchError):
     """A shard's files do not match its shard.json (size, checksum or count).
 

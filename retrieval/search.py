@@ -94,9 +94,13 @@ class SearchOptions:
     # exactly its stored vector.
     jpeg_draft: bool = True
     max_pixels: int = 100_000_000  # decompression-bomb cap of query images
+    max_decode_bytes: int | None = None  # decode budget of query images (DecodeCost)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> SearchOptions:
+    def from_settings(
+        cls, settings: Settings, *, max_decode_bytes: int | None = None
+    ) -> SearchOptions:
+        """`max_decode_bytes` defaults to the indexer's budget (the API passes its own)."""
         return cls(
             max_k=settings.max_k,
             max_query_chars=settings.max_query_chars,
@@ -104,6 +108,7 @@ class SearchOptions:
             nprobe=settings.ivf_nprobe,
             jpeg_draft=settings.jpeg_draft,
             max_pixels=settings.max_image_pixels,
+            max_decode_bytes=max_decode_bytes or settings.max_decode_bytes,
         )
 
 
@@ -138,13 +143,14 @@ class Searcher:
         encoder: Encoder | None,
         *,
         label_store: LabelStore | None = None,
+        max_decode_bytes: int | None = None,
     ) -> Searcher:
         """The searcher the settings describe: index dir, limits, index parameters, FAISS GPU."""
         return cls(
             catalog,
             settings.resolved_index_dir,
             encoder,
-            SearchOptions.from_settings(settings),
+            SearchOptions.from_settings(settings, max_decode_bytes=max_decode_bytes),
             label_store=label_store,
             gpu=placement_from_settings(settings.faiss_gpu, settings.device),
         )
@@ -332,6 +338,7 @@ class Searcher:
             source if isinstance(source, bytes) else str(source),
             max_pixels=self.options.max_pixels,
             min_side=encoder.identity.image_size if self.options.jpeg_draft else None,
+            max_bytes=self.options.max_decode_bytes,
         )
         return encoder.encode_images([decoded.image])[0]
 

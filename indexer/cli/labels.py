@@ -65,7 +65,12 @@ def labels_add(
     from retrieval.labels.definitions import load_label_set_file
 
     settings = load_settings(data_dir=data_dir, database_url=database_url)
-    stored, outcome = _label_store(settings).put(load_label_set_file(file, name=name))
+    definition = load_label_set_file(file, name=name)
+    # The same bound as a set put over the API: no stored set costs more to encode.
+    definition.require_prompts_within(
+        settings.label_set_max_prompts, "CLIPSEARCH_LABEL_SET_MAX_PROMPTS"
+    )
+    stored, outcome = _label_store(settings).put(definition)
     if as_json:
         print_json({"outcome": outcome, **stored.to_dict()})
         return

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.errors import ConfigError, LabelSetError
+from retrieval.errors import ConfigError, LabelSetError, TooManyPrompts
 from retrieval.models.prompts import PLACEHOLDER, TEMPLATE_SET_SOURCES, render, resolve_templates
 
 DEFAULT_TEMPLATES = "openai"
@@ -111,6 +111,19 @@ class LabelSet:
     def prompt_groups(self) -> list[list[str]]:
         templates = self.resolved_templates()
         return [label.texts(templates) for label in self.labels]
+
+    def prompt_count(self) -> int:
+        """How many prompts `prompt_groups` holds, counted without rendering them."""
+        templates = len(self.resolved_templates())
+        return sum(
+            len(label.prompts) or (1 + len(label.synonyms)) * templates for label in self.labels
+        )
+
+    def require_prompts_within(self, limit: int, setting: str, advice: str = "") -> None:
+        """TooManyPrompts unless encoding this set takes at most `limit` prompts."""
+        count = self.prompt_count()
+        if count > limit:
+            raise TooManyPrompts(self.name, count, limit, setting, advice)
 
     def thresholds(self) -> tuple[np.ndarray, np.ndarray]:
         """Per label: the smallest probability and the smallest cosine for it to be stored."""

@@ -126,8 +126,13 @@ def prompt_group_embeddings(
     if not groups or any(not group for group in groups):
         raise ValueError("every prompt group needs at least one prompt")
     prompts = [prompt for group in groups for prompt in group]
-    vectors = encode_texts(prompts).astype(np.float32, copy=False)
-    sizes = np.array([len(group) for group in groups], dtype=np.int64)
+    return group_means(encode_texts(prompts), [len(group) for group in groups])
+
+
+def group_means(vectors: np.ndarray, group_sizes: Sequence[int]) -> np.ndarray:
+    """One unit vector per run of `group_sizes` consecutive rows: their mean, renormalised."""
+    vectors = vectors.astype(np.float32, copy=False)
+    sizes = np.array(group_sizes, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     means = np.add.reduceat(vectors, starts, axis=0) / sizes[:, None].astype(np.float32)
     norms = np.linalg.norm(means, axis=1, keepdims=True)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from api.admission import Overloaded
 from api.batching import MicroBatcher
 
 
@@ -81,3 +82,83 @@ def test_an_encoder_error_reaches_every_waiter() -> None:
 def test_max_batch_must_be_positive() -> None:
     with pytest.raises(ValueError):
         MicroBatcher(SlowEncoder(), max_wait_s=0.001, max_batch=0)
+
+
+class RecordingEncoder(SlowEncoder):
+    """Also records the texts of each batch, in order."""
+
+    def __init__(self, delay: float = 0.05) -> None:
+        super().__init__(delay)
+        self.texts: list[list[str]] = []
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        self.texts.append(list(texts))
+        return super().__call__(texts)
+
+
+def test_prompts_come_back_in_order_and_queries_go_before_them() -> None:
+    encoder = RecordingEncoder()
+
+    async def main() -> np.ndarray:
+        batcher = MicroBatcher(encoder, max_wait_s=0.001, max_batch=4)
+        first = asyncio.ensure_future(batcher.encode("q"))
+        await asyncio.sleep(0.01)  # the first pass is running
+        prompts = asyncio.ensure_future(batcher.encode_many(["p" * n for n in range(1, 11)]))
+        await asyncio.sleep(0)
+        query = asyncio.ensure_future(batcher.encode("query"))
+        await asyncio.gather(first, query)
+        vectors: np.ndarray = await prompts
+        await batcher.close()
+        return vectors
+
+    vectors = asyncio.run(main())
+    assert [int(v[0]) for v in vectors] == list(range(1, 11))
+    # The query that came after the prompts still leads the next pass.
+    assert encoder.texts[1][0] == "query"
+    assert [len(batch) for batch in encoder.texts] == [1, 4, 4, 3]
+
+
+def test_a_full_queue_refuses_with_retry_after_instead_of_growing() -> None:
+    encoder = SlowEncoder(delay=0.05)
+    refusals: list[int] = []
+
+    async def main() -> None:
+        batcher = MicroBatcher(
+            encoder,
+            max_wait_s=0.001,
+            max_batch=2,
+            max_pending=5,
+            on_refuse=lambda: refusals.append(1),
+        )
+        running = asyncio.ensure_future(batcher.encode("a"))
+        await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(batcher.encode_many(["b"] * 5))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as refused:
+            await batcher.encode("c")
+        assert int(refused.value.headers["Retry-After"]) >= 1  # type: ignore[index]
+        assert batcher.pending == 5  # the refused text was never queued
+        await asyncio.gather(running, queued)
+        assert float((await batcher.encode("c"))[0]) == 1.0  # room again
+        await batcher.close()
+
+    asyncio.run(main())
+    assert refusals == [1]
+
+
+def test_texts_of_a_caller_that_went_away_are_not_encoded() -> None:
+    encoder = RecordingEncoder()
+
+    async def main() -> None:
+        batcher = MicroBatcher(encoder, max_wait_s=0.001, max_batch=8)
+        running = asyncio.ensure_future(batcher.encode("a"))
+        await asyncio.sleep(0.01)
+        abandoned = asyncio.ensure_future(batcher.encode_many(["gone"] * 6))
+        kept = asyncio.ensure_future(batcher.encode("kept"))
+        await asyncio.sleep(0)
+        abandoned.cancel()
+        await asyncio.gather(running, kept)
+        await batcher.close()
+
+    asyncio.run(main())
+    assert encoder.texts == [["a"], ["kept"]]

@@ -56,3 +56,11 @@ def test_bad_values_name_the_variable(
 def test_bare_postgres_url_uses_psycopg3() -> None:
     settings = load_settings(database_url="postgresql://u@h/db")
     assert settings.resolved_database_url == "postgresql+psycopg://u@h/db"
+
+
+def test_the_encode_queue_must_hold_one_classify_at_its_limit() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(classify_max_prompts=5000, microbatch_max_pending=4000)
+    assert caught.value.setting == "CLIPSEARCH_MICROBATCH_MAX_PENDING"
+    assert "CLIPSEARCH_CLASSIFY_MAX_PROMPTS (5000)" in caught.value.detail
+    assert load_settings(classify_max_prompts=4000, microbatch_max_pending=4000)

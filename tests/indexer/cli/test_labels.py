@@ -109,6 +109,22 @@ def test_label_errors_are_one_line_with_exit_codes(
     assert got == 2 and "--yes" in err  # not a terminal: no silent deletion
 
 
+def test_a_label_file_over_the_prompt_bound_is_refused_and_not_stored(
+    env: Settings,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = write_set(tmp_path / "s.json")  # 24 labels x 2 templates = 48 prompts
+    monkeypatch.setenv("CLIPSEARCH_LABEL_SET_MAX_PROMPTS", "47")
+    got, _, err = run_cli(["labels", "add", str(path)], capsys, monkeypatch)
+    assert got == 2 and "Traceback" not in err
+    assert "48 prompts" in err and "CLIPSEARCH_LABEL_SET_MAX_PROMPTS" in err
+    assert run_cli(["labels", "show", "shapes"], capsys, monkeypatch)[0] == 7
+    monkeypatch.setenv("CLIPSEARCH_LABEL_SET_MAX_PROMPTS", "48")
+    assert run_cli(["labels", "add", str(path)], capsys, monkeypatch)[0] == 0
+
+
 @pytest.mark.parametrize("path", sorted(EXAMPLES.iterdir()), ids=lambda p: p.name)
 def test_shipped_example_label_sets_are_valid(path: Path) -> None:
     label_set = load_label_set_file(path)
