@@ -24,6 +24,7 @@ from api.routes.web import install_web
 from api.security import KeyRing
 from api.services import Services
 from api.text_queries import TextQueryEncoder
+from api.validation import document_setting_bounds
 from retrieval.catalog.database import Catalog
 from retrieval.config import Settings, load_settings
 from retrieval.errors import CatalogMismatch
@@ -223,6 +224,7 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    document_setting_bounds(app, settings)
     app.include_router(system.router)
     app.include_router(search.router)
     app.include_router(images.router)

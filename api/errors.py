@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from retrieval.errors import (
     BadQuery,
@@ -70,8 +71,15 @@ class ApiError(Exception):
         self.headers = headers
 
 
+# A message may quote the input: keep it short, and encodable (a lone surrogate is not).
+MAX_MESSAGE_CHARS = 2000
+
+
 def error_body(code: str, message: str) -> dict[str, str]:
-    return {"code": code, "message": message}
+    text = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[:MAX_MESSAGE_CHARS] + "..."
+    return {"code": code, "message": text}
 
 
 def _json(
@@ -123,9 +131,44 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return _json(500, "internal_error", "Internal server error; see the server log.")
 
 
+class UnexpectedErrors:
+    """Pure ASGI middleware: an exception that escapes a route becomes a logged JSON 500, and
+    the connection stays open.
+
+    Starlette's own outermost handler answers too, but then re-raises, and uvicorn drops the
+    keep-alive connection of a request that raised. A response already started cannot be
+    replaced: that exception goes on, and the server closes the connection.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            response = await _unexpected(Request(scope), exc)
+            await response(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ClipsearchError, _domain)
     app.add_exception_handler(ApiError, _api)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(Exception, _unexpected)
+    # Added before any other middleware, so the innermost: the others (metrics) see its 500.
+    app.add_middleware(UnexpectedErrors)

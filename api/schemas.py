@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.validation import (
+    LabelSetName,
+    PathPrefix,
+    Pixels,
+    SafeJson,
+    SafeStr,
+    ShortText,
+    UtcDateTime,
+    setting_bound,
+)
 from retrieval.filters import SearchFilters
 
 
@@ -18,15 +27,21 @@ class Filters(BaseModel):
         json_schema_extra={"examples": [{"path_prefix": "/photos/2024/", "formats": ["JPEG"]}]},
     )
 
-    path_prefix: str | None = Field(default=None, max_length=4096)
-    formats: list[str] = Field(default_factory=list, max_length=16, examples=[["JPEG", "PNG"]])
-    min_width: int | None = Field(default=None, ge=0)
-    max_width: int | None = Field(default=None, ge=0)
-    min_height: int | None = Field(default=None, ge=0)
-    max_height: int | None = Field(default=None, ge=0)
-    indexed_after: dt.datetime | None = None
-    indexed_before: dt.datetime | None = None
-    labels: list[str] = Field(
+    path_prefix: PathPrefix | None = None
+    formats: list[ShortText] = Field(
+        default_factory=list, max_length=16, examples=[["JPEG", "PNG"]]
+    )
+    min_width: Pixels | None = None
+    max_width: Pixels | None = None
+    min_height: Pixels | None = None
+    max_height: Pixels | None = None
+    indexed_after: UtcDateTime | None = Field(
+        default=None, description="Indexed at or after this time (no offset: UTC)."
+    )
+    indexed_before: UtcDateTime | None = Field(
+        default=None, description="Indexed before this time (no offset: UTC)."
+    )
+    labels: list[ShortText] = Field(
         default_factory=list,
         max_length=64,
         description="Zero-shot labels the image must carry (see labels_mode).",
@@ -38,18 +53,11 @@ class Filters(BaseModel):
     label_min_score: float = Field(
         default=0.0, ge=0.0, le=1.0, description="Smallest probability a label counts with."
     )
-    label_set: str | None = Field(
-        default=None, max_length=128, description="Match labels in this set only (default: all)."
+    label_set: LabelSetName | None = Field(
+        default=None, description="Match labels in this set only (default: all)."
     )
 
     def to_domain(self) -> SearchFilters:
-        def utc(value: dt.datetime | None) -> dt.datetime | None:
-            if value is None:
-                return None
-            if value.tzinfo is None:
-                return value.replace(tzinfo=dt.UTC)
-            return value.astimezone(dt.UTC)
-
         return SearchFilters(
             path_prefix=self.path_prefix or None,
             formats=tuple(f.strip().upper() for f in self.formats if f.strip()),
@@ -57,8 +65,8 @@ class Filters(BaseModel):
             max_width=self.max_width,
             min_height=self.min_height,
             max_height=self.max_height,
-            indexed_after=utc(self.indexed_after),
-            indexed_before=utc(self.indexed_before),
+            indexed_after=self.indexed_after,
+            indexed_before=self.indexed_before,
             **self._label_filter(),
         )
 
@@ -85,8 +93,15 @@ class TextSearchRequest(BaseModel):
         },
     )
 
-    query: str = Field(description="Free text; limited to CLIPSEARCH_MAX_QUERY_CHARS.")
-    k: int = Field(default=10, description="Number of results, 1..CLIPSEARCH_MAX_K.")
+    query: SafeStr = Field(
+        description="Free text; limited to CLIPSEARCH_MAX_QUERY_CHARS.",
+        json_schema_extra={"minLength": 1, **setting_bound(maxLength="max_query_chars")},
+    )
+    k: int = Field(
+        default=10,
+        description="Number of results, 1..CLIPSEARCH_MAX_K.",
+        json_schema_extra={"minimum": 1, **setting_bound(maximum="max_k")},
+    )
     filters: Filters | None = None
 
 
@@ -111,7 +126,7 @@ class SearchHit(BaseModel):
     width: int | None = Field(examples=[1024])
     height: int | None = Field(examples=[768])
     format: str | None = Field(examples=["JPEG"])
-    indexed_at: dt.datetime | None
+    indexed_at: UtcDateTime | None
     file_url: str = Field(examples=["/images/42/file"])
     thumbnail_url: str = Field(examples=["/images/42/thumbnail"])
     labels: list[HitLabel] = Field(
@@ -136,7 +151,7 @@ class ImageMetadata(BaseModel):
     format: str | None
     size: int
     sha256: str | None
-    indexed_at: dt.datetime | None
+    indexed_at: UtcDateTime | None
     shard_id: str | None
     file_url: str
     thumbnail_url: str
@@ -204,9 +219,9 @@ class LabelEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    synonyms: list[str] | None = Field(default=None, description="Extra names, templated too.")
-    prompts: list[str] | None = Field(
+    name: SafeStr
+    synonyms: list[SafeStr] | None = Field(default=None, description="Extra names, templated too.")
+    prompts: list[SafeStr] | None = Field(
         default=None, description="Full sentences used instead of the templates."
     )
     threshold: float | None = Field(default=None, description="Smallest probability stored.")
@@ -230,12 +245,12 @@ class LabelSetDefinition(BaseModel):
         },
     )
 
-    name: str | None = Field(default=None, description="Optional; must equal the path's name.")
-    labels: list[str | LabelEntry] = Field(min_length=1)
-    label_options: dict[str, dict[str, Any]] | None = Field(
+    name: SafeStr | None = Field(default=None, description="Optional; must equal the path's name.")
+    labels: list[SafeStr | LabelEntry] = Field(min_length=1)
+    label_options: dict[SafeStr, dict[SafeStr, SafeJson]] | None = Field(
         default=None, description="Label name -> settings, as GET returns them."
     )
-    templates: str | list[str] = Field(
+    templates: SafeStr | list[SafeStr] = Field(
         default="openai",
         description="openai, simple, photo, zh, zh-photo, zh-simple, or templates with {}.",
     )
@@ -258,8 +273,8 @@ class LabelSetOut(BaseModel):
     threshold: float
     min_cosine: float | None
     store_cosine: bool
-    created_at: dt.datetime
-    updated_at: dt.datetime
+    created_at: UtcDateTime
+    updated_at: UtcDateTime
 
 
 class LabelSetList(BaseModel):

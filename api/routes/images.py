@@ -12,6 +12,7 @@ from api.deps import CatalogDep, LabelStoreDep, ReadAccess, ServicesDep
 from api.files import MEDIA_TYPES, make_thumbnail, resolve_inside
 from api.schemas import ERROR_RESPONSES, HitLabel, ImageMetadata
 from api.services import Services
+from api.validation import INT32_MAX, ImageId
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.records import ImageRecord
 from retrieval.catalog.tables import ACTIVE
@@ -40,7 +41,7 @@ def _etag(record: ImageRecord, extra: str = "") -> str:
 
 @router.get("/images/{image_id}", response_model=ImageMetadata, summary="Image metadata")
 async def image_metadata(
-    request: Request, catalog: CatalogDep, label_store: LabelStoreDep, image_id: int
+    request: Request, catalog: CatalogDep, label_store: LabelStoreDep, image_id: ImageId
 ) -> ImageMetadata:
     record = await _active_record(catalog, image_id)
     labels = await run_in_threadpool(label_store.labels_for, [record.id])
@@ -67,7 +68,7 @@ async def image_metadata(
     summary="The original file",
     response_class=FileResponse,
 )
-async def image_file(services: ServicesDep, image_id: int) -> FileResponse:
+async def image_file(services: ServicesDep, image_id: ImageId) -> FileResponse:
     record = await _active_record(services.catalog, image_id)
     path = await _safe_path(services, record)
     return FileResponse(
@@ -86,8 +87,10 @@ async def image_file(services: ServicesDep, image_id: int) -> FileResponse:
 async def image_thumbnail(
     request: Request,
     services: ServicesDep,
-    image_id: int,
-    size: Annotated[int, Query(ge=16, description="Longest side in pixels (capped).")] = 256,
+    image_id: ImageId,
+    size: Annotated[
+        int, Query(ge=16, le=INT32_MAX, description="Longest side in pixels (capped).")
+    ] = 256,
 ) -> Response:
     record = await _active_record(services.catalog, image_id)
     path = await _safe_path(services, record)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Annotated, Any
 
@@ -28,6 +27,7 @@ from api.schemas import (
     LabelSetList,
     LabelSetOut,
 )
+from api.validation import INT32_MAX, LabelSetName, SafeStr, SetNamePath, load_json_field
 from retrieval.errors import BadQuery
 from retrieval.labels.definitions import DEFAULT_TEMPLATES, LabelSet
 from retrieval.labels.scoring import ClassEmbeddings, rank_labels
@@ -61,7 +61,7 @@ async def list_label_sets(label_store: LabelStoreDep) -> LabelSetList:
     summary="One label set",
     dependencies=[ReadAccess],
 )
-async def get_label_set(label_store: LabelStoreDep, name: str) -> LabelSetOut:
+async def get_label_set(label_store: LabelStoreDep, name: SetNamePath) -> LabelSetOut:
     return _out(await run_in_threadpool(label_store.get, name))
 
 
@@ -73,7 +73,7 @@ async def get_label_set(label_store: LabelStoreDep, name: str) -> LabelSetOut:
     responses={201: {"model": LabelSetOut, "description": "Created"}},
 )
 async def put_label_set(
-    label_store: LabelStoreDep, name: str, body: LabelSetDefinition, response: Response
+    label_store: LabelStoreDep, name: SetNamePath, body: LabelSetDefinition, response: Response
 ) -> LabelSetOut:
     """The corpus is labelled (or relabelled) under the new version by the next
     `clipsearch label` or `clipsearch index`; until then searches keep the served labels."""
@@ -90,7 +90,7 @@ async def put_label_set(
     summary="Delete a label set and every label stored under it",
     dependencies=[AdminAccess],
 )
-async def delete_label_set(label_store: LabelStoreDep, name: str) -> Response:
+async def delete_label_set(label_store: LabelStoreDep, name: SetNamePath) -> Response:
     await run_in_threadpool(label_store.delete, name)
     return Response(status_code=204)
 
@@ -101,7 +101,7 @@ async def delete_label_set(label_store: LabelStoreDep, name: str) -> Response:
     summary="How many live images have each label as their best one",
     dependencies=[ReadAccess],
 )
-async def label_counts(label_store: LabelStoreDep, set_name: str) -> LabelCountsOut:
+async def label_counts(label_store: LabelStoreDep, set_name: SetNamePath) -> LabelCountsOut:
     counts = await run_in_threadpool(label_store.counts, set_name)
     return LabelCountsOut.model_validate(counts.to_dict())
 
@@ -111,7 +111,7 @@ def parse_label_list(raw: str) -> list[Any]:
     text = raw.strip()
     if text.startswith("["):
         try:
-            parsed = json.loads(text)
+            parsed = load_json_field(text)
         except ValueError as exc:
             raise BadQuery(f"labels: not a valid JSON list ({exc}).") from None
         if not isinstance(parsed, list):
@@ -156,17 +156,19 @@ async def classify(
     encoder: EncoderDep,
     file: Annotated[UploadFile, File(description="JPEG, PNG, WebP, GIF, BMP or TIFF.")],
     label_set: Annotated[
-        str | None, Form(description="A stored label set's name (or give `labels`).")
+        LabelSetName | None, Form(description="A stored label set's name (or give `labels`).")
     ] = None,
     labels: Annotated[
-        str | None,
+        SafeStr | None,
         Form(description='Inline labels: "cat, dog" or a JSON list (or give `label_set`).'),
     ] = None,
     templates: Annotated[
-        str | None,
+        SafeStr | None,
         Form(description="Templates for inline labels: openai (default), simple, photo, 'a {}'."),
     ] = None,
-    k: Annotated[int | None, Form(ge=1, description="Return only the best k labels.")] = None,
+    k: Annotated[
+        int | None, Form(ge=1, le=INT32_MAX, description="Return only the best k labels.")
+    ] = None,
 ) -> ClassifyResponse:
     """Every label, ranked by probability: the softmax of the model's scaled cosines (CLIP), or
     each label's own sigmoid (SigLIP models, whose probabilities need not sum to one)."""

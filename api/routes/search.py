@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Annotated
@@ -26,9 +25,14 @@ from api.schemas import (
     Took,
 )
 from api.text_queries import TextQueryEncoder
+from api.validation import ImageId, SafeStr, load_json_field, setting_bound
 from retrieval.search import Searcher, SearchResult
 
 router = APIRouter(tags=["search"], dependencies=[ReadAccess], responses=ERROR_RESPONSES)
+
+# Documented limits; the searcher checks them (BadQuery, 400) against the configured values.
+K_BOUNDS = {"minimum": 1, **setting_bound(maximum="max_k")}
+QUERY_BOUNDS = {"minLength": 1, **setting_bound(maxLength="max_query_chars")}
 
 
 def to_response(request: Request, result: SearchResult, *, cached: bool = False) -> SearchResponse:
@@ -127,8 +131,11 @@ async def search_get(
     searcher: SearcherDep,
     text_encoder: TextEncoderDep,
     metrics: MetricsDep,
-    q: Annotated[str, Query(description="Query text.", examples=["a red circle"])],
-    k: Annotated[int, Query(description="Number of results.")] = 10,
+    q: Annotated[
+        SafeStr,
+        Query(description="Query text.", examples=["a red circle"], json_schema_extra=QUERY_BOUNDS),
+    ],
+    k: Annotated[int, Query(description="Number of results.", json_schema_extra=K_BOUNDS)] = 10,
 ) -> SearchResponse:
     return await _text_search(request, searcher, text_encoder, metrics, TextQuery(q, k))
 
@@ -137,7 +144,7 @@ def _parse_filters(raw: str | None) -> Filters | None:
     if raw is None or not raw.strip():
         return None
     try:
-        return Filters.model_validate(json.loads(raw))
+        return Filters.model_validate(load_json_field(raw))
     except (ValueError, ValidationError) as exc:
         raise ApiError(
             422, "validation_error", f"filters: not a valid filter object ({exc})"
@@ -151,7 +158,7 @@ async def search_image(
     searcher: SearcherDep,
     metrics: MetricsDep,
     file: Annotated[UploadFile, File(description="JPEG, PNG, WebP, GIF, BMP or TIFF.")],
-    k: Annotated[int, Form()] = 10,
+    k: Annotated[int, Form(description="Number of results.", json_schema_extra=K_BOUNDS)] = 10,
     filters: Annotated[
         str | None,
         Form(description='JSON filter object, e.g. {"formats": ["JPEG"]}.'),
@@ -177,8 +184,8 @@ async def similar(
     request: Request,
     searcher: SearcherDep,
     metrics: MetricsDep,
-    image_id: int,
-    k: Annotated[int, Query(description="Number of results.")] = 10,
+    image_id: ImageId,
+    k: Annotated[int, Query(description="Number of results.", json_schema_extra=K_BOUNDS)] = 10,
     filters: Annotated[
         str | None,
         Query(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,11 +12,12 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from indexer.pipeline import IndexJob
 from retrieval.catalog.database import Catalog
-from retrieval.config import Settings
+from retrieval.config import Settings, load_settings
 from retrieval.models.encoder import Encoder
 from retrieval.training.shapes import generate_shapes
-from tests.conftest import fresh_database
+from tests.conftest import BOTH_DATABASES, TINY, fresh_database
 from tests.fixtures.bad_images import write_good_images
+from tests.serving import ServeProcess, running_server
 
 CORPUS_SIZE = 36
 READ_KEY = "read-key-123"
@@ -72,3 +74,41 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
 @pytest.fixture
 def auth_client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client(api_keys=[READ_KEY], admin_keys=[ADMIN_KEY])
+
+
+@pytest.fixture(scope="session", params=BOTH_DATABASES)
+def live_server(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_checkpoint: Path,
+    encoder: Encoder,
+) -> Iterator[ServeProcess]:
+    """A real `clipsearch serve` (uvicorn) over a small indexed corpus, once a session on each
+    database, for the tests that attack it over HTTP (no keys: every route is reachable)."""
+    tmp = tmp_path_factory.mktemp(f"live-{request.param}")
+    with contextlib.contextmanager(fresh_database)(request.param, tmp) as db_url:
+        settings = load_settings(
+            data_dir=tmp / "data",
+            database_url=db_url,
+            model=TINY,
+            pretrained=str(tiny_checkpoint),
+            device="cpu",
+            workers=0,
+        )
+        catalog = Catalog(db_url)
+        catalog.upgrade()
+        photos = tmp / "photos"
+        generate_shapes(photos, 12, seed=3)
+        write_good_images(photos / "mixed", 6, seed=2)  # every format
+        IndexJob(settings, catalog, lambda: encoder, progress=False).run([str(photos)])
+        catalog.dispose()
+        env = {
+            "CLIPSEARCH_DATA_DIR": str(settings.data_dir),
+            "CLIPSEARCH_DATABASE_URL": db_url,
+            "CLIPSEARCH_MODEL": TINY,
+            "CLIPSEARCH_PRETRAINED": str(tiny_checkpoint),
+            "CLIPSEARCH_DEVICE": "cpu",
+            "CLIPSEARCH_RELOAD_INTERVAL_SECONDS": "0",
+        }
+        with running_server(env, tmp / "serve.log") as server:
+            yield server
