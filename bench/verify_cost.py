@@ -1,5 +1,6 @@
 """What integrity checking costs: a first serve (every file hashed), a restart (verified marks),
-and `clipsearch verify` (hashes plus every vector's norm), against opening without any check.
+and `clipsearch verify` (hashes plus every vector's norm), against opening without any check;
+and the runtime bound's share of a search (k=10 and k=1000, on and off).
 
 Writes `--shards` flat shards of `--vectors` random 512-d vectors each (by default 8 x 20,000:
 about 490 MB of shard files), then times each way of opening all of them. The files were just
@@ -31,6 +32,7 @@ from retrieval.index.integrity import (  # noqa: E402
 from retrieval.index.kinds import IndexParams  # noqa: E402
 from retrieval.index.marks import VerifiedMarks  # noqa: E402
 from retrieval.index.shard import Shard, ShardManifest, shard_path, write_shard  # noqa: E402
+from retrieval.index.shard_set import impossible_result  # noqa: E402
 
 DIM = 512
 MODEL = {"name": "bench", "key": "b" * 16}
@@ -70,6 +72,30 @@ def timed(action: object) -> float:
     return time.perf_counter() - started
 
 
+def search_cost(index_dir: Path, shard_id: str, queries: int = 64) -> dict[str, float]:
+    """Mean ms per query of one shard's FAISS search, and of the runtime bound on its result.
+
+    Half the queries are stored vectors (near-1 scores, whose rows the bound reads), half random.
+    """
+    rng = np.random.default_rng(1)
+    shard = Shard.open(index_dir, shard_id)
+    stored = shard.rows_f32(np.arange(queries // 2))
+    q = np.concatenate([stored, rng.standard_normal((queries - queries // 2, DIM))])
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    found: dict[str, float] = {}
+    for k in (10, 1000):
+        results = []
+        started = time.perf_counter()
+        for row in q:
+            results.append(shard.index.search(row[None, :], k))
+        found[f"k{k}_search"] = round(1000 * (time.perf_counter() - started) / queries, 4)
+        started = time.perf_counter()
+        for row, (scores, labels) in zip(q, results, strict=True):
+            assert impossible_result(shard, row[None, :], scores, labels) is None
+        found[f"k{k}_bound"] = round(1000 * (time.perf_counter() - started) / queries, 4)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=8)
@@ -106,6 +132,7 @@ def main() -> None:
             "restart_with_marks": timed(restart),
             "verify_full": timed(verify),
         }
+        search_ms = search_cost(index_dir, expected[0].shard_id)
     gigabytes = total / 1e9
     print(
         json.dumps(
@@ -123,6 +150,7 @@ def main() -> None:
                     key: round(1000 * value / gigabytes, 1) for key, value in seconds.items()
                 },
                 "page_cache": "warm",
+                "search_ms_per_query": search_ms,
             }
         )
     )

@@ -103,7 +103,12 @@ async def image_thumbnail(
     }
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
-    data = await run_in_threadpool(
-        make_thumbnail, path, side=side, max_pixels=services.settings.max_image_pixels
-    )
+    async with services.decode_slots.slot():
+        data = await run_in_threadpool(
+            make_thumbnail,
+            path,
+            side=side,
+            max_pixels=services.settings.max_image_pixels,
+            max_bytes=services.settings.api_max_decode_bytes,
+        )
     return Response(data, media_type="image/jpeg", headers=headers)

@@ -10,13 +10,15 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import (
     AdminAccess,
-    EncoderDep,
+    DecodeSlotsDep,
     LabelStoreDep,
+    PromptsDep,
     ReadAccess,
     SearcherDep,
     SettingsDep,
 )
 from api.files import read_upload
+from api.label_prompts import PromptEmbedder
 from api.schemas import (
     ERROR_RESPONSES,
     ClassifiedLabel,
@@ -32,12 +34,13 @@ from retrieval.errors import BadQuery
 from retrieval.labels.definitions import DEFAULT_TEMPLATES, LabelSet
 from retrieval.labels.scoring import ClassEmbeddings, rank_labels
 from retrieval.labels.store import LabelStore, StoredLabelSet
-from retrieval.models.encoder import Encoder
 
 router = APIRouter(tags=["labels"], responses=ERROR_RESPONSES)
 
-# An inline label list is encoded per request (then cached); keep it small.
+# An inline label list is encoded per request (then cached); keep it small. The cost bound is
+# CLIPSEARCH_CLASSIFY_MAX_PROMPTS (labels x templates); these bound the parsing.
 MAX_INLINE_LABELS = 200
+MAX_FIELD_CHARS = 65_536  # the labels and templates form fields
 
 
 def _out(stored: StoredLabelSet) -> LabelSetOut:
@@ -73,11 +76,19 @@ async def get_label_set(label_store: LabelStoreDep, name: SetNamePath) -> LabelS
     responses={201: {"model": LabelSetOut, "description": "Created"}},
 )
 async def put_label_set(
-    label_store: LabelStoreDep, name: SetNamePath, body: LabelSetDefinition, response: Response
+    label_store: LabelStoreDep,
+    settings: SettingsDep,
+    name: SetNamePath,
+    body: LabelSetDefinition,
+    response: Response,
 ) -> LabelSetOut:
     """The corpus is labelled (or relabelled) under the new version by the next
-    `clipsearch label` or `clipsearch index`; until then searches keep the served labels."""
+    `clipsearch label` or `clipsearch index`; until then searches keep the served labels.
+    A set may need at most CLIPSEARCH_LABEL_SET_MAX_PROMPTS prompts (too_many_prompts, 422)."""
     definition = LabelSet.from_dict(body.model_dump(exclude_none=True), name=name)
+    definition.require_prompts_within(
+        settings.label_set_max_prompts, "CLIPSEARCH_LABEL_SET_MAX_PROMPTS"
+    )
     stored, outcome = await run_in_threadpool(label_store.put, definition)
     if outcome == "created":
         response.status_code = 201
@@ -120,16 +131,16 @@ def parse_label_list(raw: str) -> list[Any]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _classes(
+async def _classes(
     store: LabelStore,
-    encoder: Encoder,
+    prompts: PromptEmbedder,
     label_set: str | None,
     labels: str | None,
     templates: str | None,
 ) -> tuple[list[str], ClassEmbeddings]:
     if label_set:
-        stored = store.get(label_set)
-        return stored.definition.names, store.embeddings_for(stored.version_id, encoder)
+        stored = await run_in_threadpool(store.get, label_set)
+        return stored.definition.names, await prompts.stored(store, stored)
     assert labels is not None
     names = parse_label_list(labels)
     if not names:
@@ -141,7 +152,7 @@ def _classes(
         )
     spec = {"labels": names, "templates": templates or DEFAULT_TEMPLATES}
     definition = LabelSet.from_dict(spec, name="inline", source="labels")
-    return definition.names, store.inline_embeddings(definition, encoder)
+    return definition.names, await prompts.inline(definition)
 
 
 @router.post(
@@ -153,7 +164,8 @@ def _classes(
 async def classify(
     settings: SettingsDep,
     searcher: SearcherDep,
-    encoder: EncoderDep,
+    prompts: PromptsDep,
+    decode_slots: DecodeSlotsDep,
     file: Annotated[UploadFile, File(description="JPEG, PNG, WebP, GIF, BMP or TIFF.")],
     label_set: Annotated[
         LabelSetName | None, Form(description="A stored label set's name (or give `labels`).")
@@ -171,18 +183,23 @@ async def classify(
     ] = None,
 ) -> ClassifyResponse:
     """Every label, ranked by probability: the softmax of the model's scaled cosines (CLIP), or
-    each label's own sigmoid (SigLIP models, whose probabilities need not sum to one)."""
+    each label's own sigmoid (SigLIP models, whose probabilities need not sum to one).
+
+    At most CLIPSEARCH_CLASSIFY_MAX_PROMPTS prompts (labels x templates, synonyms counted) are
+    encoded for one request (too_many_prompts, 422); prompts are cached across requests."""
     if bool(label_set) == bool(labels and labels.strip()):
         raise BadQuery("Give either label_set (a stored set's name) or labels (an inline list).")
-    data = await read_upload(file, settings.max_upload_bytes)
+    for field, value in (("labels", labels), ("templates", templates)):
+        if value is not None and len(value) > MAX_FIELD_CHARS:
+            raise BadQuery(f"{field}: {len(value)} characters; the limit is {MAX_FIELD_CHARS}.")
     started = time.perf_counter()
-    names, classes = await run_in_threadpool(
-        _classes, searcher.label_store, encoder, label_set, labels, templates
-    )
+    names, classes = await _classes(searcher.label_store, prompts, label_set, labels, templates)
     prompts_ms = (time.perf_counter() - started) * 1000
-    started = time.perf_counter()
-    vector = await run_in_threadpool(searcher.embed_image, data)
-    encode_ms = (time.perf_counter() - started) * 1000
+    async with decode_slots.slot():
+        data = await read_upload(file, settings.max_upload_bytes)
+        started = time.perf_counter()
+        vector = await run_in_threadpool(searcher.embed_image, data)
+        encode_ms = (time.perf_counter() - started) * 1000
     started = time.perf_counter()
     ranked = rank_labels(vector, classes)[:k]
     classify_ms = (time.perf_counter() - started) * 1000

@@ -11,7 +11,14 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import MetricsDep, ReadAccess, SearcherDep, SettingsDep, TextEncoderDep
+from api.deps import (
+    DecodeSlotsDep,
+    MetricsDep,
+    ReadAccess,
+    SearcherDep,
+    SettingsDep,
+    TextEncoderDep,
+)
 from api.errors import ApiError
 from api.files import read_upload
 from api.metrics import Metrics
@@ -157,6 +164,7 @@ async def search_image(
     settings: SettingsDep,
     searcher: SearcherDep,
     metrics: MetricsDep,
+    decode_slots: DecodeSlotsDep,
     file: Annotated[UploadFile, File(description="JPEG, PNG, WebP, GIF, BMP or TIFF.")],
     k: Annotated[int, Form(description="Number of results.", json_schema_extra=K_BOUNDS)] = 10,
     filters: Annotated[
@@ -164,12 +172,14 @@ async def search_image(
         Form(description='JSON filter object, e.g. {"formats": ["JPEG"]}.'),
     ] = None,
 ) -> SearchResponse:
-    """Upload an image (multipart field `file`); the decoder refuses bombs and odd formats."""
+    """Upload an image (multipart field `file`); the decoder refuses bombs and odd formats,
+    and images whose decoding would take more than CLIPSEARCH_API_MAX_DECODE_BYTES (413)."""
     searcher.check_k(k)
     parsed = _parse_filters(filters)
-    data = await read_upload(file, settings.max_upload_bytes)
     ids, filter_ms = await _allowed(searcher, parsed)
-    result = await run_in_threadpool(lambda: searcher.search_image(data, k, allowed_ids=ids))
+    async with decode_slots.slot():  # the upload is read into memory only with a slot
+        data = await read_upload(file, settings.max_upload_bytes)
+        result = await run_in_threadpool(lambda: searcher.search_image(data, k, allowed_ids=ids))
     _add_filter_time(result, filter_ms)
     _record_timings(metrics, "image", result)
     return to_response(request, result)

@@ -101,8 +101,10 @@ class VerifiedMarks:
             # A cache: a torn or damaged file only means the shards are checked again.
             log.warning("ignoring unreadable %s (%s); shards will be checked again", self.path, exc)
             return {}
-        shards = data.get("shards") if isinstance(data, dict) else None
-        if data.get("format_version") != _FORMAT_VERSION or not isinstance(shards, dict):
+        if not isinstance(data, dict) or data.get("format_version") != _FORMAT_VERSION:
+            return {}
+        shards = data.get("shards")
+        if not isinstance(shards, dict):
             return {}
         return {str(k): v for k, v in shards.items() if isinstance(v, dict)}
 

@@ -403,7 +403,7 @@ class ShardSet:
             except RuntimeError as exc:  # FAISS reports what a damaged index makes it read
                 self.mark_corrupt(shard.shard_id, f"FAISS failed searching index.faiss: {exc}")
                 return _padding(nq, k)
-        impossible = _impossible_result(shard, query.vectors, scores, labels)
+        impossible = impossible_result(shard, query.vectors, scores, labels)
         if impossible is not None:
             self.mark_corrupt(shard.shard_id, impossible)
             return _padding(nq, k)
@@ -451,7 +451,7 @@ class ShardSet:
         return wanted[hit], out[hit]
 
 
-def _impossible_result(shard: Shard, q: F32Array, scores: F32Array, labels: IdArray) -> str | None:
+def impossible_result(shard: Shard, q: F32Array, scores: F32Array, labels: IdArray) -> str | None:
     """Why a FAISS result cannot come from a sound shard, or None when it can."""
     valid = labels >= 0
     if not valid.any() or not bool(np.isfinite(q).all()):
@@ -460,19 +460,28 @@ def _impossible_result(shard: Shard, q: F32Array, scores: F32Array, labels: IdAr
     found, rows = shard.positions(hit_ids)
     if not found.all():
         return f"index.faiss returned id {int(hit_ids[~found][0])}, which the shard does not hold"
-    x = shard.rows_f32(rows)
     query_rows = np.broadcast_to(np.arange(q.shape[0])[:, None], labels.shape)[valid]
-    scale = np.linalg.norm(q, axis=1)[query_rows] * np.linalg.norm(x, axis=1)
+    query_norms = np.linalg.norm(q, axis=1)[query_rows]
     score = scores[valid].astype(np.float64)
+    # Stored vectors (verified when the shard was opened) have norms within 1% of 1, so a score
+    # below 0.98 of the query's norm is a sound cosine whatever the row: only the others, near
+    # duplicates and damage, cost a read of their stored vector.
+    suspect = ~np.isfinite(score) | (np.abs(score) > 0.98 * query_norms)
+    if not suspect.any():
+        return None
+    x = shard.rows_f32(rows[suspect])
+    scale = query_norms[suspect] * np.linalg.norm(x, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        cosine = np.where(scale > 0, score / scale, np.where(score == 0, 0.0, np.inf))
+        cosine = np.where(
+            scale > 0, score[suspect] / scale, np.where(score[suspect] == 0, 0.0, np.inf)
+        )
     bad = ~np.isfinite(cosine) | (np.abs(cosine) > COSINE_BOUND)
     if not bad.any():
         return None
     first = int(np.flatnonzero(bad)[0])
     return (
-        f"index.faiss scored id {int(hit_ids[first])} with a cosine of {float(cosine[first]):.6g}, "
-        f"outside [-{COSINE_BOUND}, {COSINE_BOUND}]"
+        f"index.faiss scored id {int(hit_ids[suspect][first])} with a cosine of "
+        f"{float(cosine[first]):.6g}, outside [-{COSINE_BOUND}, {COSINE_BOUND}]"
     )
 
 

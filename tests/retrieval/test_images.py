@@ -383,9 +383,9 @@ def test_jpeg_draft_decodes_smaller_but_reports_full_size(tmp_path: Path) -> Non
 
 
 def _declared_png(width: int, height: int, bit_depth: int, colour_type: int) -> bytes:
-    """A PNG whose header declares width x height but whose data ends after one row."""
+    """A PNG whose header declares width x height but whose data stream breaks off."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return png_with_idat(ihdr, zlib.compress(b"\x00" * (1 + width * 8)))
+    return png_with_idat(ihdr, zlib.compress(b"\x00" * (1 + width * 8) * 4)[:-6])
 
 
 def _cost(data: bytes, min_side: int | None = None) -> images.DecodeCost:

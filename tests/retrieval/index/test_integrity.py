@@ -279,9 +279,11 @@ def test_a_shard_stopped_while_serving_stays_out_after_a_restart(
 
 def test_an_unwritable_or_damaged_marks_file_costs_only_time(tmp_path: Path) -> None:
     _, _, expected = write(tmp_path, "s", 50, seed=12)
-    (tmp_path / "verified-shards.json").write_text("{torn")
+    for damaged in ("{torn", "[1, 2]", '{"format_version": 1, "shards": {"s": {"files": 3}}}'):
+        (tmp_path / "verified-shards.json").write_text(damaged)
+        open_checked(tmp_path, expected, VerifiedMarks(tmp_path))  # ignored: hashed again
     marks = VerifiedMarks(tmp_path)
-    open_checked(tmp_path, expected, marks)  # the damaged file is ignored
+    open_checked(tmp_path, expected, marks)
     assert marks.save()
     os.chmod(tmp_path, 0o500)
     try:
