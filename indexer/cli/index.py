@@ -107,7 +107,6 @@ def index(
 ) -> None:
     """Index new, changed, moved and deleted images under ROOTS (incremental, crash-safe)."""
     from indexer.binding import claim_problem
-    from indexer.pipeline import IndexJob
 
     settings = load_settings(
         data_dir=data_dir,
@@ -142,6 +141,8 @@ def index(
     # refused now, before the scan and the model load.
     choice = index_model(settings, catalog)
     settings = choice.settings
+    from indexer.pipeline import IndexJob  # torch: after the checks that need none
+
     job = IndexJob(
         settings,
         catalog,

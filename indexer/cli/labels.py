@@ -189,10 +189,8 @@ def label(
     set relabels everything beside the served labels and switches over in one commit. The
     model is loaded only to encode the labels' prompts, once per set version (then cached).
     """
-    from indexer.labelling import LabelJob
-
     # The index's model unless one is named; a data dir that does not exist or a model that is
-    # not the index's is refused before any weights are loaded.
+    # not the index's is refused before any weights are loaded (or torch imported).
     reading = open_for_reading(
         need_images=False,
         data_dir=data_dir,
@@ -203,6 +201,8 @@ def label(
         device=device,
         label_block_size=block_size,
     )
+    from indexer.labelling import LabelJob
+
     job = LabelJob(reading.settings, reading.catalog, reading.encoder_factory(), progress=progress)
     report = job.run(set_names)
     if as_json:

@@ -14,7 +14,7 @@ import typer
 from indexer.cli.options import open_catalog
 from retrieval.config import Settings, load_settings
 from retrieval.errors import ConfigError, EmptyIndex, WeightsUnavailable
-from retrieval.models.recorded import ModelChoice, check_before_loading, choose_model
+from retrieval.models.recorded import ModelChoice, check_before_loading, choose_model, spec_of
 
 if TYPE_CHECKING:
     from retrieval.catalog.database import Catalog
@@ -87,10 +87,8 @@ def open_for_reading(*, need_images: bool, **overrides: Any) -> Reading:
 def index_model(settings: Settings, catalog: Catalog) -> ModelChoice:
     """The index's model where the settings name none explicitly; ModelMismatch before any
     weights are loaded when an explicitly named model cannot be the index's."""
-    from retrieval.models.encoder import model_spec
-
     choice = choose_model(settings, catalog.recorded_model())
-    check_before_loading(model_spec(choice.settings), choice.indexed)
+    check_before_loading(spec_of(choice.settings), choice.indexed)
     if choice.from_index:
         log.info("using the index's model %s", choice.settings.model)
     return choice
@@ -99,8 +97,6 @@ def index_model(settings: Settings, catalog: Catalog) -> ModelChoice:
 def existing_index_model(settings: Settings) -> ModelChoice:
     """The index's model where the settings name none, for commands that may also run with no
     index at all (`eval` of a model on a data set): creates no catalog."""
-    from retrieval.models.encoder import model_spec
-
     if settings.database_url is None and not (settings.data_dir / "catalog.db").is_file():
         return choose_model(settings, None)
     catalog = open_catalog(settings)
@@ -108,7 +104,7 @@ def existing_index_model(settings: Settings) -> ModelChoice:
         choice = choose_model(settings, catalog.recorded_model())
     finally:
         catalog.dispose()
-    check_before_loading(model_spec(choice.settings), choice.indexed)
+    check_before_loading(spec_of(choice.settings), choice.indexed)
     return choice
 
 

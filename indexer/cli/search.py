@@ -61,11 +61,6 @@ def search(
     as_json: JsonOpt = False,
 ) -> None:
     """Search the index from the shell by text or by an example image."""
-    from retrieval.filters import SearchFilters, ids_passing
-    from retrieval.images import read_header
-    from retrieval.labels.store import LabelStore
-    from retrieval.search import Searcher
-
     if (query is None) == (image is None):
         raise ConfigError("query", "give either a text QUERY or --image PATH")
     # Everything that needs no model first: the data dir, an empty index, the model's identity.
@@ -79,18 +74,27 @@ def search(
         device=device,
     )
     settings = reading.settings
-    filters = SearchFilters(
-        labels=tuple(label_names or ()),
-        labels_mode=labels_mode,
-        label_min_score=label_min_score,
-        label_set=label_set,
-    )
     # An unknown label or a bad query image is a bad argument (exit 2), told before the model.
-    label_store = LabelStore(reading.catalog)
-    ids = ids_passing(reading.catalog, filters, label_store)
+    ids, label_store = None, None
+    if label_names or label_set or labels_mode != "any" or label_min_score:
+        from retrieval.filters import SearchFilters, ids_passing
+        from retrieval.labels.store import LabelStore
+
+        filters = SearchFilters(
+            labels=tuple(label_names or ()),
+            labels_mode=labels_mode,
+            label_min_score=label_min_score,
+            label_set=label_set,
+        )
+        label_store = LabelStore(reading.catalog)
+        ids = ids_passing(reading.catalog, filters, label_store)
     if image is not None:
+        from retrieval.images import read_header
+
         read_header(image, max_pixels=settings.max_image_pixels)
     require_images(reading.catalog)
+    from retrieval.search import Searcher  # torch and FAISS: after every cheap check
+
     searcher = Searcher.from_settings(
         reading.catalog, settings, reading.encoder_factory()(), label_store=label_store
     )

@@ -14,6 +14,7 @@ from PIL import Image
 from retrieval.errors import WeightsUnavailable
 from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch, load_backend
 from retrieval.models.identity import ModelIdentity, ModelSource, ModelSpec
+from retrieval.models.recorded import spec_of
 
 if TYPE_CHECKING:
     from retrieval.config import Settings
@@ -138,14 +139,7 @@ def load_encoder(spec: ModelSpec) -> Encoder:
 
 def model_spec(settings: Settings) -> ModelSpec:
     """The model the settings name: architecture, weights, device, precision, configs, cache."""
-    return ModelSpec(
-        name=settings.model,
-        pretrained=settings.pretrained,
-        device=settings.device,
-        precision=settings.precision,
-        config_dir=settings.model_config_dir,
-        cache_dir=settings.model_cache_dir,
-    )
+    return spec_of(settings)
 
 
 def encoder_from_settings(settings: Settings) -> Encoder:

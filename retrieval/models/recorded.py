@@ -48,6 +48,19 @@ class ModelChoice:
         )
 
 
+def spec_of(settings: Settings) -> ModelSpec:
+    """The model the settings name (architecture, weights, device, precision, configs, cache),
+    without importing torch: the checks before loading run in a fraction of a second."""
+    return ModelSpec(
+        name=settings.model,
+        pretrained=settings.pretrained,
+        device=settings.device,
+        precision=settings.precision,
+        config_dir=settings.model_config_dir,
+        cache_dir=settings.model_cache_dir,
+    )
+
+
 def recorded_identity(recorded: dict[str, Any] | None) -> ModelIdentity | None:
     """The identity a catalog recorded, or None for nothing (or nothing readable)."""
     if not recorded:
