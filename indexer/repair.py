@@ -200,7 +200,6 @@ class RepairJob:
         if not corrupt:
             return
         assert state.model is not None  # shards exist, so a model wrote them
-        labelled_again = False
         for row, problems in corrupt:
             repair = ShardRepair(row.id, problems)
             report.repaired.append(repair)
@@ -211,15 +210,15 @@ class RepairJob:
             if repair.new_shard is not None and REENCODED not in repair.recovered:
                 # The same vectors, bit for bit: the old shard's labels hold for the new one.
                 LabelStore(self.catalog).carry_labelled_shards([row.id], [repair.new_shard])
-            else:
-                labelled_again = True
             log.warning(
                 "repaired shard %s: %s, %d unrecoverable",
                 row.id,
                 repair.recovered,
                 len(repair.lost),
             )
-        if labelled_again and self.settings.label_on_index:
+        if not dry_run and self.settings.label_on_index:
+            # Shards written from new vectors, or from a shard that was never labelled under a
+            # set's newest version (labelling skips corrupt shards), get their labels now.
             self._label()
 
     def _repair_shard(

@@ -219,3 +219,9 @@ def label(
             f"{entry.shards} shards ({entry.images - entry.labelled} under every threshold) "
             f"in {entry.seconds:.1f}s" + ("; now served" if entry.published else "")
         )
+        if entry.corrupt_shards:
+            typer.echo(
+                f"  not labelled, corrupt: {', '.join(entry.corrupt_shards)} "
+                "(`clipsearch repair` replaces them and labels the new shards)",
+                err=True,
+            )

@@ -234,14 +234,28 @@ class ShardSet:
         A corrupt shard does not stop the others from being served: it is left out, and listed
         in `corrupt_shards` with the reason, its vectors counted in `unserved_count`.
         """
+
+        def attempt(row: ShardExpectation) -> Shard | CorruptShard:
+            try:
+                return open_checked(index_dir, row, marks)
+            except CorruptShard as exc:
+                return exc
+
+        # hashlib releases the GIL: shards that need hashing are hashed side by side.
+        workers = min(len(expected), os.cpu_count() or 1, 8)
+        if workers > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="shard-check") as pool:
+                outcomes = list(pool.map(attempt, expected))
+        else:
+            outcomes = [attempt(row) for row in expected]
         shards: list[Shard] = []
         left_out: dict[str, tuple[str, int]] = {}
-        for row in expected:
-            try:
-                shards.append(open_checked(index_dir, row, marks))
-            except CorruptShard as exc:
-                log.error("not serving shard %s: %s", row.shard_id, exc)
-                left_out[row.shard_id] = (exc.problem or str(exc), row.count)
+        for row, outcome in zip(expected, outcomes, strict=True):
+            if isinstance(outcome, CorruptShard):
+                log.error("not serving shard %s: %s", row.shard_id, outcome)
+                left_out[row.shard_id] = (outcome.problem or str(outcome), row.count)
+            else:
+                shards.append(outcome)
         return cls(
             shards,
             deleted_ids=deleted_ids,

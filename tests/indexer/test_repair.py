@@ -367,3 +367,23 @@ def test_a_shard_the_service_stopped_serving_is_reported_and_rebuilt_from_its_em
         assert verify_index(corpus.catalog, index_dir).ok
         found, corrupt = corpus.results()
         assert corrupt == {} and found == corpus.baseline
+
+
+def test_labelling_skips_a_corrupt_shard_and_repair_labels_its_replacement(
+    tmp_path: Path, tiny_checkpoint: Path, encoder: Encoder
+) -> None:
+    from indexer.labelling import LabelJob
+
+    names = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    for corpus in build_corpus("sqlite", tmp_path / "c", tiny_checkpoint, encoder):
+        bad = corpus.shards[2]
+        damage(corpus.shard_dir(bad), "ids.npy")
+        store = LabelStore(corpus.catalog)
+        store.put(LabelSet.from_dict({"name": "shapes", "labels": names, "templates": ["a {}"]}))
+        labels = LabelJob(corpus.settings, corpus.catalog, lambda: encoder, progress=False).run()
+        assert labels.sets[0].corrupt_shards == [bad]  # rolled back, not labelled from it
+        bad_ids = corpus.members(bad)
+        assert store.labels_for(bad_ids) == {}
+
+        corpus.repair()
+        assert set(LabelStore(corpus.catalog).labels_for(bad_ids)) == set(bad_ids)
