@@ -1,4 +1,5 @@
-"""The input guards of api/validation.py and the catch-all of api/errors.py, one by one."""
+"""The input guards of api/validation.py, the catch-all of api/errors.py, and times in
+responses, one by one."""
 
 from __future__ import annotations
 
@@ -141,3 +142,18 @@ def test_openapi_states_the_configured_limits(tmp_path: Path) -> None:
     image_id = document["paths"]["/images/{image_id}"]["get"]["parameters"][0]["schema"]
     assert (image_id["minimum"], image_id["maximum"]) == (1, 2**63 - 1)
     assert "x-clipsearch-setting-bound" not in json.dumps(document)
+
+
+def _utc_offset(text: str) -> dt.timedelta | None:
+    return dt.datetime.fromisoformat(text).utcoffset()
+
+
+def test_times_in_responses_carry_their_utc_offset(client: TestClient) -> None:
+    # SQLite gives stored times back without an offset; the OpenAPI date-time format needs one.
+    hits = client.get("/search", params={"q": "a red circle", "k": 3}).json()["results"]
+    assert hits and all(_utc_offset(hit["indexed_at"]) == dt.timedelta(0) for hit in hits)
+    metadata = client.get(f"/images/{hits[0]['id']}").json()
+    assert _utc_offset(metadata["indexed_at"]) == dt.timedelta(0)
+    label_set = client.put("/label-sets/colours", json={"labels": ["red", "blue"]}).json()
+    assert _utc_offset(label_set["created_at"]) == dt.timedelta(0)
+    assert _utc_offset(label_set["updated_at"]) == dt.timedelta(0)
