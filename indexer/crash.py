@@ -12,7 +12,8 @@ def crash_point(name: str) -> None:
     """Fault injection for the crash-safety tests: SIGKILL ourselves at a named point.
 
     Set CLIPSEARCH_CRASH_AT=<name> (before_shard_write, after_shard_write, before_commit,
-    after_commit, during_encode; during_labels, before_label_publish). Unset in normal use;
+    after_commit, during_encode; during_labels, before_label_publish; repair_before_commit,
+    repair_after_commit). Unset in normal use;
     costs one dict lookup.
     """
     if os.environ.get(CRASH_ENV) == name:

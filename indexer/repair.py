@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from indexer.crash import crash_point
 from indexer.decode import iterate_decoded
 from indexer.lock import IndexLock
 from indexer.publish import cleanup_index_dir, write_shard_record
@@ -206,7 +207,9 @@ class RepairJob:
             commit = self._repair_shard(row, repair, state.model, dry_run)
             if commit is None:
                 continue
+            crash_point("repair_before_commit")
             report.generation = self.catalog.commit(commit)
+            crash_point("repair_after_commit")
             if repair.new_shard is not None and REENCODED not in repair.recovered:
                 # The same vectors, bit for bit: the old shard's labels hold for the new one.
                 LabelStore(self.catalog).carry_labelled_shards([row.id], [repair.new_shard])

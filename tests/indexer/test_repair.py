@@ -4,6 +4,7 @@ launder it, repair replaces it, and the results are those of the clean index aga
 from __future__ import annotations
 
 import shutil
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from indexer.compact import compact_index
+from indexer.crash import CRASH_ENV
 from indexer.pipeline import IndexJob
 from indexer.repair import (
     FROM_AGREEMENT,
@@ -29,13 +31,20 @@ from retrieval.config import Settings, load_settings
 from retrieval.errors import CorruptShard
 from retrieval.index.integrity import quarantine
 from retrieval.index.marks import VerifiedMarks
-from retrieval.index.shard import EMBEDDINGS_FILE, IDS_FILE, INDEX_FILE, MANIFEST_FILE
+from retrieval.index.shard import (
+    EMBEDDINGS_FILE,
+    IDS_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    list_shard_dirs,
+)
 from retrieval.labels.definitions import LabelSet
 from retrieval.labels.store import LabelStore
 from retrieval.models.encoder import Encoder
 from retrieval.search import Searcher
 from retrieval.training.shapes import COLOURS, SHAPES, generate_shapes
 from tests.conftest import PG_URL, TINY, fresh_database
+from tests.serving import run_cli
 
 QUERIES = ["a red circle", "a blue square", "a green triangle", "a shape"]
 CORPUS = 24
@@ -387,3 +396,24 @@ def test_labelling_skips_a_corrupt_shard_and_repair_labels_its_replacement(
 
         corpus.repair()
         assert set(LabelStore(corpus.catalog).labels_for(bad_ids)) == set(bad_ids)
+
+
+def test_a_repair_killed_before_its_commit_loses_nothing_and_a_rerun_finishes_it(
+    tmp_path: Path, tiny_checkpoint: Path, encoder: Encoder
+) -> None:
+    for corpus in build_corpus("sqlite", tmp_path / "c", tiny_checkpoint, encoder):
+        bad = corpus.shards[0]
+        damage(corpus.shard_dir(bad), "index.faiss")
+        killed = run_cli(corpus.settings, "repair", env={CRASH_ENV: "repair_before_commit"})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        index_dir = corpus.settings.resolved_index_dir
+        orphans = set(list_shard_dirs(index_dir)) - corpus.catalog.known_shard_ids()
+        assert len(orphans) == 1  # the new shard, written but never committed
+        found, corrupt = corpus.results()
+        assert list(corrupt) == [bad]  # the previous generation, still degraded and served
+
+        corpus.repair()
+        assert verify_index(corpus.catalog, index_dir).ok
+        assert not orphans & set(list_shard_dirs(index_dir))
+        found, corrupt = corpus.results()
+        assert corrupt == {} and found == corpus.baseline
