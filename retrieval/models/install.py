@@ -134,12 +134,29 @@ def _install_hub_folder(
                 f"No file in {folder} has sha256 {sha256}. Nothing was installed."
             )
         installed.checks.append(f"a file has sha256 {sha256}")
-    target = installed.target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Blobs are named by their content and snapshots are links to them: merging into an
-    # existing folder only adds files (refs/main moves to the copied commit).
-    shutil.copytree(folder, target, symlinks=True, dirs_exist_ok=True)
+    _merge_hub_folder(folder, installed.target)
     return installed
+
+
+def _merge_hub_folder(folder: Path, target: Path) -> None:
+    """Copy a hub cache folder into the cache: blobs first, then the snapshots that link to
+    them, then refs, so that a copy cut short never leaves a link to a missing blob. Blobs are
+    named by their content, so merging into a folder that is already there only adds files
+    (and refs/main moves to the copied commit); importing twice changes nothing."""
+    for part in ("blobs", "snapshots", "refs"):
+        source = folder / part
+        for path in sorted(source.rglob("*")) if source.is_dir() else []:
+            destination = target / path.relative_to(folder)
+            if path.is_dir() and not path.is_symlink():
+                destination.mkdir(parents=True, exist_ok=True)
+                continue
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if destination.is_symlink() or destination.exists():
+                destination.unlink()
+            if path.is_symlink():
+                destination.symlink_to(os.readlink(path))
+            else:
+                shutil.copy2(path, destination)
 
 
 def _git_blob_sha1(path: Path) -> str:

@@ -404,6 +404,8 @@ def test_import_of_a_hub_cache_folder_checks_every_blob(
     assert "2 files match the hashes" in installed["checks"][0]
     found = cached_repo_snapshot("xlm-roberta-base", cache, hub_only=True)
     assert found is not None and (found / "tokenizer.json").read_bytes() == b"{}"
+    # Importing the same folder again changes nothing and is not an error.
+    assert run_cli(["models", "import", str(carried)], capsys, monkeypatch)[0] == 0
 
     # A blob whose content no longer matches its name is refused, and nothing is copied.
     damaged = _hub_folder(tmp_path / "damaged", "timm/ViT-B-16-SigLIP2", {"tokenizer.json": b"{}"})
