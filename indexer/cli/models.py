@@ -111,8 +111,6 @@ def models_fetch(
     settings = load_settings()
     source = weights_source(name, pretrained, settings.model_config_dir)
     shown = sys.stderr.isatty() if progress is None else progress
-    if not as_json:
-        typer.echo(source.describe(), err=True)
     report = fetch(source, settings.model_cache_dir, progress=shown)
     if as_json:
         print_json(report.to_dict())
