@@ -49,7 +49,9 @@ def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> S
     )
     unready_reason = None
     try:
-        searcher.refresh()  # fail at start-up (model mismatch, corrupt shard), not on a query
+        # Fail at start-up on a model mismatch, not on a query; corrupt shards are left out
+        # (served degraded, see /ready and /index), never fatal.
+        searcher.refresh()
     except CatalogMismatch as exc:
         # Start unready and say why; the generation poller follows the catalog until it and
         # the index dir agree again (restored, or rebuilt).
