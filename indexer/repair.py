@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from indexer.binding import claim_problem
 from indexer.crash import crash_point
 from indexer.decode import iterate_decoded
 from indexer.lock import IndexLock
@@ -155,7 +156,11 @@ class RepairJob:
             self.catalog.upgrade()
             job_id = None if dry_run else self.catalog.start_job("repair", [])
             try:
-                if not dry_run:
+                if dry_run:  # cleanup_index_dir checks this itself (and claims a new catalog)
+                    problem = claim_problem(self.catalog, self.index_dir, writing=False)
+                    if problem is not None:
+                        raise problem
+                else:
                     cleanup_index_dir(
                         self.catalog, self.index_dir, self.settings.retire_grace_seconds
                     )

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from indexer.binding import claim_problem
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.tables import ShardRow
 from retrieval.errors import CorruptShard
@@ -87,8 +88,13 @@ def verify_index(
     against the catalog's images of that shard, and the FAISS index opened and probed with some
     of the shard's own vectors (no impossible scores). Then the catalog: every active image in
     an active shard. Marks are updated with the outcome, so the next start need not hash again.
+    CatalogMismatch (exit 8) when the catalog does not belong to the index dir.
     """
     started = time.monotonic()
+    # A lost, reset or other index's catalog would verify as an empty, sound index.
+    problem = claim_problem(catalog, index_dir, writing=False)
+    if problem is not None:
+        raise problem
     report = VerifyReport()
     marks = VerifiedMarks(index_dir)
     rows = catalog.shards()

@@ -10,7 +10,7 @@ import pytest
 
 from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
-from retrieval.index.shard import EMBEDDINGS_FILE
+from retrieval.index.shard import EMBEDDINGS_FILE, list_shard_dirs
 from retrieval.training.shapes import generate_shapes
 from tests.indexer.cli.test_cli import env, run_cli  # noqa: F401  # `env` is a fixture
 
@@ -145,3 +145,18 @@ def test_verify_reports_catalog_rows_that_disagree_with_ids(
     report = json.loads(out)
     assert set(report["corrupt"]) == {indexed[0], indexed[1]}
     assert f"ids only in ids.npy: {first.id}" in report["corrupt"][indexed[0]]["catalog"]
+
+
+def test_verify_and_repair_refuse_a_catalog_that_is_not_the_index_dirs(
+    indexed: list[str],
+    env: Settings,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new, empty catalog beside the index would verify as a sound, empty index: exit 8."""
+    monkeypatch.setenv("CLIPSEARCH_DATABASE_URL", f"sqlite:///{tmp_path / 'new-catalog.db'}")
+    for args in (["verify"], ["repair", "--dry-run"], ["repair"]):
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert code == 8 and "Traceback" not in err, (args, err)
+    assert set(list_shard_dirs(env.resolved_index_dir)) == set(indexed)  # nothing deleted
