@@ -156,7 +156,8 @@ function describeModel(model) {
 }
 
 function indexIsEmpty() {
-  return state.index !== null && state.index.live_vector_count === 0;
+  // Degraded with every shard corrupt serves nothing, but "no index yet" would be untrue.
+  return state.index !== null && state.index.live_vector_count === 0 && !state.index.degraded;
 }
 
 // `report`: also explain a failure in the message region (not on the quiet background poll,
@@ -166,7 +167,8 @@ async function refreshIndexStatus({ report = true } = {}) {
     const info = await client.index();
     const wasEmpty = indexIsEmpty();
     state.index = info;
-    document.body.dataset.index = info.live_vector_count === 0 ? "empty" : "ready";
+    document.body.dataset.index =
+      info.live_vector_count === 0 && !info.degraded ? "empty" : "ready";
     document.body.dataset.degraded = info.degraded ? "true" : "false";
     const count = info.live_vector_count;
     const corrupt = info.corrupt_shards ?? [];

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow  # starts a server
 @pytest.fixture(scope="module")
 def empty_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     work = tmp_path_factory.mktemp("web-empty")
+    (work / "data").mkdir()  # an empty data dir: serve refuses one that does not exist
     serve_settings = {
         "CLIPSEARCH_DATA_DIR": str(work / "data"),
         "CLIPSEARCH_MODEL": TINY,
@@ -105,3 +106,27 @@ def test_a_degraded_index_is_named_in_the_header(open_page: OpenPage, empty_serv
         "Generation 7 · 24 images · clipsearch-tiny (tiny.pt) · degraded: 1 corrupt shard not "
         "served (12 images); run “clipsearch repair”"
     )
+
+
+def test_an_index_with_every_shard_corrupt_is_not_called_empty(
+    open_page: OpenPage, empty_server: str
+) -> None:
+    nothing_served = {
+        **DEGRADED_INDEX,
+        "shard_count": 0,
+        "vector_count": 0,
+        "live_vector_count": 0,
+        "index_kinds": {},
+        "unserved_vector_count": 36,
+    }
+    page = open_page(empty_server + "/")
+    page.route(
+        lambda url: urlparse(url).path == "/index",
+        lambda route: route.fulfill(json=nothing_served),
+    )
+    page.reload()
+    page.wait_for_selector("body[data-degraded='true']")
+    sp = SearchPage(page)
+    assert "degraded: 1 corrupt shard not served (36 images)" in sp.index_status()
+    assert page.locator("body").get_attribute("data-index") == "ready"
+    assert page.locator("#message[data-code='no_index']").count() == 0
