@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 
 from retrieval.catalog.database import Catalog
-from retrieval.errors import EmptyIndex
+from retrieval.errors import CorruptShard, EmptyIndex
+from retrieval.index.integrity import ShardExpectation
 from retrieval.index.kinds import INDEX_KINDS, IndexParams
+from retrieval.index.marks import VerifiedMarks
 from retrieval.index.shard import iter_live_vectors, write_shard
 from retrieval.index.shard_set import ShardSet
 
@@ -60,10 +62,22 @@ class AnnReport:
 
 
 def live_embeddings(catalog: Catalog, index_dir: Path) -> np.ndarray:
-    """The stored (float16 -> float32) vectors of the current generation, tombstones excluded."""
-    shard_ids = [row.id for row in catalog.shards()]
+    """The stored (float16 -> float32) vectors of the current generation, tombstones excluded.
+
+    Every shard is checked as it would be before serving; CorruptShard if one fails, since
+    figures measured on part of the index (or on damaged vectors) would mislead.
+    """
+    expected = [ShardExpectation.of(row) for row in catalog.shards()]
     deleted = catalog.tombstoned_ids()
-    with ShardSet.open(index_dir, shard_ids, deleted_ids=deleted) as shards:
+    marks = VerifiedMarks(index_dir)
+    with ShardSet.open_checked(index_dir, expected, marks=marks, deleted_ids=deleted) as shards:
+        marks.save()
+        for shard_id, problem in shards.corrupt_shards.items():
+            raise CorruptShard(
+                f"shard {shard_id} is corrupt ({problem}); repair the index before measuring it",
+                shard_id=shard_id,
+                problem=problem,
+            )
         parts = [
             np.asarray(vectors, dtype=np.float32)
             for _, vectors in iter_live_vectors(shards.shards, deleted)

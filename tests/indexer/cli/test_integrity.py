@@ -95,6 +95,10 @@ def test_every_command_names_the_corrupt_shard_and_keeps_working(
     assert code == 0, err
     assert bad in err and "never rewritten" in err
 
+    # Measuring ANN quality on part of the index would mislead: it refuses, naming the shard.
+    code, _, err = run_cli(["eval", "--ann", "--ann-queries", "4"], capsys, monkeypatch)
+    assert code == CORRUPT_EXIT and bad in err and "Traceback" not in err
+
     code, out, err = run_cli(["repair", "--dry-run", "--json"], capsys, monkeypatch)
     assert code == 0, err
     dry = json.loads(out)
