@@ -299,13 +299,13 @@ class Searcher:
 
     def clean_query(self, query: str) -> str:
         """The query text as it is encoded; BadQuery when empty or over the length limit."""
+        # The limit counts the query as sent, spaces included: what the API schema's maxLength says.
+        limit = self.options.max_query_chars
+        if len(query) > limit:
+            raise BadQuery(f"The query is {len(query)} characters; the limit is {limit}.")
         text = query.strip()
         if not text:
             raise BadQuery("The query is empty.")
-        if len(text) > self.options.max_query_chars:
-            raise BadQuery(
-                f"The query is {len(text)} characters; the limit is {self.options.max_query_chars}."
-            )
         return text
 
     def search_text(

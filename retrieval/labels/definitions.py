@@ -180,7 +180,8 @@ class LabelSet:
         set_name = name or given
         if name and given and given != name:
             raise LabelSetError(where, f"the definition names {given!r}, not {name!r}")
-        if not isinstance(set_name, str) or not SET_NAME.match(set_name):
+        # fullmatch: `$` alone would let a trailing newline through ("docs\n").
+        if not isinstance(set_name, str) or not SET_NAME.fullmatch(set_name):
             raise LabelSetError(
                 where,
                 "a label set needs a name of letters, digits, '.', '_' or '-' "

@@ -238,6 +238,9 @@ def cases() -> list[Case]:
             "classify templates NUL", "/classify", {"labels": "cat", "templates": "a\x00{}"}, (422,)
         )
     )
+    out.append(
+        _json_case("PUT label set name newline", "PUT", "/label-sets/docs%0A", LABEL_BODY, (422,))
+    )
     # Very long strings.
     long_name = "a" * 300
     out.append(Case("GET label set 300 chars", "GET", f"/label-sets/{long_name}", expect=(422,)))
@@ -250,6 +253,9 @@ def cases() -> list[Case]:
     )
     out.append(_text_search("label 10000 chars", json.dumps({"labels": ["x" * 10_000]}), (422,)))
     out.append(Case("GET search q 8000 chars", "GET", "/search?q=" + "x" * 8_000, expect=(400,)))
+    # The limit (1000 by default) counts spaces too, as the schema's maxLength does.
+    padded = json.dumps({"query": "\t " + "x" * 999})
+    out.append(_json_case("query 1002 chars with spaces", "POST", "/search/text", padded, (400,)))
     out.append(
         _json_case(
             "PUT label 1000 chars", "PUT", "/label-sets/long", json.dumps({"labels": ["x" * 1000]})

@@ -93,6 +93,7 @@ def test_defaults_are_openai_templates_and_top_3() -> None:
         ({"name": "x", "labels": [""]}, "non-empty string"),
         ({"name": "x", "labels": [3]}, "a name or an object"),
         ({"name": "bad name", "labels": ["a"]}, "name of letters"),
+        ({"name": "docs\n", "labels": ["a"]}, "name of letters"),
         ({"name": "x", "labels": ["a"], "label_options": {"b": {}}}, "not in the list"),
         ({"name": "x", "labels": ["a"], "store_cosine": "yes"}, "store_cosine"),
         (["a", "b"], "must be an object"),
