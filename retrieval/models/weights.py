@@ -7,6 +7,7 @@ instead of a minute of retries.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import threading
@@ -27,11 +28,17 @@ from retrieval.models.sources import WeightsSource, source_for
 RANDOM_INIT = frozenset({"", "none", "random"})
 BUNDLED_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered_dirs: set[str] = set()
+_MODEL_CONFIG_KEYS = {"embed_dim", "vision_cfg", "text_cfg"}  # what open_clip takes for a model
 _register_lock = threading.Lock()
 
 
 def register_model_configs(extra_dir: Path | None = None) -> None:
-    """Register the bundled configs and any user configs (open_clip JSON files) once."""
+    """Register the bundled configs and any user configs (open_clip JSON files) once.
+
+    open_clip keeps one registry a process, where the last directory registered wins a name.
+    The configs of `extra_dir` are made to win whenever it is asked for, so that a process
+    that loads models of two config directories with a name in common (or a config edited
+    since) gets the one it asked for."""
     import open_clip
 
     dirs = [BUNDLED_CONFIG_DIR] + ([extra_dir] if extra_dir else [])
@@ -44,6 +51,15 @@ def register_model_configs(extra_dir: Path | None = None) -> None:
                 raise WeightsUnavailable(f"Model config directory {directory} does not exist.")
             open_clip.add_model_config(directory)
             _registered_dirs.add(key)
+        if extra_dir:
+            for path in sorted(Path(extra_dir).glob("*.json")):
+                try:
+                    config = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue  # open_clip skips it too, or fails on it with its own message
+                is_model = isinstance(config, dict) and _MODEL_CONFIG_KEYS <= set(config)
+                if is_model and open_clip.get_model_config(path.stem) != config:
+                    open_clip.add_model_config(path)
 
 
 def is_open_clip_tag(value: str) -> bool:

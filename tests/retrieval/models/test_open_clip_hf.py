@@ -3,6 +3,7 @@ against open_clip's own reference path: tiny towers, a local tokenizer folder.""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -162,3 +163,15 @@ def test_a_config_whose_tokenizer_is_missing_is_a_clear_error(
     message = str(info.value)
     assert str(tokenizer) in message and "Traceback" not in message
     assert ("does not exist" if folder == "missing" else "save_pretrained") in message
+
+
+def test_two_config_dirs_with_one_name_each_load_their_own(configs: Path, tmp_path: Path) -> None:
+    # open_clip's registry is one a process: the directory asked for must win the name.
+    other = tmp_path / "configs"
+    other.mkdir()
+    config = json.loads((configs / f"{XLMR}.json").read_text())
+    config["embed_dim"] = 24
+    (other / f"{XLMR}.json").write_text(json.dumps(config))
+    assert load_encoder(ModelSpec(XLMR, "none", device="cpu", config_dir=other)).dim == 24
+    assert load_encoder(ModelSpec(XLMR, "none", device="cpu", config_dir=configs)).dim == 16
+    assert load_encoder(ModelSpec(XLMR, "none", device="cpu", config_dir=other)).dim == 24
