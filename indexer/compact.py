@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from indexer.crash import crash_point
 from indexer.lock import IndexLock
 from indexer.publish import cleanup_index_dir, write_shard_record
 from retrieval.catalog.database import Catalog
@@ -108,7 +109,9 @@ def compact_index(
             commit.purge_ids = [int(i) for shard_id in merged for i in by_shard.get(shard_id, [])]
             commit.retire_shards = sorted(merged)
             report.merged = sorted(merged)
+            crash_point("compact_before_commit")
             report.generation = catalog.commit(commit)
+            crash_point("compact_after_commit")
             # The merged shards' labels stay valid for the shards written from them. Not in
             # the commit's transaction: if this is lost, the next labelling pass recomputes
             # the same labels for those shards.

@@ -13,7 +13,7 @@ def crash_point(name: str) -> None:
 
     Set CLIPSEARCH_CRASH_AT=<name> (before_shard_write, after_shard_write, before_commit,
     after_commit, during_encode; during_labels, before_label_publish; repair_before_commit,
-    repair_after_commit). Unset in normal use;
+    repair_after_commit; compact_before_commit, compact_after_commit). Unset in normal use;
     costs one dict lookup.
     """
     if os.environ.get(CRASH_ENV) == name:
