@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 import typer
 
@@ -19,7 +22,7 @@ from indexer.cli import (
     serve,
     train,
 )
-from indexer.cli.output import exit_code
+from indexer.cli.output import INTERRUPTED, UNEXPECTED, exit_code
 from retrieval.errors import ClipsearchError
 
 # Typer's rich help keeps single newlines, so each paragraph is one line and the terminal wraps.
@@ -32,9 +35,10 @@ HELP = (
     "2 bad setting, usage or input, 3 another indexer is running, 4 model differs from the "
     "index's, 5 model weights unavailable, 6 corrupt shard, 7 not found, 8 the catalog and "
     "the index dir do not belong together (a lost, reset or other index's catalog), 9 the "
-    "index is empty (nothing indexed yet)."
+    "index is empty (nothing indexed yet), 130 interrupted."
 )
 
+INTERRUPTED_MESSAGE = "interrupted; nothing uncommitted was published"
 
 app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False)
 # Registration order is the order `clipsearch --help` lists the commands in.
@@ -63,5 +67,29 @@ def main() -> None:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exit_code(exc))
     except KeyboardInterrupt:
-        typer.echo("interrupted; nothing uncommitted was published", err=True)
-        sys.exit(130)
+        typer.echo(INTERRUPTED_MESSAGE, err=True)
+        sys.exit(INTERRUPTED)
+    except SystemExit as exc:
+        if exc.code == INTERRUPTED:  # Typer turns Ctrl-C in a command into a silent exit 130
+            typer.echo(INTERRUPTED_MESSAGE, err=True)
+        raise
+    except Exception as exc:
+        # An unreachable database, a full disk, a bug: one line for the user, the traceback
+        # kept for a bug report.
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        saved = save_traceback()
+        if saved is not None:
+            typer.echo(f"(the traceback is in {saved})", err=True)
+        sys.exit(UNEXPECTED)
+
+
+def save_traceback() -> Path | None:
+    """Write the exception being handled to a new file in the temp dir; None if that fails."""
+    try:
+        with tempfile.NamedTemporaryFile(
+            "w", prefix="clipsearch-error-", suffix=".txt", delete=False
+        ) as handle:
+            traceback.print_exc(file=handle)
+            return Path(handle.name)
+    except OSError:
+        return None

@@ -40,11 +40,13 @@ EXIT_CODES: dict[type[ClipsearchError], int] = {
     CatalogMismatch: 8,
     EmptyIndex: 9,
 }
+UNEXPECTED = 1  # any other exception: one line on stderr, the traceback saved to a file
+INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 
 
 def exit_code(error: BaseException) -> int:
     """The documented exit code of an error (1 for anything unexpected)."""
-    return next((c for t, c in EXIT_CODES.items() if isinstance(error, t)), 1)
+    return next((c for t, c in EXIT_CODES.items() if isinstance(error, t)), UNEXPECTED)
 
 
 def print_json(data: Any) -> None:
