@@ -7,6 +7,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.validation import (
+    JsonBool,
+    JsonFloat,
+    JsonInt,
     LabelSetName,
     PathPrefix,
     Pixels,
@@ -50,7 +53,7 @@ class Filters(BaseModel):
     labels_mode: Literal["any", "all"] = Field(
         default="any", description="any: at least one of `labels`; all: every one of them."
     )
-    label_min_score: float = Field(
+    label_min_score: JsonFloat = Field(
         default=0.0, ge=0.0, le=1.0, description="Smallest probability a label counts with."
     )
     label_set: LabelSetName | None = Field(
@@ -97,7 +100,7 @@ class TextSearchRequest(BaseModel):
         description="Free text; limited to CLIPSEARCH_MAX_QUERY_CHARS.",
         json_schema_extra={"minLength": 1, **setting_bound(maxLength="max_query_chars")},
     )
-    k: int = Field(
+    k: JsonInt = Field(
         default=10,
         description="Number of results, 1..CLIPSEARCH_MAX_K.",
         json_schema_extra={"minimum": 1, **setting_bound(maximum="max_k")},
@@ -224,8 +227,8 @@ class LabelEntry(BaseModel):
     prompts: list[SafeStr] | None = Field(
         default=None, description="Full sentences used instead of the templates."
     )
-    threshold: float | None = Field(default=None, description="Smallest probability stored.")
-    min_cosine: float | None = Field(default=None, description="Smallest raw cosine stored.")
+    threshold: JsonFloat | None = Field(default=None, description="Smallest probability stored.")
+    min_cosine: JsonFloat | None = Field(default=None, description="Smallest raw cosine stored.")
 
 
 class LabelSetDefinition(BaseModel):
@@ -254,10 +257,10 @@ class LabelSetDefinition(BaseModel):
         default="openai",
         description="openai, simple, photo, zh, zh-photo, zh-simple, or templates with {}.",
     )
-    top_k: int = Field(default=3, description="Labels stored per image.")
-    threshold: float = Field(default=0.0, description="Smallest probability stored.")
-    min_cosine: float | None = Field(default=None, description="Smallest raw cosine stored.")
-    store_cosine: bool = Field(default=False, description="Also keep raw cosine scores.")
+    top_k: JsonInt = Field(default=3, description="Labels stored per image.")
+    threshold: JsonFloat = Field(default=0.0, description="Smallest probability stored.")
+    min_cosine: JsonFloat | None = Field(default=None, description="Smallest raw cosine stored.")
+    store_cosine: JsonBool = Field(default=False, description="Also keep raw cosine scores.")
 
 
 class LabelSetOut(BaseModel):

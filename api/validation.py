@@ -65,7 +65,12 @@ ShortText = Annotated[str, StringConstraints(max_length=200), AfterValidator(sto
 PathPrefix = Annotated[str, StringConstraints(max_length=4096), AfterValidator(storable_text)]
 # Any JSON value whose strings (and keys) are storable and whose nesting is bounded.
 SafeJson = Annotated[Any, AfterValidator(_storable_json)]
-Pixels = Annotated[int, Field(ge=0, le=INT32_MAX)]
+# Numbers and booleans in JSON bodies as JSON has them: pydantic's lax mode would read `true`
+# as 1 and "yes" as true, which the schema does not allow.
+JsonInt = Annotated[int, Field(strict=True)]
+JsonFloat = Annotated[float, Field(strict=True)]
+JsonBool = Annotated[bool, Field(strict=True)]
+Pixels = Annotated[int, Field(ge=0, le=INT32_MAX, strict=True)]
 # In: a time without an offset is UTC. Out: SQLite gives times back without one; they are UTC.
 UtcDateTime = Annotated[dt.datetime, AfterValidator(_utc)]
 ImageId = Annotated[int, Path(ge=1, le=INT64_MAX, description="An image id, as results give it.")]

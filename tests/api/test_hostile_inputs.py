@@ -379,7 +379,27 @@ def cases() -> list[Case]:
         )
     )
     out.append(_similar("similar labels_mode odd", '{"labels_mode": "some"}', (422,)))
+    # JSON booleans and strings where the schema wants numbers or booleans.
+    out.append(_text_search("min_height false", '{"min_height": false}', (422,)))
+    out.append(
+        _text_search("label_min_score true", '{"labels": ["a"], "label_min_score": true}', (422,))
+    )
+    out.append(
+        _json_case("text k true", "POST", "/search/text", '{"query": "a", "k": true}', (422,))
+    )
+    out.append(
+        _json_case(
+            "label set store_cosine yes",
+            "PUT",
+            "/label-sets/strict",
+            '{"labels": ["a"], "store_cosine": "yes"}',
+            (422,),
+        )
+    )
     out.append(Case("PATCH search", "PATCH", "/search", expect=(405,)))
+    # The page's static files: a NUL or an over-long name is simply not there.
+    out.append(Case("web asset NUL", "GET", "/web/app.js%00.png", expect=(404,)))
+    out.append(Case("web asset 5000 chars", "GET", "/web/" + "a" * 5_000, expect=(404,)))
     return out
 
 

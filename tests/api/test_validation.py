@@ -101,7 +101,15 @@ def test_datetimes_past_the_utc_range_are_a_validation_error(text: str) -> None:
 
 @pytest.mark.parametrize(
     "filters",
-    [{"min_width": 2**31}, {"max_height": 2**63}, {"min_height": -1}, {"label_set": "x" * 129}],
+    [
+        {"min_width": 2**31},
+        {"max_height": 2**63},
+        {"min_height": -1},
+        {"min_height": False},  # JSON false is not 0
+        {"max_width": "5"},
+        {"labels": ["a"], "label_min_score": True},
+        {"label_set": "x" * 129},
+    ],
 )
 def test_filter_values_are_bounded_by_the_columns(filters: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
