@@ -46,6 +46,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--catalog-every", type=int, default=50, help="delete the catalog every N kills"
     )
+    parser.add_argument(
+        "--fresh-processes",
+        action="store_true",
+        help="start every command as a new `python -m indexer` instead of forking it from a "
+        "server that imported torch once (slow: about ten seconds of imports per command)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (and logs)")
     return parser.parse_args()
 
@@ -72,7 +78,7 @@ def main() -> None:
     checkpoint = work / "tiny.pt"
     torch.save({"state_dict": open_clip.create_model(MODEL).state_dict()}, checkpoint)
     encoder = load_encoder(ModelSpec(MODEL, str(checkpoint), device="cpu"))
-    commands = Commands(work / "logs")
+    commands = Commands(work / "logs", fresh_processes=args.fresh_processes)
     database_of = contextlib.contextmanager(fresh_database)
 
     kinds = ["sqlite", "postgres"] if args.database == "both" else [args.database]
@@ -101,6 +107,7 @@ def main() -> None:
                 "bench": "chaos",
                 "kills_per_database": args.kills,
                 "seed": args.seed,
+                "processes": "fresh" if args.fresh_processes else "forked",
                 **totals,
                 "seconds": round(time.monotonic() - started, 1),
                 "databases": results,

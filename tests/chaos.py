@@ -7,7 +7,8 @@ Used by tests/indexer/test_chaos.py (a few kills) and bench/chaos.py (hundreds).
 Each command runs in a process of its own, forked from a server that has already imported
 torch, FAISS and the CLI (multiprocessing's forkserver): the command's code, its DataLoader
 workers, its locks and its commits are those of `clipsearch`, and it dies by a real SIGKILL, but
-a kill does not cost the ten seconds a fresh interpreter spends importing torch.
+a kill does not cost the ten seconds a fresh interpreter spends importing torch
+(`Commands(fresh_processes=True)`, bench/chaos.py --fresh-processes, pays them instead).
 
 The world: a folder of generated pictures that changes between index runs (new, deleted,
 changed, moved and copied files), a label set whose definition alternates (so `label` always has
@@ -31,11 +32,13 @@ What is counted (every count must stay 0):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import multiprocessing
 import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -169,9 +172,11 @@ class Outcome:
 
 
 class Commands:
-    """Starts `clipsearch` commands as forked processes, and kills them."""
+    """Starts `clipsearch` commands and kills them: forked from the preloaded server, or with
+    `fresh_processes` each a new `python -m indexer` (ten seconds of imports a command)."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, *, fresh_processes: bool = False) -> None:
+        self.fresh_processes = fresh_processes
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(PRELOAD)
         self.log_dir = log_dir
@@ -185,28 +190,47 @@ class Commands:
         *,
         kill_after: float | None = None,
         timeout: float = 300.0,
-        on_start: Callable[[int], None] | None = None,
     ) -> Outcome:
-        """Run to the end, or SIGKILL after `kill_after` seconds; `on_start` gets the pid."""
+        """Run to the end, or SIGKILL (as `kill -9` does) after `kill_after` seconds."""
         self.started += 1
         log_path = self.log_dir / f"{self.started:05d}-{argv[0]}.log"
-        process = self.context.Process(
-            target=run_clipsearch, args=(argv, env, str(log_path)), daemon=False
-        )
+        wait = kill_after if kill_after is not None else timeout
         started = time.monotonic()
-        process.start()
-        assert process.pid is not None
-        if on_start is not None:
-            on_start(process.pid)
-        process.join(kill_after if kill_after is not None else timeout)
-        if process.is_alive():
-            process.kill()  # SIGKILL, as `kill -9` does
-            process.join(timeout)
+        if self.fresh_processes:
+            code = self._run_fresh(argv, env, log_path, wait, timeout)
+        else:
+            process = self.context.Process(
+                target=run_clipsearch, args=(argv, env, str(log_path)), daemon=False
+            )
+            process.start()
+            process.join(wait)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout)
+            code = process.exitcode if process.exitcode is not None else KILLED
         seconds = time.monotonic() - started
-        code = process.exitcode if process.exitcode is not None else KILLED
         output = log_path.read_text(errors="replace") if log_path.exists() else ""
         crash = env.get(CRASH_ENV)
         return Outcome(argv[0], code, seconds, output, crash if code == KILLED else None)
+
+    @staticmethod
+    def _run_fresh(
+        argv: list[str], env: dict[str, str], log_path: Path, wait: float, timeout: float
+    ) -> int:
+        outside = {k: v for k, v in os.environ.items() if not k.startswith("CLIPSEARCH_")}
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "indexer", *argv],
+                env={**outside, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parents[1],
+            )
+        try:
+            return process.wait(wait)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait(timeout)
 
 
 @dataclass
@@ -327,14 +351,12 @@ class Corpus:
         self.root = root
         self.rng = rng
         self.reference = reference  # encodes a new file, returns its sha256
-        self.drawn = 0
         self.epoch = 0
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.root.rglob("*.jpg") if p.is_file())
 
     def draw(self, path: Path) -> None:
-        self.drawn += 1
         colour = self.rng.choice(list(COLOURS))
         shape = self.rng.choice(SHAPES)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -373,8 +395,6 @@ class Corpus:
 
 
 def sha256_of(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -500,8 +520,7 @@ class Chaos:
         self.root = base / "photos"
         self.data_dir = base / "data"
         self.index_dir = self.data_dir / "index"
-        self.settings = self._settings(self.data_dir, self.databases.chaos)
-        self.twin_settings = self._settings(base / "twin", self.databases.twin)
+        self.twin_settings = self._twin_settings(base / "twin", self.databases.twin)
         self.references: dict[str, np.ndarray] = {}
         self.corpus = Corpus(self.root, self.rng, self._reference)
         self.query_vectors = encoder.encode_texts(QUERIES)
@@ -520,7 +539,9 @@ class Chaos:
         self.twin = Catalog(self.databases.twin)
         self.reader = Reader(self)
 
-    def _settings(self, data_dir: Path, url: str) -> Settings:
+    def _twin_settings(self, data_dir: Path, url: str) -> Settings:
+        """The clean twin's settings: those `env` gives the commands, and no labels on index
+        (the twin labels once, at the end, with the final label set)."""
         return load_settings(
             data_dir=data_dir,
             database_url=url,
@@ -531,7 +552,7 @@ class Chaos:
             batch_size=8,
             shard_size=SHARD_SIZE,
             retire_grace_seconds=3,
-            label_on_index=True,
+            label_on_index=False,
         )
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -724,7 +745,7 @@ class Chaos:
         """The clean twin indexes the same files, in process and never killed; the committed
         images become what every later search must return."""
         IndexJob(
-            self.twin_settings.model_copy(update={"label_on_index": False}),
+            self.twin_settings,
             self.twin,
             lambda: self.encoder,
             progress=False,
