@@ -477,13 +477,18 @@ def impossible_result(shard: Shard, q: F32Array, scores: F32Array, labels: IdArr
     query_rows = np.broadcast_to(np.arange(q.shape[0])[:, None], labels.shape)[valid]
     query_norms = np.linalg.norm(q, axis=1)[query_rows]
     score = scores[valid].astype(np.float64)
-    # Stored vectors (verified when the shard was opened) have norms within 1% of 1, so a score
+    # Sound stored vectors have norms within 1% of 1 (checked below on the rows read), so a score
     # below 0.98 of the query's norm is a sound cosine whatever the row: only the others, near
     # duplicates and damage, cost a read of their stored vector.
     suspect = ~np.isfinite(score) | (np.abs(score) > 0.98 * query_norms)
     if not suspect.any():
         return None
     x = shard.rows_f32(rows[suspect])
+    # Serving checks hashes only: a shard written with vectors off the unit sphere (files that
+    # agree with each other) shows it here, where its scores would otherwise pass as cosines.
+    not_unit = _not_unit(x, hit_ids[suspect])
+    if not_unit is not None:
+        return not_unit
     scale = query_norms[suspect] * np.linalg.norm(x, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         cosine = np.where(

@@ -338,6 +338,21 @@ def test_an_impossible_result_stops_the_shard_being_served(tmp_path: Path, lie: 
     assert expected in reported[0][1]
 
 
+def test_a_shard_written_with_vectors_off_the_unit_sphere_is_stopped(tmp_path: Path) -> None:
+    # Files that agree with each other (checksums pass) on a vector of norm 50: its raw scores
+    # divided by its own norm would look like a cosine, so the stored norm is checked too.
+    ids = np.arange(1, 21, dtype=np.int64)
+    x = unit_vectors(20, seed=21)
+    x[3] *= 50
+    manifest = write_shard(
+        tmp_path, "s1", ids=ids, embeddings=x, params=choose_params("flat", 20, DIM), model=MODEL
+    )
+    with ShardSet.open_checked(tmp_path, [expectation(tmp_path, manifest)]) as shards:
+        scores, labels = shards.search(x[3:4] / 50, 5)
+        assert (labels < 0).all() and list(shards.corrupt_shards) == ["s1"]
+        assert "embeddings.npy holds a vector of norm" in shards.corrupt_shards["s1"]
+
+
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
 def test_a_sound_index_never_trips_the_bound(tmp_path: Path, kind: str) -> None:
     """Float16 storage moves a norm by up to 5e-4, so two copies of one image score above
