@@ -393,6 +393,7 @@ class RepairJob:
                 workers=self.settings.workers,
                 max_pixels=self.settings.max_image_pixels,
                 min_side=encoder.identity.image_size if self.settings.jpeg_draft else None,
+                max_bytes=self.settings.max_decode_bytes,
             ):
                 if batch.tensors is not None:
                     vectors = encoder.encode_image_tensors(batch.tensors)
