@@ -55,9 +55,9 @@ class OpenClipBackend(ModelBackend):
     def encode_text(self, tokens: TokenBatch, *, trim: bool) -> torch.Tensor:
         if trim and self._causal_tower():
             return self._encode_trimmed(tokens.ids)
-        if trim and self._masked_hf_tower() is not None:
-            return self.model.encode_text(self._trim_padding(tokens.ids))  # type: ignore[operator]
-        return self.model.encode_text(tokens.ids)  # type: ignore[operator]
+        pad = self._masked_hf_tower() if trim else None
+        ids = tokens.ids if pad is None else self._trim_padding(tokens.ids, pad)
+        return self.model.encode_text(ids)  # type: ignore[operator]
 
     def score_rule(self) -> ScoreRule:
         scale = getattr(self.model, "logit_scale", None)
@@ -102,12 +102,11 @@ class OpenClipBackend(ModelBackend):
         tokenizer_pad = getattr(getattr(self.tokenizer, "tokenizer", None), "pad_token_id", None)
         return int(pad) if pad is not None and pad == tokenizer_pad else None
 
-    def _trim_padding(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _trim_padding(self, tokens: torch.Tensor, pad: int) -> torch.Tensor:
         # The tower's attention mask is `tokens != pad`, so a padding column is masked out of
         # every real token's attention (exactly 0 after the softmax) and out of the mean; the
         # position ids count real tokens only. Dropping the columns after the last real token
         # therefore changes nothing but the work.
-        pad = self._masked_hf_tower()
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         last = int((positions * (tokens != pad)).max().item())
         return tokens[:, : last + 1]
