@@ -294,7 +294,7 @@ class IndexJob:
             work.append(_Work(stat, None, replaces=old_rec, keep_id=keep))
         work.sort(key=lambda w: w.stat.path)
 
-        next_id = self.catalog.max_image_id() + 1
+        next_id = self.catalog.next_image_id()
         items: list[_Item] = []
         errors_now: list[ImageRecord] = []
         for entry in work:

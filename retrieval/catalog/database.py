@@ -244,6 +244,15 @@ class Catalog:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.max(ImageRow.id))).scalar() or 0)
 
+    def next_image_id(self) -> int:
+        """The first id a new image may take: past every id this catalog ever handed out."""
+        with self.engine.connect() as conn:
+            recorded = conn.execute(
+                select(IndexStateRow.next_image_id).where(IndexStateRow.id == 1)
+            ).scalar()
+            highest = conn.execute(select(func.max(ImageRow.id))).scalar()
+            return max(int(recorded or 1), int(highest or 0) + 1)
+
     # --- shards ------------------------------------------------------------------
     def shards(self, status: str | None = ACTIVE) -> list[ShardRow]:
         with self.session() as session:
@@ -438,6 +447,10 @@ class Catalog:
                 )
             if change.drop_labels:
                 _drop_labels(session, change.drop_labels)
+            # Ids are never reused: the counter moves past every id this generation wrote,
+            # before compaction's purge of deleted rows could lower max(id).
+            highest = session.execute(select(func.max(ImageRow.id))).scalar()
+            state.next_image_id = max(state.next_image_id or 1, int(highest or 0) + 1)
             if change.purge_ids:
                 _purge_images(session, change.purge_ids)
             for chunk in chunks(change.retire_shards):

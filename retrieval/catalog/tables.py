@@ -111,6 +111,10 @@ class IndexStateRow(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     # The index this catalog belongs to; index_dir/index.json holds the same id.
     index_id: Mapped[str | None] = mapped_column(String(32))
+    # The id the next new image gets. It only grows: an id freed by compaction (which purges
+    # deleted rows) is never handed out again, so a URL or thumbnail cached under an old id
+    # can never show another picture. NULL in a catalog that predates it: max(id) + 1.
+    next_image_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class LabelSetRow(Base):

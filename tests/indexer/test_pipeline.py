@@ -246,6 +246,30 @@ def test_deleted_file_is_excluded_at_once_and_gone_after_compact(
     )
 
 
+def test_an_id_freed_by_compaction_is_never_handed_out_again(
+    run: Callable[..., tuple[IndexReport, CountingFactory]],
+    photos: Path,
+    settings: Settings,
+    catalog: Catalog,
+) -> None:
+    # /images/{id}/file and thumbnails are cached by id: a reused id would show another
+    # picture under a cached URL.
+    run(photos)
+    live = _live(catalog, photos)
+    newest = max(live, key=live.__getitem__)
+    highest = live[newest]
+    Path(newest).unlink()
+    run(photos)
+    compact_index(
+        catalog, settings.resolved_index_dir, shard_size=settings.shard_size, grace_seconds=0
+    )
+    assert catalog.max_image_id() == highest - 1  # the purge lowered max(id)
+    draw_shape("red", "circle", random.Random(99)).save(photos / "zz-new.jpg", "JPEG")
+    report, _ = run(photos)
+    assert report.new == 1
+    assert _live(catalog, photos)[str(photos / "zz-new.jpg")] == highest + 1
+
+
 def test_searcher_follows_generations_on_a_device_placement(
     run: Callable[..., tuple[IndexReport, CountingFactory]],
     photos: Path,

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from alembic import command
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
 from retrieval.catalog.database import Catalog
-from retrieval.catalog.migrate import current_revision
+from retrieval.catalog.migrate import (
+    alembic_config,
+    current_revision,
+    head_revision,
+    migrations_dir,
+)
 from retrieval.catalog.records import GenerationCommit, ImageRecord, ShardRecord
 from retrieval.catalog.tables import ACTIVE, DELETED, ERROR
 from retrieval.errors import NotFound
@@ -39,7 +45,39 @@ def test_upgrade_creates_tables_and_is_idempotent(catalog: Catalog) -> None:
     catalog.upgrade()
     tables = set(inspect(catalog.engine).get_table_names())
     assert {"images", "shards", "index_jobs", "index_state", "alembic_version"} <= tables
-    assert current_revision(catalog.engine) == "0005"
+    assert current_revision(catalog.engine) == head_revision()
+
+
+def test_head_revision_is_the_newest_migration_file() -> None:
+    numbered = sorted(
+        path.name.split("_")[0] for path in (migrations_dir() / "versions").glob("[0-9]*_*.py")
+    )
+    assert head_revision() == numbered[-1]
+
+
+def test_the_next_id_migration_starts_past_the_highest_id(db_url: str) -> None:
+    # A catalog written before the counter existed: committed at head, then taken back to
+    # 0005 (which drops the column), then upgraded again.
+    catalog = Catalog(db_url)
+    try:
+        catalog.upgrade()
+        catalog.commit(
+            GenerationCommit(
+                model=MODEL, new_shards=[_shard()], upserts=[_rec(7, "/a"), _rec(41, "/b")]
+            )
+        )
+        with catalog.engine.connect() as connection:
+            command.downgrade(alembic_config(connection), "0005")
+            connection.commit()
+        assert "next_image_id" not in {
+            c["name"] for c in inspect(catalog.engine).get_columns("index_state")
+        }
+        catalog.upgrade()
+        assert catalog.next_image_id() == 42
+        catalog.commit(GenerationCommit(model=MODEL, purge_ids=[41]))
+        assert catalog.max_image_id() == 7 and catalog.next_image_id() == 42
+    finally:
+        catalog.dispose()
 
 
 def test_sqlite_uses_wal_and_busy_timeout(catalog: Catalog) -> None:

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from retrieval.catalog.database import Catalog
-from retrieval.catalog.migrate import current_revision, upgrade_database
+from retrieval.catalog.migrate import current_revision, head_revision, upgrade_database
 from retrieval.catalog.records import GenerationCommit, ImageRecord, ShardRecord
 from retrieval.catalog.tables import ACTIVE, ImageLabelRow, LabelledShardRow, utcnow
 from retrieval.errors import BadQuery, NotFound
@@ -74,7 +74,7 @@ def test_migrations_reach_head_and_keep_cached_label_embeddings(db_url: str) -> 
             {"v": stored.version_id, "blob": vectors.astype("<f4").tobytes(), "now": utcnow()},
         )
     catalog.upgrade()
-    assert current_revision(catalog.engine) == "0005"
+    assert current_revision(catalog.engine) == head_revision()
     found = LabelStore(catalog).cached_embeddings(stored.version_id, "k1")
     assert found is not None and found.logit_scale == 50.0 and found.logit_bias is None
     np.testing.assert_array_equal(found.vectors, vectors)
