@@ -10,7 +10,7 @@
 
 Prints one JSON line (also written to --out/gpu_check.json). On a machine without CUDA it says
 so and checks only what needs no GPU. `scripts/device_check.sh` installs the carried wheels and
-runs this on the device machine.
+runs this on a GPU machine without network access.
 
     python bench/gpu_check.py --out /tmp/gpu-check
 """

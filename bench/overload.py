@@ -332,7 +332,7 @@ async def _exchange(
     the Retry-After it asked for (0 if none).
 
     A 503 is "overloaded" (the API's JSON with Retry-After) or "bare" (anything else). A raw
-    HTTP/1.1 exchange keeps the client's own CPU small beside the server's on shared cores.
+    HTTP/1.1 exchange keeps the client's own CPU small beside the server's when both share the cores.
     """
     writer.write(_request_bytes(i))
     await writer.drain()

@@ -3,7 +3,7 @@
 # with the .whl/ that scripts/device_wheels.sh downloaded on a machine with network access:
 #   bash scripts/device_check.sh
 # Installs the carried wheels beside the machine's own torch, then runs bench/gpu_check.py.
-# Its JSON line goes to stdout and to $OUT/gpu_check.json.
+# Its JSON line goes to stdout and to gpu_check.json in $OUT (default bench/out/gpu-check).
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl

@@ -23,4 +23,6 @@ fi
 # that trains it trains a new one. CLIPSEARCH_TEST_MODEL_CACHE= (empty) trains it every run.
 export CLIPSEARCH_TEST_MODEL_CACHE="${CLIPSEARCH_TEST_MODEL_CACHE-${XDG_CACHE_HOME:-$HOME/.cache}/clipsearch/test-models}"
 
-exec .venv/bin/python -m pytest "$@"
+# --durations=25 lists the slowest tests at the end; a --durations among the extra arguments
+# comes later on the line and wins.
+exec .venv/bin/python -m pytest --durations=25 "$@"

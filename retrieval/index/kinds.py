@@ -48,7 +48,7 @@ class IndexParams:
 
     kind: str
     hnsw_m: int = 32
-    # bench/ann_recall.py, 100k clustered vectors, d=512, efSearch 128, 2 shared cores:
+    # bench/ann_recall.py, 100k clustered vectors, d=512, efSearch 128, 2 CPU cores:
     # efConstruction 40 -> recall@10 0.996, build 30 s; 64 -> 1.000, 36 s; 80 -> 1.000, 61 s.
     # 64 is the cheapest value that measured no recall loss.
     hnsw_ef_construction: int = 64

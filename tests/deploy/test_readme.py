@@ -114,10 +114,10 @@ def test_readme_command_lines_parse() -> None:
 
 
 def test_readme_says_what_was_exercised_and_what_was_not() -> None:
-    deployment = _section("Deployment")
-    assert "builds no image and starts no container" in deployment
+    development = _section("Development")  # how this project is tested: not in the user's part
+    assert "builds no image and starts no container" in development
     for check in ("hadolint", "tests/deploy", "migrate-to", "schedule"):
-        assert check in deployment
+        assert check in development
 
 
 def test_readme_links_to_existing_files() -> None:
