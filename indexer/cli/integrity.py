@@ -15,10 +15,10 @@ from indexer.cli.options import (
     ModelOpt,
     PretrainedOpt,
     ProgressOpt,
-    encoder_factory,
     open_catalog,
 )
 from indexer.cli.output import EXIT_CODES, print_json
+from indexer.cli.reading import index_model, model_loader
 from retrieval.config import load_settings
 from retrieval.errors import CorruptShard
 
@@ -146,7 +146,10 @@ def repair(
         device=device,
     )
     catalog = open_catalog(settings)
-    job = RepairJob(settings, catalog, encoder_factory(settings), progress=progress)
+    # Images encoded again must get the index's own model (recorded in the catalog), not
+    # whatever the environment names: a mismatch is refused before any weights load.
+    choice = index_model(settings, catalog)
+    job = RepairJob(choice.settings, catalog, model_loader(choice), progress=progress)
     report = job.run(shards or None, dry_run=dry_run)
     if as_json:
         print_json(report.to_dict())

@@ -10,7 +10,7 @@ import pytest
 
 from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
-from retrieval.index.shard import EMBEDDINGS_FILE, list_shard_dirs
+from retrieval.index.shard import EMBEDDINGS_FILE, INDEX_FILE, list_shard_dirs
 from retrieval.training.shapes import generate_shapes
 from tests.indexer.cli.test_cli import env, run_cli  # noqa: F401  # `env` is a fixture
 
@@ -114,6 +114,34 @@ def test_every_command_names_the_corrupt_shard_and_keeps_working(
     assert len(json.loads(out)["results"]) == 14
     code, out, _ = run_cli(["repair"], capsys, monkeypatch)
     assert code == 0 and "nothing to repair" in out
+
+
+def test_repair_encodes_with_the_index_s_model_not_the_environment_s(
+    indexed: list[str],
+    env: Settings,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Both vector files of a shard broken: its images must be encoded again. No model is
+    # named (the default would be ViT-B-32 with weights that are not here): repair takes the
+    # index's recorded model, as search does.
+    bad = indexed[2]
+    shard_dir = env.resolved_index_dir / "shards" / bad
+    for name in (EMBEDDINGS_FILE, INDEX_FILE):
+        raw = bytearray((shard_dir / name).read_bytes())
+        raw[-9] ^= 0xFF
+        (shard_dir / name).write_bytes(bytes(raw))
+    monkeypatch.delenv("CLIPSEARCH_MODEL")
+    monkeypatch.delenv("CLIPSEARCH_PRETRAINED")
+    code, out, err = run_cli(["repair"], capsys, monkeypatch)
+    assert code == 0, err
+    assert f"shard {bad}" in out and "4 from reencoded" in out and "0 unrecoverable" in out
+    code, out, err = run_cli(["verify"], capsys, monkeypatch)
+    assert code == 0, out
+
+    # A model named explicitly that is not the index's is refused before any load (exit 4).
+    code, _, err = run_cli(["repair", "--model", "ViT-B-16"], capsys, monkeypatch)
+    assert code == 4 and "ViT-B-16" in err and "Traceback" not in err
 
 
 def test_repair_of_an_unknown_shard_exits_7(
