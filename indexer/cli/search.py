@@ -115,8 +115,12 @@ def search(
 
 
 def echo_hits(result: SearchResult) -> None:
+    """A header, then score, id, path and best labels of each hit: the order the README gives."""
     if not result.hits:
         typer.echo("no results (no image matches the filters)")
+        return
+    labelled = any(hit.labels for hit in result.hits)
+    typer.echo(f"{'score':>8}  {'id':>8}  path" + ("  [labels]" if labelled else ""))
     for hit in result.hits:
         labels = ", ".join(f"{x.label} {x.score:.2f}" for x in hit.labels[:3])
         suffix = f"  [{labels}]" if labels else ""

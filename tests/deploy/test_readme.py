@@ -131,3 +131,12 @@ def test_readme_has_no_path_to_nowhere() -> None:
         if path == "docker/.env":
             continue  # the user's copy of docker/.env.example
         assert (ROOT / Path(path)).exists(), f"README names missing {path}"
+
+
+def test_readme_gives_the_search_columns_in_their_order() -> None:
+    """`clipsearch search` prints score, id, path, labels (tests/indexer/cli asserts the header)."""
+    commands = _section("Commands")
+    start = commands.index("`clipsearch search` prints a header line, then one line per hit:")
+    sentence = commands[start : commands.index(".\n", start)]
+    columns = re.findall(r"`(\w+)`", sentence.split("per hit:", 1)[1])
+    assert columns == ["score", "id", "path", "labels"]

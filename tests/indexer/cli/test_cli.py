@@ -72,7 +72,11 @@ def test_index_search_status_roundtrip(
         ["search", "--image", str(samples[3].path), "-k", "1"], capsys, monkeypatch
     )
     assert code == 0, err
-    assert str(samples[3].path) in out  # an indexed image finds itself first
+    header, first = out.splitlines()
+    assert header == "   score        id  path"  # the README's order: score, id, path, labels
+    score, image_id, path = first.split(maxsplit=2)
+    assert float(score) > 0.99 and int(image_id) >= 1
+    assert path == str(samples[3].path)  # an indexed image finds itself first
 
     code, out, _ = run_cli(["status", "--json"], capsys, monkeypatch)
     status = json.loads(out)
