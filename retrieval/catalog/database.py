@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from retrieval.catalog.catalog_file import CatalogFileWatch, sqlite_file
-from retrieval.catalog.records import GenerationCommit, ImageRecord, IndexState
+from retrieval.catalog.records import GenerationCommit, ImageRecord, IndexState, PhotoFields
 from retrieval.catalog.tables import (
     ACTIVE,
     DELETED,
@@ -58,6 +58,11 @@ def _like_prefix(root: str) -> str:
     return escape_like(root).rstrip("/") + "/%"
 
 
+def _as_utc(moment: dt.datetime | None) -> dt.datetime | None:
+    """SQLite hands timestamps back without their zone; the catalog writes them in UTC."""
+    return moment.replace(tzinfo=dt.UTC) if moment and moment.tzinfo is None else moment
+
+
 def _record(row: ImageRow) -> ImageRecord:
     return ImageRecord(
         id=row.id,
@@ -73,6 +78,14 @@ def _record(row: ImageRow) -> ImageRecord:
         error_detail=row.error_detail,
         shard_id=row.shard_id,
         indexed_at=row.indexed_at,
+        photo=PhotoFields(
+            taken_at=_as_utc(row.taken_at),
+            taken_at_source=row.taken_at_source,
+            camera_make=row.camera_make,
+            camera_model=row.camera_model,
+            latitude=row.latitude,
+            longitude=row.longitude,
+        ),
     )
 
 

@@ -10,6 +10,30 @@ from retrieval.catalog.tables import utcnow
 
 
 @dataclass(frozen=True)
+class PhotoFields:
+    """A row's photo columns: capture time (and whether EXIF or the file's mtime gave it), camera
+    and position. All None: not read yet (a row indexed before they were kept) or a failed file.
+    """
+
+    taken_at: dt.datetime | None = None
+    taken_at_source: str | None = None  # "exif" or "file"
+    camera_make: str | None = None
+    camera_model: str | None = None
+    latitude: float | None = None
+    longitude: float | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "taken_at": self.taken_at,
+            "taken_at_source": self.taken_at_source,
+            "camera_make": self.camera_make,
+            "camera_model": self.camera_model,
+            "latitude": self.latitude,
+            "longitude": self.longitude,
+        }
+
+
+@dataclass(frozen=True)
 class ImageRecord:
     """One catalog row as plain data."""
 
@@ -26,6 +50,7 @@ class ImageRecord:
     error_detail: str | None = None
     shard_id: str | None = None
     indexed_at: dt.datetime | None = None
+    photo: PhotoFields = PhotoFields()
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -42,6 +67,7 @@ class ImageRecord:
             "error_detail": self.error_detail,
             "shard_id": self.shard_id,
             "indexed_at": self.indexed_at or utcnow(),
+            **self.photo.to_row(),
         }
 
 

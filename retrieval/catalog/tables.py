@@ -72,6 +72,15 @@ class ImageRow(Base):
     shard_id: Mapped[str | None] = mapped_column(ForeignKey("shards.id"), index=True)
     indexed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # What the photo's EXIF says (retrieval.photo_info), read with its header. taken_at is
+    # DateTimeOriginal in UTC, else the file's mtime (taken_at_source "exif" or "file"); NULL
+    # only on rows indexed before it was kept, which the next index run fills in.
+    taken_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    taken_at_source: Mapped[str | None] = mapped_column(String(8))
+    camera_make: Mapped[str | None] = mapped_column(String(128))
+    camera_model: Mapped[str | None] = mapped_column(String(128))
+    latitude: Mapped[float | None] = mapped_column(Float)
+    longitude: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (
         # One live row per path; deleted rows (tombstones) keep their old path.
