@@ -26,7 +26,7 @@ from api.services import Services
 from api.text_queries import TextQueryEncoder
 from api.validation import document_setting_bounds
 from retrieval.catalog.database import Catalog
-from retrieval.config import Settings, load_settings
+from retrieval.config import Settings, load_settings, warn_about_unknown_settings
 from retrieval.errors import CatalogMismatch
 from retrieval.models.encoder import Encoder, encoder_from_settings
 from retrieval.models.recorded import choose_model
@@ -168,6 +168,7 @@ def create_app(
     encoder_factory: Callable[[Settings], Encoder] | None = None,
 ) -> FastAPI:
     """Build the app. With no arguments (uvicorn's factory call) settings come from the env."""
+    warn_about_unknown_settings()
     settings = settings or load_settings()
     build_encoder = encoder_factory or encoder_from_settings
     metrics = Metrics()

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import difflib
+import functools
+import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,6 +18,20 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from retrieval.errors import ConfigError
 
 ENV_PREFIX = "CLIPSEARCH_"
+# CLIPSEARCH_* variables that are no setting, and so are never warned about: the test suite's,
+# the benchmarks' and scripts' (tests/, bench/, scripts/), and the indexer's crash points.
+NOT_SETTINGS = frozenset(
+    {
+        "CLIPSEARCH_TEST_DATABASE_URL",
+        "CLIPSEARCH_TEST_MODEL_CACHE",
+        "CLIPSEARCH_TEST_RUN",
+        "CLIPSEARCH_BENCH_RUN",
+        "CLIPSEARCH_CRASH_AT",
+        "CLIPSEARCH_UPDATE_OPENAPI",
+        "CLIPSEARCH_SCHEMATHESIS_EXAMPLES",
+        "CLIPSEARCH_SCHEMATHESIS_SEED",
+    }
+)
 IndexKindName = Literal["auto", "flat", "hnsw", "ivf", "ivfpq"]
 FaissGpuName = Literal["auto", "on", "off"]
 
@@ -245,3 +263,38 @@ def load_settings(**overrides: Any) -> Settings:
         setting = ENV_PREFIX + field.upper()
         message = str(first["msg"]).removeprefix("Value error, ")
         raise ConfigError(setting, f"{message} (got {first.get('input')!r})") from None
+
+
+def setting_variables() -> list[str]:
+    """The environment variable of every setting (CLIPSEARCH_MODEL, ...)."""
+    return sorted(ENV_PREFIX + name.upper() for name in Settings.model_fields)
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each CLIPSEARCH_* variable in `environ` that no setting reads, naming the
+    nearest setting where one is close (a typo is otherwise ignored without a word)."""
+    known = setting_variables()
+    suffixes = {name.removeprefix(ENV_PREFIX): name for name in known}
+    warnings = []
+    for variable in sorted(environ):
+        name = variable.upper()  # settings are read whatever the case
+        if not name.startswith(ENV_PREFIX) or name in known or name in NOT_SETTINGS:
+            continue
+        # Compared without the prefix, which every name shares and which would make any two
+        # names look alike.
+        close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), list(suffixes), n=1)
+        hint = (
+            f"did you mean {suffixes[close[0]]}?"
+            if close
+            else "the settings are listed under Configuration in the README"
+        )
+        warnings.append(f"{variable} is not a setting and is ignored; {hint}")
+    return warnings
+
+
+@functools.cache
+def warn_about_unknown_settings() -> None:
+    """Log the unknown CLIPSEARCH_* variables of this process's environment, once a process
+    (the command line at start, the API at start-up: `clipsearch serve` is both)."""
+    for warning in unknown_settings(os.environ):
+        logging.getLogger("clipsearch.settings").warning(warning)

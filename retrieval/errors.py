@@ -43,6 +43,22 @@ class WeightsUnavailable(ClipsearchError):
     code = "weights_unavailable"
 
 
+class DeviceUnavailable(ClipsearchError):
+    """The device the settings name (CLIPSEARCH_DEVICE or --device) is not on this machine;
+    `setting` names where it was set."""
+
+    code = "device_unavailable"
+
+    def __init__(self, setting: str, device: str, reason: str) -> None:
+        given = f"{setting} {device}" if setting.startswith("--") else f"{setting}={device}"
+        super().__init__(
+            f"{given}: {reason}. Use cpu, or auto to run on a GPU only where there is one."
+        )
+        self.setting = setting
+        self.device = device
+        self.reason = reason
+
+
 class ModelMismatch(ClipsearchError):
     """The configured model is not the one the index was built with."""
 

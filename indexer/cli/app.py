@@ -23,6 +23,7 @@ from indexer.cli import (
     train,
 )
 from indexer.cli.output import INTERRUPTED, UNEXPECTED, exit_code
+from retrieval.config import warn_about_unknown_settings
 from retrieval.errors import ClipsearchError
 
 # Typer's rich help keeps single newlines, so each paragraph is one line and the terminal wraps.
@@ -35,7 +36,8 @@ HELP = (
     "2 bad setting, usage or input, 3 another indexer is running, 4 model differs from the "
     "index's, 5 model weights unavailable, 6 corrupt shard, 7 not found, 8 the catalog and "
     "the index dir do not belong together (a lost, reset or other index's catalog), 9 the "
-    "index is empty (nothing indexed yet), 130 interrupted."
+    "index is empty (nothing indexed yet), 10 the device asked for (--device, CLIPSEARCH_DEVICE) "
+    "is not there, 130 interrupted."
 )
 
 INTERRUPTED_MESSAGE = "interrupted; nothing uncommitted was published"
@@ -61,6 +63,7 @@ app.add_typer(models.models_app, name="models")
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warn_about_unknown_settings()
     try:
         app()
     except ClipsearchError as exc:

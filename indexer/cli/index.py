@@ -25,7 +25,9 @@ from indexer.cli.options import (
 )
 from indexer.cli.output import print_json, utc_text
 from indexer.cli.reading import index_model, model_loader
-from retrieval.config import load_settings
+from retrieval.config import Settings, load_settings
+from retrieval.errors import ConfigError
+from retrieval.models.device import DEVICE_SETTING, check_device
 
 if TYPE_CHECKING:
     from indexer.pipeline import IndexReport
@@ -60,6 +62,21 @@ CompactKindOpt = Annotated[
     str, typer.Option(help="Index kind for the merged shards: auto, flat, hnsw, ivf, ivfpq.")
 ]
 MergeAllOpt = Annotated[bool, typer.Option("--all", help="Rewrite every shard.")]
+
+
+def image_roots(arguments: list[Path] | None, settings: Settings) -> list[str]:
+    """The folders to index: the ROOTS arguments, else CLIPSEARCH_ROOTS. ConfigError naming
+    where a folder came from when there is none or one is missing, before anything is opened."""
+    setting = "ROOTS" if arguments else "CLIPSEARCH_ROOTS"
+    roots = arguments or settings.roots
+    if not roots:
+        raise ConfigError(setting, "no image folders given (pass ROOT arguments or set it)")
+    for root in roots:
+        if not root.exists():
+            raise ConfigError(setting, f"{root} does not exist")
+        if not root.is_dir():
+            raise ConfigError(setting, f"{root} is not a directory")
+    return [str(root) for root in roots]
 
 
 def index_summary(report: IndexReport) -> str:
@@ -120,7 +137,7 @@ def index(
         workers=workers,
         shard_size=shard_size,
     )
-    chosen_roots = [str(r) for r in (roots or settings.roots)]
+    chosen_roots = image_roots(roots, settings)
     catalog = open_catalog(settings)
     previous = None
     if since_last_run:
@@ -141,6 +158,7 @@ def index(
     # refused now, before the scan and the model load.
     choice = index_model(settings, catalog)
     settings = choice.settings
+    check_device(settings.device, "--device" if device else DEVICE_SETTING)
     from indexer.pipeline import IndexJob  # torch: after the checks that need none
 
     job = IndexJob(

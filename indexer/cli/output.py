@@ -15,6 +15,7 @@ from retrieval.errors import (
     ClipsearchError,
     ConfigError,
     CorruptShard,
+    DeviceUnavailable,
     EmptyIndex,
     ImageError,
     IndexLocked,
@@ -39,6 +40,7 @@ EXIT_CODES: dict[type[ClipsearchError], int] = {
     NotFound: 7,
     CatalogMismatch: 8,
     EmptyIndex: 9,
+    DeviceUnavailable: 10,
 }
 UNEXPECTED = 1  # any other exception: one line on stderr, the traceback saved to a file
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)

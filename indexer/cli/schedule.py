@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from indexer.cli.index import RootsArg, echo_failures, index_summary
+from indexer.cli.index import RootsArg, echo_failures, image_roots, index_summary
 from indexer.cli.integrity import echo_corrupt_shards
 from indexer.cli.options import (
     BatchSizeOpt,
@@ -27,7 +27,8 @@ from indexer.cli.options import (
 from indexer.cli.output import exit_code, print_json
 from indexer.cli.reading import index_model, model_loader
 from retrieval.config import load_settings
-from retrieval.errors import ClipsearchError, ConfigError
+from retrieval.errors import ClipsearchError
+from retrieval.models.device import DEVICE_SETTING, check_device
 
 if TYPE_CHECKING:
     from indexer.schedule import ScheduledRun, ScheduleSummary
@@ -182,11 +183,8 @@ def schedule(
         index_every=every,
         index_at=at,
     )
-    chosen_roots = [str(r) for r in (roots or settings.roots)]
-    if not chosen_roots:
-        raise ConfigError(
-            "CLIPSEARCH_ROOTS", "no image folders given (pass ROOT arguments or set it)"
-        )
+    chosen_roots = image_roots(roots, settings)
+    check_device(settings.device, "--device" if device else DEVICE_SETTING)
     config = ScheduleConfig(
         every_seconds=settings.index_every,
         at=parse_time_of_day(settings.index_at) if settings.index_at else None,

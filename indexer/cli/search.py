@@ -22,6 +22,7 @@ from indexer.cli.output import print_json
 from indexer.cli.reading import open_for_reading, require_images
 from retrieval.config import load_settings
 from retrieval.errors import ConfigError
+from retrieval.models.device import DEVICE_SETTING, check_device
 
 if TYPE_CHECKING:
     from retrieval.search import SearchResult
@@ -93,6 +94,7 @@ def search(
 
         read_header(image, max_pixels=settings.max_image_pixels)
     require_images(reading.catalog)
+    check_device(settings.device, "--device" if device else DEVICE_SETTING)
     from retrieval.search import Searcher  # torch and FAISS: after every cheap check
 
     searcher = Searcher.from_settings(

@@ -21,6 +21,7 @@ from indexer.cli.options import (
 from indexer.cli.reading import index_model, require_data_dir, warn_if_empty
 from retrieval.config import ENV_PREFIX, load_settings
 from retrieval.errors import ConfigError
+from retrieval.models.device import DEVICE_SETTING, check_device
 
 
 def require_port_free(host: str, port: int, flag: str = "") -> None:
@@ -88,6 +89,7 @@ def serve(
         index_model(settings, catalog)
     finally:
         catalog.dispose()
+    check_device(settings.device, "--device" if device else DEVICE_SETTING)
     # The app reads its settings from the environment, in every worker process too.
     for name, value in flags.items():
         if value is not None:

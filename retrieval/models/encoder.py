@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retrieval.errors import WeightsUnavailable
+from retrieval.errors import ConfigError
 from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch, load_backend
+from retrieval.models.device import resolve_device
 from retrieval.models.identity import ModelIdentity, ModelSource, ModelSpec
 from retrieval.models.recorded import spec_of
 
@@ -20,22 +21,12 @@ if TYPE_CHECKING:
     from retrieval.config import Settings
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise WeightsUnavailable(
-            f"CLIPSEARCH_DEVICE={device} but no CUDA device is visible; use auto or cpu."
-        )
-    return device
-
-
 def resolve_precision(precision: str, device: str) -> str:
     if precision == "auto":
         return "fp16" if device.startswith("cuda") else "fp32"
     if precision == "fp16" and device == "cpu":
         # Half-precision matmuls on CPU are slow or unsupported; refuse early and clearly.
-        raise WeightsUnavailable("CLIPSEARCH_PRECISION=fp16 needs a CUDA device; use fp32 on CPU.")
+        raise ConfigError("CLIPSEARCH_PRECISION", "fp16 needs a CUDA device; use fp32 on CPU")
     return precision
 
 
@@ -127,7 +118,8 @@ class Encoder:
 
 def load_encoder(spec: ModelSpec) -> Encoder:
     """Load the model once, through its family. Raises WeightsUnavailable with instructions
-    when weights are missing, ConfigError when the family's package is not installed."""
+    when weights are missing, ConfigError when the family's package is not installed,
+    DeviceUnavailable when the CUDA device named is not there."""
     device = resolve_device(spec.device)
     precision = resolve_precision(spec.precision, device)
     backend = load_backend(spec, device, precision)

@@ -127,6 +127,12 @@ def _empty_index(world: World) -> list[str]:
     return ["search", "a red circle"]
 
 
+def _no_such_device(world: World) -> list[str]:
+    # A device number no machine has: refused whether or not this one has a GPU.
+    world.monkeypatch.setenv("CLIPSEARCH_DEVICE", "cuda:99")
+    return ["index", str(world.pics)]
+
+
 def _interrupted(world: World) -> list[str]:
     def interrupted(*_: object, **__: object) -> None:
         raise KeyboardInterrupt  # Ctrl-C in the middle of the job
@@ -148,6 +154,7 @@ CASES: dict[str, tuple[int, Callable[[World], list[str]], str]] = {
     "not-found": (7, _not_found, "no-such-shard"),
     "catalog-lost": (8, _catalog_lost, "catalog"),
     "empty-index": (9, _empty_index, "clipsearch index"),
+    "no-such-device": (10, _no_such_device, "CLIPSEARCH_DEVICE=cuda:99: "),
     "interrupted": (INTERRUPTED, _interrupted, "interrupted"),
 }
 
