@@ -15,15 +15,17 @@ from typing import Any
 from indexer.workers import die_with_parent
 from retrieval.errors import ImageError
 from retrieval.images import decode_image
+from retrieval.photo_info import PhotoInfo
 
 
 @dataclass(frozen=True)
 class DecodedMeta:
-    """What decoding learnt of a file: the catalog's width, height and format."""
+    """What decoding learnt of a file: the catalog's width, height, format and EXIF facts."""
 
     width: int
     height: int
     format: str | None
+    photo: PhotoInfo = PhotoInfo()
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,8 @@ class _DecodeDataset:
                 max_bytes=self.max_bytes,
             )
             tensor = self.preprocess(decoded.image)
-            return index, tensor, DecodedMeta(decoded.width, decoded.height, decoded.format)
+            meta = DecodedMeta(decoded.width, decoded.height, decoded.format, decoded.photo)
+            return index, tensor, meta
         except ImageError as exc:
             return index, None, DecodeFailure(exc.reason, exc.detail)
         except Exception as exc:  # noqa: BLE001 - one bad file must never stop the job

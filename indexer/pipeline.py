@@ -6,13 +6,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from indexer.backfill import backfill_photo_info, photo_fields
 from indexer.binding import claim_index
 from indexer.crash import crash_point
 from indexer.decode import DecodedMeta, DecodeFailure, iterate_decoded
@@ -21,7 +22,7 @@ from indexer.publish import cleanup_index_dir, write_shard_record
 from indexer.scan import FileStat, ScanDiff, diff_scan, hash_files, normalise_root, scan_roots
 from indexer.verify import corrupt_shards
 from retrieval.catalog.database import Catalog
-from retrieval.catalog.records import GenerationCommit, ImageRecord
+from retrieval.catalog.records import GenerationCommit, ImageRecord, PhotoFields
 from retrieval.catalog.tables import ACTIVE, ERROR
 from retrieval.config import Settings
 from retrieval.errors import ConfigError, CorruptShard
@@ -29,6 +30,7 @@ from retrieval.index.faiss_gpu import resolve_faiss_gpu
 from retrieval.index.integrity import ShardExpectation, open_checked
 from retrieval.models.encoder import Encoder
 from retrieval.models.identity import ModelIdentity
+from retrieval.photo_info import PhotoInfo, capture_time
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class IndexReport:
     labelled: dict[str, int] = field(default_factory=dict)  # label set -> images labelled
     corrupt_shards: dict[str, str] = field(default_factory=dict)  # shard id -> what is wrong
     set_aside: str | None = None  # where --rebuild-catalog moved the previous index
+    # Images indexed before the catalog kept capture dates and cameras, read now (headers only).
+    photo_info_read: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -184,6 +188,12 @@ class IndexJob:
             try:
                 cleanup_index_dir(self.catalog, self.index_dir, self.settings.retire_grace_seconds)
                 self._run_locked(root_paths, report)
+                report.photo_info_read = backfill_photo_info(
+                    self.catalog,
+                    root_paths,
+                    max_pixels=self.settings.max_image_pixels,
+                    progress_disabled=self.progress_disabled,
+                )
                 if self.settings.label_on_index:
                     self._label(report)
                 # A nightly run is where a corrupt shard gets noticed (hashing only the files
@@ -445,6 +455,7 @@ class IndexJob:
                     status=ACTIVE,
                     shard_id=shard_id,
                     **_image_size(outcome),
+                    photo=_photo(outcome),
                 )
             commit.upserts.append(record_row)
         crash_point("before_commit")
@@ -461,3 +472,17 @@ def _image_size(outcome: _Outcome) -> dict[str, Any]:
     if source is None:
         return {"width": None, "height": None, "format": None}
     return {"width": source.width, "height": source.height, "format": source.format}
+
+
+def _photo(outcome: _Outcome) -> PhotoFields:
+    """Capture time, camera and position: as decoded now, or those of the row whose vector
+    (and so whose bytes, EXIF included) is reused; a file time comes from this file."""
+    mtime_ns = outcome.item.stat.mtime_ns
+    if outcome.decoded is not None:
+        return photo_fields(outcome.decoded.photo, mtime_ns)
+    source = outcome.item.source
+    if source is None or source.photo.taken_at is None:
+        return PhotoFields()  # a row indexed before migration 0007: this run's backfill reads it
+    if source.photo.taken_at_source == "file":
+        return replace(source.photo, taken_at=capture_time(PhotoInfo(), mtime_ns)[0])
+    return source.photo

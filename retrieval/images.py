@@ -4,6 +4,10 @@ Real corpora hold truncated, huge, hostile and mislabelled files, so every failu
 `ImageError` with a stable `reason`, and the pixel cap and the decode budget (bytes, see
 `DecodeCost`) are checked from the header before any pixel is decoded. Conversions to RGB run
 in bands of rows, so a decode holds little beyond its frame whatever the image's mode.
+
+HEIC/HEIF pictures decode through pillow-heif (libheif), AVIF through Pillow's own plugin
+(libavif); for both, the sizes their header boxes declare are checked too (see
+`retrieval.isobmff`), since the codecs report only the size after cropping.
 """
 
 from __future__ import annotations
@@ -18,16 +22,29 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+import pillow_heif
+from PIL import Image, ImageFile, UnidentifiedImageError, features
 
+from retrieval import isobmff
 from retrieval.errors import ImageError
 from retrieval.memory import release_free_heap
+from retrieval.photo_info import PhotoInfo, photo_info
+
+# Thumbnails, depth maps and auxiliary images inside a HEIC are never needed: not even parsed.
+pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+    | {".heic", ".heif", ".hif", ".avif"}
 )
 # MPO is what phones write for multi-picture JPEGs; Pillow reports it instead of JPEG.
-ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+ALLOWED_FORMATS: frozenset[str] = frozenset(
+    {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "HEIF", "AVIF"}
+)
+# Measured peak memory beyond the RGB frame, per pixel the header declares (4000x3000 and
+# 2000x1500 pictures): libheif's planes and its RGB copy (3.3 to 4.7 bytes; 10-bit HEICs
+# are converted to 8 bits and take the same), libavif's planes and RGBA copy (5.0 to 5.1).
+_CODEC_BYTES_PER_PIXEL = {"HEIF": 5, "AVIF": 6}
 
 # A file is read into memory whole, so its size needs a bound of its own; no legitimate
 # photo comes near this, while /dev/zero or a mislabelled video would.
@@ -85,12 +102,23 @@ class DecodeCost:
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """A fully loaded RGB image, upright per its EXIF orientation."""
+    """A fully loaded RGB image, upright per its EXIF orientation, and what its EXIF says."""
 
     image: Image.Image
     width: int
     height: int
     format: str
+    photo: PhotoInfo = PhotoInfo()
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header says, without decoding pixels: width and height are upright."""
+
+    format: str
+    width: int
+    height: int
+    photo: PhotoInfo = PhotoInfo()
 
 
 def decode_image(
@@ -116,6 +144,7 @@ def decode_image(
     """
     shown_as = _shown_as(source, name)
     data = _read_source(source, shown_as)
+    declared = _check_declared(data, max_pixels, shown_as)
     with _pillow_warnings_silenced():
         opened = _open_allowed(data, shown_as)
         with opened:
@@ -125,13 +154,20 @@ def decode_image(
             header_orientation = _orientation(opened, header_only=True)
             if min_side and fmt in ("JPEG", "MPO"):
                 opened.draft("RGB", (min_side, min_side))
-            cost = decode_cost(opened, min_side=min_side, turned=header_orientation != 1)
+            cost = decode_cost(
+                opened,
+                min_side=min_side,
+                turned=header_orientation != 1,
+                declared_pixels=declared,
+                deep=declared > 0 and isobmff.bits_per_channel(data) > 8,
+            )
             if max_bytes is not None and cost.total > max_bytes:
                 raise ImageError("too_large", _over_budget(opened, cost, max_bytes), shown_as)
             try:
                 opened.load()
                 # Read orientation after load: a PNG may keep its eXIf chunk after the pixels.
                 orientation = _orientation(opened)
+                photo = photo_info(opened)
                 rgb = _render_rgb(opened, cost.factor, orientation)
             except Exception as exc:  # Pillow raises almost anything on bad data
                 raise _classify(exc, data, shown_as) from exc
@@ -146,17 +182,27 @@ def decode_image(
     # header says how a TIFF stands; other formats may name their orientation only after load.
     if (header_orientation if fmt == "TIFF" else orientation) in _SWAPS_AXES:
         width, height = height, width
-    return DecodedImage(image=rgb, width=width, height=height, format=fmt)
+    return DecodedImage(image=rgb, width=width, height=height, format=fmt, photo=photo)
 
 
-def decode_cost(image: ImageFile.ImageFile, *, min_side: int | None, turned: bool) -> DecodeCost:
-    """The memory decoding `image` (opened, not loaded; after any draft) will take."""
+def decode_cost(
+    image: ImageFile.ImageFile,
+    *,
+    min_side: int | None,
+    turned: bool,
+    declared_pixels: int = 0,
+    deep: bool = False,
+) -> DecodeCost:
+    """The memory decoding `image` (opened, not loaded; after any draft) will take.
+
+    `declared_pixels`: the largest picture a HEIF/AVIF file's boxes declare, which its codec
+    decodes whole before cropping to `image.size`; `deep`: more than 8 bits per channel."""
     width, height = image.size
     factor = _reduction_factor(image.size, min_side)
     out_pixels = math.ceil(width / factor) * math.ceil(height / factor)
     return DecodeCost(
         frame=width * height * bytes_per_pixel(image.mode),
-        decoder=_decoder_buffer_bytes(image),
+        decoder=_decoder_buffer_bytes(image, declared_pixels, deep),
         output=out_pixels * 4 * (2 if turned else 1),
         factor=factor,
     )
@@ -178,8 +224,12 @@ def _reduction_factor(size: tuple[int, int], min_side: int | None) -> int:
     return max(1, min(width, height) // min_side)
 
 
-def _decoder_buffer_bytes(image: ImageFile.ImageFile) -> int:
+def _decoder_buffer_bytes(image: ImageFile.ImageFile, declared_pixels: int, deep: bool) -> int:
     width, height = image.size
+    per_pixel = _CODEC_BYTES_PER_PIXEL.get(image.format or "")
+    if per_pixel is not None:
+        # More than 8 bits a channel: the codec's planes hold two bytes a sample.
+        return max(declared_pixels, width * height) * per_pixel * (2 if deep else 1)
     if image.format == "WEBP":
         # Measured: Pillow's WebP decoder holds three RGBA canvases beside the frame.
         return 3 * width * height * 4
@@ -218,8 +268,19 @@ def read_header(
     Runs every check of `decode_image` except those that need the pixel data (truncation,
     a broken stream). Orientation stored after the pixels (rare, PNG only) is not seen.
     """
+    header = read_image_header(source, max_pixels=max_pixels, name=name)
+    return header.format, header.width, header.height
+
+
+def read_image_header(source: Source, *, max_pixels: int, name: str | None = None) -> ImageHeader:
+    """`read_header` and the EXIF facts (capture time, camera, position); no pixel decoded.
+
+    EXIF stored after the pixels (a PNG's late eXIf chunk) is not seen. A HEIF or AVIF file
+    cut short fails here as truncated: its codec cannot parse the header without its end.
+    """
     shown_as = _shown_as(source, name)
     data = _read_source(source, shown_as)
+    _check_declared(data, max_pixels, shown_as)
     with _pillow_warnings_silenced():
         opened = _open_allowed(data, shown_as)
         with opened:
@@ -228,7 +289,9 @@ def read_header(
             width, height = _stored_size(opened)
             if _orientation(opened, header_only=True) in _SWAPS_AXES:
                 width, height = height, width
-    return fmt, width, height
+            late_exif = fmt == "PNG" and "exif" not in opened.info
+            photo = PhotoInfo() if late_exif else photo_info(opened)
+    return ImageHeader(fmt, width, height, photo)
 
 
 def _shown_as(source: Source, name: str | None) -> str | None:
@@ -317,8 +380,35 @@ def _open_allowed(data: bytes, shown_as: str | None) -> ImageFile.ImageFile:
     raise _unidentified(data, shown_as)
 
 
+def _check_declared(data: bytes, max_pixels: int, shown_as: str | None) -> int:
+    """For a HEIF or AVIF file: refuse it if any picture its boxes declare is over the pixel cap
+    (Pillow's limit included, which these codecs do not apply to what they decode before
+    cropping). Returns the largest declared pixel count (0: not such a file, or none)."""
+    sizes = isobmff.declared_sizes(data)
+    if not sizes:
+        return 0
+    cap = max_pixels
+    if Image.MAX_IMAGE_PIXELS:
+        cap = min(cap, 2 * Image.MAX_IMAGE_PIXELS)
+    for size in sizes:
+        _check_pixels(size, cap, shown_as)
+    return max(width * height for width, height in sizes)
+
+
 def _unidentified(data: bytes, shown_as: str | None) -> ImageError:
     """Tell an unsupported image format from bytes that are no image at all."""
+    if isobmff.is_short(data):
+        # libheif and libavif cannot even identify a HEIF/AVIF file that is cut short.
+        return ImageError("truncated", "the data ends before the image does", shown_as)
+    family = isobmff.brand(data)
+    if family == "AVIF" and not features.check("avif"):
+        return ImageError(
+            "unsupported_format",
+            "AVIF images need Pillow built with libavif (Pillow's own wheels, 11.3 or later)",
+            shown_as,
+        )
+    if family is not None:
+        return ImageError("decode_failed", f"the {family} header could not be parsed", shown_as)
     others = tuple(f for f in Image.ID if f not in ALLOWED_FORMATS)
     try:
         # Header parsing only; the pixels of an unsupported format are never decoded.
@@ -363,6 +453,7 @@ def _classify(exc: BaseException, data: bytes, shown_as: str | None) -> ImageErr
         isinstance(exc, EOFError)
         or (isinstance(exc, OSError) and _says_truncated(message))
         or _riff_is_short(data)
+        or isobmff.is_short(data)
     ):
         return ImageError("truncated", "the data ends before the image does", shown_as)
     if isinstance(exc, ValueError) and "too large" in message.lower():

@@ -401,6 +401,31 @@ class Catalog:
             )
             return [_record(row) for row in session.scalars(query)]
 
+    def missing_photo_info(self, roots: Sequence[str]) -> list[ImageRecord]:
+        """Active rows under the roots whose photo columns were never read (indexed before
+        migration 0007), by path."""
+        found: list[ImageRecord] = []
+        with self.session() as session:
+            for root in roots:
+                query = select(ImageRow).where(
+                    ImageRow.status == ACTIVE,
+                    ImageRow.taken_at.is_(None),
+                    ImageRow.path.like(_like_prefix(root), escape="\\"),
+                )
+                found.extend(_record(row) for row in session.scalars(query))
+        return sorted({record.id: record for record in found}.values(), key=lambda r: r.path)
+
+    def set_photo_info(self, photos: dict[int, PhotoFields]) -> None:
+        """Write the photo columns of these rows, in one transaction. Vectors, shards and the
+        generation stay as they are: search reads these columns from the catalog per query."""
+        if not photos:
+            return
+        with self.session() as session:
+            session.execute(
+                update(ImageRow),
+                [{"id": image_id, **photo.to_row()} for image_id, photo in photos.items()],
+            )
+
     # --- the commit point ----------------------------------------------------------
     def commit(self, change: GenerationCommit) -> int:
         """Apply one generation in ONE transaction and return the new generation number.

@@ -36,7 +36,7 @@ def photos(tmp_path: Path) -> Path:
     root = tmp_path / "photos"
     generate_shapes(root, 24, seed=5)
     (root / "captions.csv").unlink()
-    write_good_images(root / "mixed", 12, seed=2)  # six formats, several sizes
+    write_good_images(root / "mixed", 12, seed=2)  # eight formats, several sizes
     return root
 
 
@@ -99,7 +99,7 @@ def live_server(
         catalog.upgrade()
         photos = tmp / "photos"
         generate_shapes(photos, 12, seed=3)
-        write_good_images(photos / "mixed", 6, seed=2)  # every format
+        write_good_images(photos / "mixed", 8, seed=2)  # every format
         IndexJob(settings, catalog, lambda: encoder, progress=False).run([str(photos)])
         catalog.dispose()
         env = {

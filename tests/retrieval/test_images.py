@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from retrieval import images
+from retrieval import images, isobmff
 from retrieval.errors import ImageError
 from retrieval.images import (
     ALLOWED_FORMATS,
@@ -219,13 +219,16 @@ def test_multi_frame_images_give_their_first_frame(fmt: str) -> None:
     assert decoded.image.getpixel((5, 5)) == (255, 0, 0)
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+# HEIF and AVIF turn pictures with an irot box (their spec ignores EXIF orientation). Given the
+# EXIF as bytes, pillow-heif writes one, as phones do, and turns the pixels itself when
+# decoding (its EXIF then says 1); Pillow's AVIF plugin reads irot back as EXIF orientation.
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF", "HEIF", "AVIF"])
 def test_exif_orientation_6_swaps_width_and_height(fmt: str) -> None:
     picture = Image.new("RGB", (40, 20), (0, 0, 255))
     picture.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
     exif = Image.Exif()
     exif[0x0112] = 6  # stored rotated; shown after turning 90 degrees clockwise
-    data = encode(picture, fmt, exif=exif)
+    data = encode(picture, fmt, exif=exif.tobytes())
     decoded = decode(data)
     assert (decoded.width, decoded.height) == (20, 40)
     assert read_header(data, max_pixels=CAP) == (fmt, 20, 40)
@@ -324,9 +327,12 @@ def test_pillow_globals_untouched_and_no_warning_escapes(bad_dir: Path) -> None:
 
 
 def test_extension_list() -> None:
-    assert {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"} == set(
-        IMAGE_EXTENSIONS
-    )
+    assert {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"} | {
+        ".heic",
+        ".heif",
+        ".hif",
+        ".avif",
+    } == set(IMAGE_EXTENSIONS)
     assert all(ext == ext.lower() for ext in IMAGE_EXTENSIONS)
 
 
@@ -344,7 +350,7 @@ def mutations(data: bytes, rng: random.Random, count: int) -> list[bytes]:
     return variants
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "HEIF", "AVIF"])
 def test_fuzzed_bytes_only_ever_raise_image_error(fmt: str) -> None:
     rng = random.Random(f"fuzz-{fmt}")
     original = encode(noisy(48, 32, seed=5), fmt)
@@ -466,3 +472,86 @@ def test_large_palette_frames_reduce_their_colours_not_their_indices() -> None:
     decoded = decode_image(encode(picture, "PNG"), max_pixels=CAP, min_side=100)
     assert decoded.image.size == (120, 100)
     assert decoded.image.getpixel((5, 5)) == (250, 10, 10)
+
+
+# --- HEIC/HEIF (pillow-heif) and AVIF (Pillow's plugin) -------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "suffix"), [("HEIF", ".heic"), ("AVIF", ".avif")])
+def test_heif_and_avif_decode_and_pass_for_their_real_format_under_any_name(
+    tmp_path: Path, fmt: str, suffix: str
+) -> None:
+    data = encode(noisy(80, 60), fmt, quality=90)
+    for name in (f"photo{suffix}", f"photo{suffix.upper()}", "holiday.jpg", "scan.png"):
+        path = tmp_path / name
+        path.write_bytes(data)
+        decoded = decode_image(path, max_pixels=CAP)
+        assert (decoded.format, decoded.width, decoded.height) == (fmt, 80, 60)
+        assert decoded.image.mode == "RGB" and decoded.image.size == (80, 60)
+        assert read_header(path, max_pixels=CAP) == (fmt, 80, 60)
+    # Lossy, but the picture survives: compare with the original pixel by pixel.
+    original = np.asarray(noisy(80, 60), dtype=np.float32)
+    assert np.abs(np.asarray(decoded.image, dtype=np.float32) - original).mean() < 60
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heif_and_avif_header_bombs_are_refused_before_any_decode(fmt: str) -> None:
+    from tests.fixtures.bad_images import isobmff_declaring
+
+    # 80x60 coded pictures whose boxes declare 12000x10000: over the default cap, under
+    # Pillow's limit, and pillow-heif reports the cropped size, not this one.
+    bomb = isobmff_declaring(encode(noisy(80, 60), fmt), 12_000, 10_000)
+    for call in (decode_image, read_header):
+        with pytest.raises(ImageError) as caught:
+            call(bomb, max_pixels=CAP)
+        assert (caught.value.reason, caught.value.detail) == (
+            "too_large",
+            "12000x10000 is 120000000 pixels, more than the 100000000 allowed",
+        )
+    # Pillow's own limit caps a higher max_pixels, as for every other format.
+    huge = isobmff_declaring(encode(noisy(80, 60), fmt), 30_000, 30_000)
+    with pytest.raises(ImageError) as caught:
+        read_header(huge, max_pixels=10**12)
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    assert caught.value.detail == f"30000x30000 is 900000000 pixels, more than the {limit} allowed"
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heif_and_avif_cut_short_are_truncated(fmt: str) -> None:
+    data = encode(noisy(), fmt)
+    for cut in (len(data) // 2, len(data) - 10, 40):
+        with pytest.raises(ImageError) as caught:
+            decode(data[:cut])
+        assert (caught.value.reason, caught.value.detail) == (
+            "truncated",
+            "the data ends before the image does",
+        )
+
+
+@pytest.mark.parametrize(("fmt", "per_pixel"), [("HEIF", 5), ("AVIF", 6)])
+def test_heif_and_avif_budget_counts_the_codec_buffers(fmt: str, per_pixel: int) -> None:
+    data = encode(noisy(80, 60), fmt)
+    # What the codec decodes before any crop: HEVC codes whole 8x8 blocks, so 80x64.
+    declared = max(width * height for width, height in isobmff.declared_sizes(data))
+    assert declared == (80 * 64 if fmt == "HEIF" else 80 * 60)
+    with Image.open(io.BytesIO(data)) as opened:
+        cost = images.decode_cost(opened, min_side=None, turned=False, declared_pixels=declared)
+    assert cost.decoder == declared * per_pixel
+    with pytest.raises(ImageError) as caught:
+        decode_image(data, max_pixels=CAP, max_bytes=cost.total - 1)
+    assert caught.value.reason == "too_large"
+    assert decode_image(data, max_pixels=CAP, max_bytes=cost.total).width == 80
+
+
+def test_avif_without_libavif_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encode(noisy(), "AVIF")
+    monkeypatch.setattr(images.features, "check", lambda feature: feature != "avif")
+    monkeypatch.setattr(
+        images, "_allowed_openers", lambda: tuple(f for f in ("JPEG", "PNG") if f in Image.OPEN)
+    )
+    with pytest.raises(ImageError) as caught:
+        decode(data)
+    assert (caught.value.reason, caught.value.detail) == (
+        "unsupported_format",
+        "AVIF images need Pillow built with libavif (Pillow's own wheels, 11.3 or later)",
+    )
