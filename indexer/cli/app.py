@@ -22,6 +22,7 @@ from indexer.cli import (
     serve,
     train,
 )
+from indexer.cli.help_format import ClipsearchGroup
 from indexer.cli.output import INTERRUPTED, UNEXPECTED, exit_code
 from retrieval.config import warn_about_unknown_settings
 from retrieval.errors import ClipsearchError
@@ -42,7 +43,9 @@ HELP = (
 
 INTERRUPTED_MESSAGE = "interrupted; nothing uncommitted was published"
 
-app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    cls=ClipsearchGroup, help=HELP, no_args_is_help=True, pretty_exceptions_enable=False
+)
 # Registration order is the order `clipsearch --help` lists the commands in.
 app.command()(index.index)
 app.command(help=schedule.SCHEDULE_HELP)(schedule.schedule)

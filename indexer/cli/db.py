@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from indexer.cli.options import DataDirOpt, DbOpt, IndexDirOpt, JsonOpt, open_catalog
+from indexer.cli.options import (
+    DataDirOpt,
+    DbOpt,
+    IndexDirOpt,
+    JsonOpt,
+    open_catalog,
+    setting_default,
+)
 from indexer.cli.output import echo_table, print_json
 from retrieval.config import load_settings
 
@@ -60,7 +67,11 @@ CopyProgressOpt = Annotated[
 ]
 SourceDbOpt = Annotated[
     str | None,
-    typer.Option("--database-url", help="The source catalog (default CLIPSEARCH_DATABASE_URL)."),
+    typer.Option(
+        "--database-url",
+        help="The source catalog (default: CLIPSEARCH_DATABASE_URL, else "
+        f"{setting_default('database_url')}).",
+    ),
 ]
 
 

@@ -19,6 +19,7 @@ from indexer.cli.options import (
     PretrainedOpt,
     ProgressOpt,
     open_catalog,
+    setting_help,
 )
 from indexer.cli.output import echo_table, print_json
 from indexer.cli.reading import open_for_reading
@@ -171,7 +172,11 @@ def label(
     ] = None,
     block_size: Annotated[
         int | None,
-        typer.Option(help="CLIPSEARCH_LABEL_BLOCK_SIZE: vectors scored at once (bounds memory)."),
+        typer.Option(
+            help=setting_help(
+                "CLIPSEARCH_LABEL_BLOCK_SIZE", "vectors scored at once, which bounds memory"
+            )
+        ),
     ] = None,
     progress: ProgressOpt = None,
     data_dir: DataDirOpt = None,

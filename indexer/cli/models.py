@@ -30,7 +30,9 @@ NameArg = Annotated[
 PretrainedOpt = Annotated[
     str | None,
     typer.Option(
-        "--pretrained", help="The weights' tag, for a model that is not a recommended one."
+        "--pretrained",
+        help="The weights' tag, for a model that is not a recommended one (default: the "
+        "recommended model's).",
     ),
 ]
 
@@ -144,14 +146,16 @@ def models_import(
             "--name",
             help="Which model the weights are: a recommended model, a CLIPSEARCH_MODEL value "
             "(with --pretrained), or hf:ORG/NAME for a folder. Not needed for a hub cache "
-            "folder or a Chinese-CLIP release file.",
+            "folder or a Chinese-CLIP release file (default: told by the folder or file).",
         ),
     ] = None,
     pretrained: PretrainedOpt = None,
     sha256: Annotated[
         str | None,
         typer.Option(
-            "--sha256", help="The file's sha256 as the hub shows it; a different file is refused."
+            "--sha256",
+            help="The file's sha256 as the hub shows it; a different file is refused (default: "
+            "the sha256 the recommended table or the hub cache records, where one does).",
         ),
     ] = None,
     as_json: JsonOpt = False,

@@ -14,19 +14,47 @@ if TYPE_CHECKING:
     from retrieval.catalog.database import Catalog
     from retrieval.models.encoder import Encoder
 
+# Defaults that depend on another setting, said in words.
+_DERIVED_DEFAULTS = {
+    "database_url": "sqlite:///<data dir>/catalog.db",
+    "index_dir": "<data dir>/index",
+}
+
+
+def setting_default(field: str) -> str:
+    """What an unset setting means, for --help: the value retrieval/config.py gives it here."""
+    if field in _DERIVED_DEFAULTS:
+        return _DERIVED_DEFAULTS[field]
+    value = Settings.model_fields[field].get_default(call_default_factory=True)
+    if isinstance(value, Path) and value.is_relative_to(Path.home()):
+        return f"~/{value.relative_to(Path.home())}"
+    return str(value)
+
+
+def setting_help(variable: str, text: str, default: str | None = None) -> str:
+    """An option's help: its variable, what it is, and its default (the setting's own)."""
+    field = variable.removeprefix("CLIPSEARCH_").lower()
+    return f"{variable}: {text} (default: {default or setting_default(field)})."
+
+
 DataDirOpt = Annotated[
-    Path | None, typer.Option("--data-dir", help="CLIPSEARCH_DATA_DIR: where state lives.")
+    Path | None,
+    typer.Option("--data-dir", help=setting_help("CLIPSEARCH_DATA_DIR", "where state lives")),
 ]
 
 
 DbOpt = Annotated[
     str | None,
-    typer.Option("--database-url", help="CLIPSEARCH_DATABASE_URL (sqlite:/// or postgresql://)."),
+    typer.Option(
+        "--database-url",
+        help=setting_help("CLIPSEARCH_DATABASE_URL", "the catalog, sqlite:/// or postgresql://"),
+    ),
 ]
 
 
 IndexDirOpt = Annotated[
-    Path | None, typer.Option("--index-dir", help="CLIPSEARCH_INDEX_DIR: FAISS shard files.")
+    Path | None,
+    typer.Option("--index-dir", help=setting_help("CLIPSEARCH_INDEX_DIR", "FAISS shard files")),
 ]
 
 
@@ -34,19 +62,43 @@ ModelOpt = Annotated[
     str | None,
     typer.Option(
         "--model",
-        help="CLIPSEARCH_MODEL: an open_clip name (ViT-B-32), cn-clip:NAME or hf:FOLDER.",
+        help=setting_help(
+            "CLIPSEARCH_MODEL",
+            "an open_clip name (ViT-B-32), cn-clip:NAME or hf:FOLDER",
+            f"the index's model, else {setting_default('model')}",
+        ),
+    ),
+]
+
+
+# finetune reads no index: its model is the setting's.
+StartModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help=setting_help(
+            "CLIPSEARCH_MODEL", "an open_clip name (ViT-B-32), cn-clip:NAME or hf:FOLDER"
+        ),
     ),
 ]
 
 
 PretrainedOpt = Annotated[
     str | None,
-    typer.Option("--pretrained", help="CLIPSEARCH_PRETRAINED: pretrained tag or checkpoint path."),
+    typer.Option(
+        "--pretrained",
+        help=setting_help(
+            "CLIPSEARCH_PRETRAINED",
+            "pretrained tag or checkpoint path",
+            f"the index's weights, else {setting_default('pretrained')}",
+        ),
+    ),
 ]
 
 
 DeviceOpt = Annotated[
-    str | None, typer.Option("--device", help="CLIPSEARCH_DEVICE: auto, cpu, cuda or cuda:N.")
+    str | None,
+    typer.Option("--device", help=setting_help("CLIPSEARCH_DEVICE", "auto, cpu, cuda or cuda:N")),
 ]
 
 
@@ -56,20 +108,35 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object ins
 # The options `index` and `schedule` share (each one overrides its setting for this run).
 KindOpt = Annotated[
     str | None,
-    typer.Option(help="CLIPSEARCH_INDEX_KIND for new shards: auto, flat, hnsw, ivf, ivfpq."),
+    typer.Option(
+        help=setting_help(
+            "CLIPSEARCH_INDEX_KIND", "kind of new shards: auto, flat, hnsw, ivf, ivfpq"
+        )
+    ),
 ]
 
 
-BatchSizeOpt = Annotated[int | None, typer.Option(help="CLIPSEARCH_BATCH_SIZE.")]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option(help=setting_help("CLIPSEARCH_BATCH_SIZE", "images per forward pass")),
+]
 
 
 WorkersOpt = Annotated[
-    int | None, typer.Option(help="CLIPSEARCH_WORKERS: decoder processes (0 = inline).")
+    int | None,
+    typer.Option(
+        help=setting_help(
+            "CLIPSEARCH_WORKERS",
+            "decoder processes, 0 decodes inline",
+            f"{setting_default('workers')}: the CPU cores, at most 4",
+        )
+    ),
 ]
 
 
 ShardSizeOpt = Annotated[
-    int | None, typer.Option(help="CLIPSEARCH_SHARD_SIZE: vectors per shard and commit.")
+    int | None,
+    typer.Option(help=setting_help("CLIPSEARCH_SHARD_SIZE", "vectors per shard and commit")),
 ]
 
 

@@ -54,7 +54,8 @@ AtOpt = Annotated[
     typer.Option(
         "--at",
         help="CLIPSEARCH_INDEX_AT: align runs to this local time, HH:MM (e.g. 03:00); "
-        "runs then start at HH:MM plus whole multiples of --every.",
+        "runs then start at HH:MM plus whole multiples of --every (default: not aligned, the "
+        "first slot is --every after the start).",
     ),
 ]
 RunAtStartOpt = Annotated[

@@ -29,12 +29,16 @@ if TYPE_CHECKING:
 
 QueryArg = Annotated[str | None, typer.Argument(help="Text to search for.")]
 ImageOpt = Annotated[
-    Path | None, typer.Option("--image", help="Search by this image instead of text.")
+    Path | None,
+    typer.Option("--image", help="Search by this image instead of text (default: the text QUERY)."),
 ]
 KOpt = Annotated[int, typer.Option("-k", help="Number of results.")]
 LabelNamesOpt = Annotated[
     list[str] | None,
-    typer.Option("--label", help="Only images carrying this zero-shot label (repeatable)."),
+    typer.Option(
+        "--label",
+        help="Only images carrying this zero-shot label (repeatable; default: no label filter).",
+    ),
 ]
 LabelsModeOpt = Annotated[str, typer.Option(help="With several --label: any (one of them) or all.")]
 LabelMinScoreOpt = Annotated[

@@ -17,6 +17,7 @@ from indexer.cli.options import (
     ModelOpt,
     PretrainedOpt,
     open_catalog,
+    setting_help,
 )
 from indexer.cli.reading import index_model, require_data_dir, warn_if_empty
 from retrieval.config import ENV_PREFIX, load_settings
@@ -52,8 +53,12 @@ def require_port_free(host: str, port: int, flag: str = "") -> None:
 
 
 def serve(
-    host: Annotated[str | None, typer.Option(help="CLIPSEARCH_HOST: address to bind.")] = None,
-    port: Annotated[int | None, typer.Option(help="CLIPSEARCH_PORT: port to bind.")] = None,
+    host: Annotated[
+        str | None, typer.Option(help=setting_help("CLIPSEARCH_HOST", "address to bind"))
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help=setting_help("CLIPSEARCH_PORT", "port to bind"))
+    ] = None,
     workers: Annotated[
         int, typer.Option("--workers", help="uvicorn worker processes (each loads the model).")
     ] = 1,

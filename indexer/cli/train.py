@@ -16,7 +16,9 @@ from indexer.cli.options import (
     JsonOpt,
     ModelOpt,
     PretrainedOpt,
+    StartModelOpt,
     open_catalog,
+    setting_default,
 )
 from indexer.cli.output import echo_table, print_json, print_warnings
 from indexer.cli.reading import existing_index_model, model_loader
@@ -63,7 +65,9 @@ CaptionTemplatesOpt = Annotated[
     ),
 ]
 EpochsOpt = Annotated[float, typer.Option(help="Passes over the training split.")]
-StepsOpt = Annotated[int | None, typer.Option(help="Optimizer steps; overrides --epochs.")]
+StepsOpt = Annotated[
+    int | None, typer.Option(help="Optimizer steps; overrides --epochs (default: from --epochs).")
+]
 ContrastiveBatchOpt = Annotated[
     int, typer.Option(help="Contrastive batch: the pairs that see each other as negatives.")
 ]
@@ -118,8 +122,8 @@ StartWeightsOpt = Annotated[
     str | None,
     typer.Option(
         "--pretrained",
-        help="Starting weights: a tag, a checkpoint path, or none for random init "
-        "(default CLIPSEARCH_PRETRAINED).",
+        help="Starting weights: a tag, a checkpoint path, or none for random init (default: "
+        f"CLIPSEARCH_PRETRAINED, else {setting_default('pretrained')}).",
     ),
 ]
 
@@ -144,7 +148,7 @@ def finetune(
     amp: AmpOpt = True,
     patch_dropout: PatchDropoutOpt = 0.0,
     progress: TrainProgressOpt = None,
-    model: ModelOpt = None,
+    model: StartModelOpt = None,
     pretrained: StartWeightsOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
@@ -211,7 +215,7 @@ RetrievalSetOpt = Annotated[
     typer.Option(
         "--retrieval",
         help="Captioned set (.csv/.jsonl, class folder or labelme): text->image and "
-        "image->text R@1/5/10 and mean rank.",
+        "image->text R@1/5/10 and mean rank (default: not measured).",
     ),
 ]
 ZeroShotSetOpt = Annotated[
@@ -219,7 +223,8 @@ ZeroShotSetOpt = Annotated[
     typer.Option(
         "--zero-shot",
         help="Set with classes (class folder, labelme, or a table with a label column): "
-        "top-1/top-5 accuracy, single prompt and template ensemble side by side.",
+        "top-1/top-5 accuracy, single prompt and template ensemble side by side (default: not "
+        "measured).",
     ),
 ]
 AnnOpt = Annotated[
