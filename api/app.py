@@ -22,12 +22,11 @@ from api.query_cache import EmbeddingCache
 from api.routes import images, labels, search, system
 from api.routes.web import install_web
 from api.security import KeyRing
-from api.services import Services
+from api.services import CATALOG_PROBLEMS, Services
 from api.text_queries import TextQueryEncoder
 from api.validation import document_setting_bounds
 from retrieval.catalog.database import Catalog
 from retrieval.config import Settings, load_settings, warn_about_unknown_settings
-from retrieval.errors import CatalogMismatch
 from retrieval.models.encoder import Encoder, encoder_from_settings
 from retrieval.models.recorded import choose_model
 from retrieval.search import Searcher
@@ -42,8 +41,8 @@ Every error is JSON `{"code": "...", "message": "..."}` with a stable code.
 
 
 def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> Services:
+    # Never created or migrated here: only `clipsearch index` and `clipsearch db upgrade` do.
     catalog = Catalog(settings.resolved_database_url)
-    catalog.upgrade()
     searcher = Searcher.from_settings(
         catalog, settings, encoder, max_decode_bytes=settings.api_max_decode_bytes
     )
@@ -52,9 +51,10 @@ def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> S
         # Fail at start-up on a model mismatch, not on a query; corrupt shards are left out
         # (served degraded, see /ready and /index), never fatal.
         searcher.refresh()
-    except CatalogMismatch as exc:
+    except CATALOG_PROBLEMS as exc:
         # Start unready and say why; the generation poller follows the catalog until it and
-        # the index dir agree again (restored, or rebuilt).
+        # the index dir agree again (restored, rebuilt, created by the first `clipsearch
+        # index`, or migrated by `clipsearch db upgrade`).
         unready_reason = str(exc)
     text_encoder = TextQueryEncoder(encoder, EmbeddingCache(settings.query_cache_size), None)
     services = Services(

@@ -7,12 +7,15 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from retrieval.errors import (
     BadQuery,
     CatalogMismatch,
+    CatalogSchemaMismatch,
+    CatalogUnreadable,
     ClipsearchError,
     ConfigError,
     CorruptShard,
@@ -38,6 +41,8 @@ STATUS: list[tuple[type[ClipsearchError], int]] = [
     (ModelMismatch, 503),
     (CorruptShard, 503),
     (CatalogMismatch, 503),
+    (CatalogSchemaMismatch, 503),
+    (CatalogUnreadable, 503),
     (WeightsUnavailable, 503),
     (ConfigError, 500),
 ]
@@ -126,6 +131,17 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
     return _json(422, "validation_error", "; ".join(parts) or "invalid request")
 
 
+async def _database(_: Request, exc: Exception) -> JSONResponse:
+    # The catalog went away or broke under a request (deleted, reset, locked, unreachable): the
+    # generation poller turns the server unready and says why; this request gets a 503 and the
+    # log one line, not a traceback per request.
+    original = getattr(exc, "orig", None) or exc
+    words = " ".join(str(original).split()) or type(original).__name__
+    message = f"The catalog cannot be read: {type(original).__name__}: {words}"
+    log.warning("%s", message)
+    return _json(503, "catalog_unreadable", message)
+
+
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return _json(500, "internal_error", "Internal server error; see the server log.")
@@ -169,6 +185,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(RequestValidationError, _validation)
+    for database_error in (OperationalError, ProgrammingError):
+        app.add_exception_handler(database_error, _database)
     app.add_exception_handler(Exception, _unexpected)
     # Added before any other middleware, so the innermost: the others (metrics) see its 500.
     app.add_middleware(UnexpectedErrors)

@@ -16,11 +16,21 @@ from api.security import KeyRing
 from api.text_queries import TextQueryEncoder
 from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
-from retrieval.errors import CatalogMismatch
+from retrieval.errors import (
+    CatalogMismatch,
+    CatalogSchemaMismatch,
+    CatalogUnreadable,
+    NoCatalog,
+)
 from retrieval.models.encoder import Encoder
 from retrieval.search import Searcher
 
 log = logging.getLogger(__name__)
+
+# What makes the API unready instead of serving: the catalog was removed, replaced or reset under
+# it (or belongs to another index dir), there is none yet, it needs `clipsearch db upgrade`, or
+# the database answers with an error. Each says why in /ready, and the poller recovers from it.
+CATALOG_PROBLEMS = (CatalogMismatch, NoCatalog, CatalogSchemaMismatch, CatalogUnreadable)
 
 
 @dataclass
@@ -36,8 +46,8 @@ class Services:
     decode_slots: Gate  # uploads and thumbnails decoded (and encoded) at once
     ready: bool = False
     last_reload_error: str | None = None
-    # Why nothing may be served although the process is up: the catalog was removed, replaced
-    # or reset under us (CatalogMismatch). Cleared when catalog and index dir agree again.
+    # Why nothing may be served although the process is up (one of CATALOG_PROBLEMS). Cleared
+    # when there is a readable catalog again, and it and the index dir agree.
     unready_reason: str | None = None
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -59,7 +69,7 @@ class Services:
             started = time.perf_counter()
             try:
                 swapped = await run_in_threadpool(self.searcher.refresh, force)
-            except CatalogMismatch as exc:
+            except CATALOG_PROBLEMS as exc:
                 if self.unready_reason != str(exc):
                     log.error("not ready, serving nothing: %s", exc)
                 self.unready_reason = str(exc)
@@ -90,6 +100,8 @@ class Services:
                 self.last_reload_error = None
             except asyncio.CancelledError:
                 raise
+            except CATALOG_PROBLEMS:
+                pass  # unready; `reload` logged the reason once, and logs the recovery
             except Exception as exc:  # keep serving the current generation
                 self.last_reload_error = str(exc)
                 log.warning("index reload failed; still serving the previous generation: %s", exc)

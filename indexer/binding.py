@@ -25,6 +25,7 @@ from retrieval.catalog.identity import (
     shards_missing,
     write_index_file,
 )
+from retrieval.catalog.schema import read_schema
 from retrieval.catalog.tables import utcnow
 from retrieval.errors import CatalogMismatch
 from retrieval.index.shard import list_shard_dirs
@@ -47,12 +48,14 @@ def claim_problem(
     catalog: Catalog, index_dir: Path, *, writing: bool = True
 ) -> CatalogMismatch | None:
     """Why a job must not write (or, with `writing` False, read) index_dir through this catalog;
-    None if it may. Changes nothing."""
-    catalog_id = catalog.state().index_id
+    None if it may. Changes nothing: a database that holds no catalog yet (a SQLite file not
+    there, an empty or reset database) is read as an empty catalog, and not created."""
+    present = read_schema(catalog).holds_catalog
+    catalog_id = catalog.state().index_id if present else None
     found = read_index_file(index_dir)
     if catalog_id is not None and found is not None and catalog_id == found.index_id:
         return None
-    active = [row.id for row in catalog.shards()]
+    active = [row.id for row in catalog.shards()] if present else []
     problem = pairing_problem(
         catalog_id,
         found,
@@ -62,12 +65,12 @@ def claim_problem(
         index_dir=index_dir,
     )
     if problem is not None:
-        if problem.reason == "catalog_lost" and _nothing_to_lose(catalog, index_dir):
+        if problem.reason == "catalog_lost" and _nothing_to_lose(catalog, index_dir, present):
             return None  # only an index.json is left: the new catalog adopts its id
         return problem
     if found is not None and catalog_id is not None:
         return None  # a read-only copy, reading
-    known = catalog.known_shard_ids()
+    known = catalog.known_shard_ids() if present else set()
     dirs = set(list_shard_dirs(index_dir))
     if dirs and not known:
         return CatalogMismatch(
@@ -138,8 +141,8 @@ def hand_over(source: Catalog, target: Catalog, index_dir: Path) -> str | None:
     return new_id
 
 
-def _nothing_to_lose(catalog: Catalog, index_dir: Path) -> bool:
-    return not list_shard_dirs(index_dir) and not catalog.holds_anything()
+def _nothing_to_lose(catalog: Catalog, index_dir: Path, present: bool) -> bool:
+    return not list_shard_dirs(index_dir) and not (present and catalog.holds_anything())
 
 
 def _bind(catalog: Catalog, index_dir: Path, catalog_id: str | None, file_id: str | None) -> str:

@@ -16,6 +16,7 @@ from indexer.lock import IndexLock
 from indexer.publish import cleanup_index_dir, write_shard_record
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.records import GenerationCommit
+from retrieval.catalog.schema import require_catalog
 from retrieval.catalog.tables import ShardRow
 from retrieval.index.integrity import ShardExpectation, check_shard
 from retrieval.labels.store import LabelStore
@@ -64,8 +65,8 @@ def compact_index(
     """
     started = time.monotonic()
     report = CompactReport()
+    require_catalog(catalog, index_dir)  # never created nor migrated here
     with IndexLock(index_dir):
-        catalog.upgrade()
         job_id = catalog.start_job("compact", [])
         try:
             cleanup_index_dir(catalog, index_dir, grace_seconds)

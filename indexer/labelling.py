@@ -22,6 +22,7 @@ from indexer.binding import claim_problem
 from indexer.crash import crash_point
 from indexer.lock import IndexLock
 from retrieval.catalog.database import Catalog
+from retrieval.catalog.schema import require_catalog
 from retrieval.config import Settings
 from retrieval.errors import CorruptShard, NotFound
 from retrieval.index.shard import iter_embedding_blocks
@@ -91,9 +92,11 @@ class LabelJob:
 
     def run(self, set_names: Sequence[str] | None = None) -> LabelReport:
         """Take the single-writer lock and label; see `run_locked`."""
+        # Never created nor migrated here; checked before the lock, so that no catalog leaves
+        # no index dir or lock file behind either.
+        require_catalog(self.catalog, self.index_dir)
         self.index_dir.mkdir(parents=True, exist_ok=True)
         with IndexLock(self.index_dir):
-            self.catalog.upgrade()
             problem = claim_problem(self.catalog, self.index_dir)
             if problem is not None:
                 raise problem  # its shard ids would name another index's vectors

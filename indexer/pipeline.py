@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from indexer.backfill import backfill_photo_info, photo_fields
-from indexer.binding import claim_index
+from indexer.binding import claim_index, claim_problem
 from indexer.crash import crash_point
 from indexer.decode import DecodedMeta, DecodeFailure, iterate_decoded
 from indexer.lock import IndexLock
@@ -23,6 +23,7 @@ from indexer.scan import FileStat, ScanDiff, diff_scan, hash_files, normalise_ro
 from indexer.verify import corrupt_shards
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.records import GenerationCommit, ImageRecord, PhotoFields
+from retrieval.catalog.schema import read_schema
 from retrieval.catalog.tables import ACTIVE, ERROR
 from retrieval.config import Settings
 from retrieval.errors import ConfigError, CorruptShard
@@ -179,6 +180,11 @@ class IndexJob:
         started = time.monotonic()
         self.index_dir.mkdir(parents=True, exist_ok=True)
         with IndexLock(self.index_dir):
+            if not self.rebuild_catalog and not read_schema(self.catalog).holds_catalog:
+                # A lost catalog is refused before one is created: no file, no tables.
+                problem = claim_problem(self.catalog, self.index_dir)
+                if problem is not None:
+                    raise problem
             self.catalog.upgrade()
             # Before the job row: a catalog that does not own index_dir gets nothing written.
             claim = claim_index(self.catalog, self.index_dir, rebuild=self.rebuild_catalog)

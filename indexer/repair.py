@@ -39,6 +39,7 @@ from indexer.scan import sha256_of
 from indexer.verify import SERVING, verify_shard
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.records import GenerationCommit, ImageRecord
+from retrieval.catalog.schema import require_catalog
 from retrieval.catalog.tables import ACTIVE, ERROR, ShardRow
 from retrieval.config import Settings
 from retrieval.errors import CorruptShard, NotFound
@@ -151,9 +152,11 @@ class RepairJob:
         """Repair every corrupt active shard (or only `shard_ids`); `dry_run` writes nothing."""
         started = time.monotonic()
         report = RepairReport(dry_run=dry_run)
+        # Never created nor migrated here; checked before the lock, so that no catalog leaves
+        # no index dir or lock file behind either.
+        require_catalog(self.catalog, self.index_dir)
         self.index_dir.mkdir(parents=True, exist_ok=True)
         with IndexLock(self.index_dir):
-            self.catalog.upgrade()
             job_id = None if dry_run else self.catalog.start_job("repair", [])
             try:
                 if dry_run:  # cleanup_index_dir checks this itself (and claims a new catalog)

@@ -145,6 +145,56 @@ class EmptyIndex(ClipsearchError):
     code = "empty_index"
 
 
+class NoCatalog(EmptyIndex):
+    """The database (or the data dir) holds no clipsearch catalog: nothing was indexed there, or
+    the URL names another application's database. `advice` says what to do."""
+
+    code = "no_catalog"
+
+    def __init__(self, url: str, advice: str = "run `clipsearch index ROOT` to create one") -> None:
+        super().__init__(f"no clipsearch catalog in {url}; {advice}")
+        self.url = url
+        self.advice = advice
+
+
+class CatalogSchemaMismatch(ClipsearchError):
+    """The catalog's schema revision is not the one this clipsearch reads: older (it needs
+    `clipsearch db upgrade`) or unknown (written by a newer clipsearch)."""
+
+    code = "catalog_schema"
+
+    def __init__(self, url: str, revision: str | None, expected: str, *, newer: bool) -> None:
+        if newer:
+            message = (
+                f"the catalog in {url} is at schema revision {revision}, which this clipsearch "
+                f"does not know (it reads {expected}): a newer clipsearch wrote it. Upgrade "
+                "clipsearch to use this catalog"
+            )
+        else:
+            message = (
+                f"the catalog in {url} is at schema revision {revision or 'none'}, older than "
+                f"this clipsearch's {expected}; run `clipsearch db upgrade` (with the same "
+                "--data-dir or --database-url) to migrate it"
+            )
+        super().__init__(message)
+        self.url = url
+        self.revision = revision
+        self.expected = expected
+        self.newer = newer
+
+
+class CatalogUnreadable(ClipsearchError):
+    """The catalog database answered with an error (unreachable, locked, damaged, half
+    migrated) that no other exception explains."""
+
+    code = "catalog_unreadable"
+
+    def __init__(self, url: str, detail: str) -> None:
+        super().__init__(f"the catalog in {url} cannot be read: {detail}")
+        self.url = url
+        self.detail = detail
+
+
 class BadQuery(ClipsearchError):
     """A query the service refuses: empty text, k out of range, and so on."""
 

@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
 
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.identity import pairing_problem, read_index_file, shards_missing
 from retrieval.catalog.records import IndexState
+from retrieval.catalog.schema import require_catalog, unreadable
 from retrieval.catalog.tables import ACTIVE
 from retrieval.config import Settings
-from retrieval.errors import BadQuery, CorruptShard, NotFound
+from retrieval.errors import BadQuery, ClipsearchError, CorruptShard, NotFound
 from retrieval.filters import SearchFilters, ids_passing
 from retrieval.images import decode_image
 from retrieval.index.faiss_gpu import DevicePlacement, placement_from_settings
@@ -167,47 +169,68 @@ class Searcher:
         """Load the catalog's current generation if it is newer. Returns True if swapped.
 
         Raises CatalogMismatch, and swaps nothing, when the catalog no longer belongs to the
-        index dir (a SQLite file removed, or replaced by another index's; a database reset).
+        index dir (a SQLite file removed, or replaced by another index's; a database reset);
+        NoCatalog or CatalogSchemaMismatch when there is no catalog, or one this clipsearch does
+        not read without `clipsearch db upgrade`; CatalogUnreadable for any other database error.
         """
         with self._lock:
-            if self.catalog.reopen_if_replaced():
-                force = True  # the new file may even repeat the generation number
-            state = self.catalog.state()
-            self._require_paired(state)
-            current = self._snapshot
-            if (
-                not force
-                and current is not None
-                and current.generation == state.generation
-                and current.index_id == state.index_id
-            ):
-                return False
-            if self.encoder is not None and state.model:
-                self.encoder.identity.require_same(ModelIdentity.from_dict(state.model))
-            rows = self.catalog.shards()
-            shard_ids = [row.id for row in rows]
-            # Each shard's files are hashed before it is first served (a verified mark spares
-            # the hashing of files unchanged since); corrupt shards are left out, not fatal.
-            self.marks.reload()
-            shards = ShardSet.open_checked(
-                self.index_dir,
-                [ShardExpectation.of(row) for row in rows],
-                marks=self.marks,
-                deleted_ids=self.catalog.tombstoned_ids(),
-                gpu=self.gpu,
-                on_corrupt=self._stopped_serving,
-            )
-            self.marks.save()
-            if self.gpu is not None:
-                # Shards that left the index free their GPU copies; the set still serving
-                # in-flight queries holds its own references until it is closed.
-                self.gpu.retain(set(shard_ids))
-            # Queries in flight keep using the old set; it is closed one swap later.
-            if self._previous is not None:
-                self._previous.shards.close()
-            self._previous = self._snapshot
-            self._snapshot = IndexSnapshot(state.generation, shards, state.model, state.index_id)
-            return True
+            try:
+                return self._refresh_locked(force)
+            except SQLAlchemyError as exc:
+                raise self._catalog_problem(exc) from None
+
+    def _catalog_problem(self, error: SQLAlchemyError) -> ClipsearchError:
+        """Why reading the catalog failed, in words: no catalog, another schema revision, or
+        else the database's own error, on one line."""
+        try:
+            require_catalog(self.catalog, self.index_dir)
+        except ClipsearchError as problem:
+            return problem
+        except SQLAlchemyError:
+            pass
+        return unreadable(self.catalog.shown_url, error)
+
+    def _refresh_locked(self, force: bool) -> bool:
+        if self.catalog.reopen_if_replaced():
+            force = True  # the new file may even repeat the generation number
+        # Never migrated here: a reader of an older schema is told to run `clipsearch db upgrade`.
+        require_catalog(self.catalog, self.index_dir)
+        state = self.catalog.state()
+        self._require_paired(state)
+        current = self._snapshot
+        if (
+            not force
+            and current is not None
+            and current.generation == state.generation
+            and current.index_id == state.index_id
+        ):
+            return False
+        if self.encoder is not None and state.model:
+            self.encoder.identity.require_same(ModelIdentity.from_dict(state.model))
+        rows = self.catalog.shards()
+        shard_ids = [row.id for row in rows]
+        # Each shard's files are hashed before it is first served (a verified mark spares
+        # the hashing of files unchanged since); corrupt shards are left out, not fatal.
+        self.marks.reload()
+        shards = ShardSet.open_checked(
+            self.index_dir,
+            [ShardExpectation.of(row) for row in rows],
+            marks=self.marks,
+            deleted_ids=self.catalog.tombstoned_ids(),
+            gpu=self.gpu,
+            on_corrupt=self._stopped_serving,
+        )
+        self.marks.save()
+        if self.gpu is not None:
+            # Shards that left the index free their GPU copies; the set still serving
+            # in-flight queries holds its own references until it is closed.
+            self.gpu.retain(set(shard_ids))
+        # Queries in flight keep using the old set; it is closed one swap later.
+        if self._previous is not None:
+            self._previous.shards.close()
+        self._previous = self._snapshot
+        self._snapshot = IndexSnapshot(state.generation, shards, state.model, state.index_id)
+        return True
 
     def _require_paired(self, state: IndexState) -> None:
         """Raise CatalogMismatch unless the catalog may read the index dir (the same index)."""

@@ -38,7 +38,9 @@ HELP = (
     "index's, 5 model weights unavailable, 6 corrupt shard, 7 not found, 8 the catalog and "
     "the index dir do not belong together (a lost, reset or other index's catalog), 9 the "
     "index is empty (nothing indexed yet), 10 the device asked for (--device, CLIPSEARCH_DEVICE) "
-    "is not there, 130 interrupted."
+    "is not there, "
+    "11 the catalog's schema is older (run clipsearch db upgrade) or newer than this "
+    "clipsearch's, 130 interrupted."
 )
 
 INTERRUPTED_MESSAGE = "interrupted; nothing uncommitted was published"

@@ -16,6 +16,7 @@ from indexer.cli.options import (
     setting_default,
 )
 from indexer.cli.output import echo_table, print_json
+from indexer.cli.reading import open_existing_catalog
 from retrieval.config import load_settings
 
 if TYPE_CHECKING:
@@ -29,7 +30,10 @@ db_app = typer.Typer(
 
 @db_app.command("upgrade")
 def db_upgrade(data_dir: DataDirOpt = None, database_url: DbOpt = None) -> None:
-    """Create or migrate the catalog schema to the newest version (safe to repeat)."""
+    """Create the catalog, or migrate it to the newest schema (safe to repeat).
+
+    Only in an empty database or a clipsearch catalog: a database that holds another
+    application's tables is refused (exit 2)."""
     from retrieval.catalog.migrate import current_revision
 
     settings = load_settings(data_dir=data_dir, database_url=database_url)
@@ -99,7 +103,8 @@ def db_migrate_to(
         target = normalise_database_url(target_url)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="URL") from None
-    source_catalog = open_catalog(settings)
+    # The source must be a catalog at this clipsearch's revision: none is created or migrated.
+    source_catalog = open_existing_catalog(settings)
     target_catalog = open_catalog(settings.model_copy(update={"database_url": target}))
     bar = tqdm(desc="copy", unit=" rows", disable=None if progress is None else not progress)
 

@@ -124,6 +124,7 @@ def index(
 ) -> None:
     """Index new, changed, moved and deleted images under ROOTS (incremental, crash-safe)."""
     from indexer.binding import claim_problem
+    from retrieval.catalog.schema import read_schema
 
     settings = load_settings(
         data_dir=data_dir,
@@ -140,7 +141,7 @@ def index(
     chosen_roots = image_roots(roots, settings)
     catalog = open_catalog(settings)
     previous = None
-    if since_last_run:
+    if since_last_run and read_schema(catalog).holds_catalog:
         catalog.upgrade()
         previous = catalog.last_finished_job("index")
     if since_last_run and previous is None:

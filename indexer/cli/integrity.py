@@ -18,7 +18,7 @@ from indexer.cli.options import (
     open_catalog,
 )
 from indexer.cli.output import EXIT_CODES, print_json
-from indexer.cli.reading import index_model, model_loader
+from indexer.cli.reading import index_model, model_loader, open_existing_catalog
 from retrieval.config import load_settings
 from retrieval.errors import CorruptShard
 
@@ -89,8 +89,7 @@ def verify(
     from indexer.verify import verify_index
 
     settings = load_settings(data_dir=data_dir, database_url=database_url, index_dir=index_dir)
-    catalog = open_catalog(settings)
-    catalog.upgrade()
+    catalog = open_existing_catalog(settings)
     report = verify_index(catalog, settings.resolved_index_dir, progress=progress)
     if as_json:
         print_json(report.to_dict())

@@ -18,11 +18,10 @@ from indexer.cli.options import (
     ModelOpt,
     PretrainedOpt,
     ProgressOpt,
-    open_catalog,
     setting_help,
 )
 from indexer.cli.output import echo_table, print_json
-from indexer.cli.reading import open_for_reading
+from indexer.cli.reading import open_existing_catalog, open_for_reading
 from retrieval.config import Settings, load_settings
 from retrieval.errors import ConfigError
 
@@ -38,9 +37,7 @@ labels_app = typer.Typer(
 def _label_store(settings: Settings) -> LabelStore:
     from retrieval.labels.store import LabelStore
 
-    catalog = open_catalog(settings)
-    catalog.upgrade()
-    return LabelStore(catalog)
+    return LabelStore(open_existing_catalog(settings))
 
 
 @labels_app.command("add")

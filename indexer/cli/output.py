@@ -12,6 +12,7 @@ from retrieval.errors import (
     BadQuery,
     CatalogMismatch,
     CatalogNotEmpty,
+    CatalogSchemaMismatch,
     ClipsearchError,
     ConfigError,
     CorruptShard,
@@ -39,8 +40,9 @@ EXIT_CODES: dict[type[ClipsearchError], int] = {
     CorruptShard: 6,
     NotFound: 7,
     CatalogMismatch: 8,
-    EmptyIndex: 9,
+    EmptyIndex: 9,  # NoCatalog too: nothing indexed there yet
     DeviceUnavailable: 10,
+    CatalogSchemaMismatch: 11,
 }
 UNEXPECTED = 1  # any other exception: one line on stderr, the traceback saved to a file
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)

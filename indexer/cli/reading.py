@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
 from indexer.cli.options import open_catalog
 from retrieval.config import Settings, load_settings
-from retrieval.errors import ConfigError, EmptyIndex, WeightsUnavailable
+from retrieval.errors import ConfigError, EmptyIndex, NoCatalog, WeightsUnavailable
 from retrieval.models.recorded import ModelChoice, check_before_loading, choose_model, spec_of
 
 if TYPE_CHECKING:
@@ -66,6 +67,21 @@ def require_data_dir(settings: Settings, from_flag: bool) -> None:
     )
 
 
+def open_existing_catalog(settings: Settings) -> Catalog:
+    """The settings' catalog, for any command but `index` and `db upgrade`: it must exist, at
+    this clipsearch's schema revision. Nothing is created or migrated: NoCatalog (exit 9), a
+    lost catalog beside an index (exit 8) or CatalogSchemaMismatch (exit 11) instead."""
+    from retrieval.catalog.schema import require_catalog
+
+    catalog = open_catalog(settings)
+    try:
+        require_catalog(catalog, settings.resolved_index_dir)
+    except BaseException:
+        catalog.dispose()
+        raise
+    return catalog
+
+
 def require_images(catalog: Catalog) -> None:
     """EmptyIndex when the catalog holds no searchable image."""
     if catalog.counts().get("active", 0) == 0:
@@ -77,8 +93,7 @@ def open_for_reading(*, need_images: bool, **overrides: Any) -> Reading:
     done first."""
     settings = load_settings(**overrides)
     require_data_dir(settings, from_flag=overrides.get("data_dir") is not None)
-    catalog = open_catalog(settings)
-    catalog.upgrade()
+    catalog = open_existing_catalog(settings)
     if need_images:
         require_images(catalog)
     return Reading(settings, catalog, index_model(settings, catalog))
@@ -108,9 +123,19 @@ def existing_index_model(settings: Settings) -> ModelChoice:
     return choice
 
 
-def warn_if_empty(catalog: Catalog) -> None:
-    """A line on stderr when the index is empty (serving it is allowed: it fills later)."""
-    if catalog.counts().get("active", 0) == 0:
+def warn_if_empty(catalog: Catalog, index_dir: Path) -> None:
+    """A line on stderr when there is no catalog yet, or the index is empty: a server may start
+    before the first index run (unready until the catalog exists, then it fills). Nothing is
+    created; a lost catalog (exit 8) or one at another schema revision (exit 11) is refused."""
+    from retrieval.catalog.schema import require_catalog
+
+    if not require_catalog(catalog, index_dir, or_nothing=True):
+        typer.echo(
+            f"warning: {NoCatalog(catalog.shown_url)}; the server answers 503 (not ready) "
+            "until then",
+            err=True,
+        )
+    elif catalog.counts().get("active", 0) == 0:
         typer.echo(
             f"warning: the index in {catalog.shown_url} holds no images yet: searches find "
             "nothing until you run `clipsearch index ROOT`",

@@ -16,11 +16,10 @@ from indexer.cli.options import (
     JsonOpt,
     ModelOpt,
     PretrainedOpt,
-    open_catalog,
 )
 from indexer.cli.output import print_json
-from indexer.cli.reading import open_for_reading, require_images
-from retrieval.config import load_settings
+from indexer.cli.reading import open_existing_catalog, open_for_reading, require_images
+from retrieval.config import Settings, load_settings
 from retrieval.errors import ConfigError
 from retrieval.models.device import DEVICE_SETTING, check_device
 
@@ -133,6 +132,27 @@ def echo_hits(result: SearchResult) -> None:
         typer.echo(f"{hit.score:8.4f}  {hit.id:>8}  {hit.path}{suffix}")
 
 
+def places(settings: Settings) -> dict[str, str]:
+    """Where the index lives: the data dir, the catalog's URL (password masked), the index dir."""
+    from retrieval.catalog.copy import display_url
+
+    return {
+        "data_dir": str(settings.data_dir),
+        "database": display_url(settings.resolved_database_url),
+        "index_dir": str(settings.resolved_index_dir),
+    }
+
+
+def echo_places(where: dict[str, str]) -> None:
+    for label, key in (
+        ("data dir", "data_dir"),
+        ("database", "database"),
+        ("index dir", "index_dir"),
+    ):
+        missing = key != "database" and not Path(where[key]).is_dir()
+        typer.echo(f"{label + ':':<11}{where[key]}" + ("  (does not exist)" if missing else ""))
+
+
 def status(
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
@@ -146,8 +166,11 @@ def status(
     from indexer.verify import corrupt_shards
 
     settings = load_settings(data_dir=data_dir, database_url=database_url, index_dir=index_dir)
-    catalog = open_catalog(settings)
-    catalog.upgrade()
+    where = places(settings)
+    if not as_json:  # first: where it looked is what a wrong setting needs to be seen
+        echo_places(where)
+    # No catalog (exit 9, or 8 beside an index) or one at another schema revision (exit 11).
+    catalog = open_existing_catalog(settings)
     # A lost, reset or other index's catalog would read as an empty index: name it (exit 8).
     from indexer.binding import claim_problem
 
@@ -169,8 +192,7 @@ def status(
         "degraded": bool(corrupt),
         "corrupt_shards": corrupt,
         "repair": REPAIR_HINT if corrupt else None,
-        "database": settings.resolved_database_url,
-        "index_dir": str(settings.resolved_index_dir),
+        **where,
     }
     if as_json:
         print_json(info)

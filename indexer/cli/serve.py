@@ -89,8 +89,7 @@ def serve(
     require_data_dir(settings, from_flag=data_dir is not None)
     catalog = open_catalog(settings)
     try:
-        catalog.upgrade()
-        warn_if_empty(catalog)
+        warn_if_empty(catalog, settings.resolved_index_dir)
         index_model(settings, catalog)
     finally:
         catalog.dispose()

@@ -17,11 +17,10 @@ from indexer.cli.options import (
     ModelOpt,
     PretrainedOpt,
     StartModelOpt,
-    open_catalog,
     setting_default,
 )
 from indexer.cli.output import echo_table, print_json, print_warnings
-from indexer.cli.reading import existing_index_model, model_loader
+from indexer.cli.reading import existing_index_model, model_loader, open_existing_catalog
 from retrieval.config import load_settings
 from retrieval.errors import ConfigError
 
@@ -298,8 +297,7 @@ def evaluate(
         choice = existing_index_model(settings)
         report = evaluate_sets(model_loader(choice)(), sets)
     if ann:
-        catalog = open_catalog(settings)
-        catalog.upgrade()
+        catalog = open_existing_catalog(settings)
         report.ann = ann_quality(
             live_embeddings(catalog, settings.resolved_index_dir),
             k=k,

@@ -14,7 +14,7 @@ import os
 import threading
 from pathlib import Path
 
-from retrieval.errors import CatalogMismatch
+from retrieval.errors import CatalogMismatch, NoCatalog
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -30,22 +30,27 @@ def sqlite_file(url: str) -> Path | None:
 class CatalogFileWatch:
     """The file a SQLite catalog's connections use; refuses connections to any other file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, url: str = "") -> None:
         self.path = path
+        self.url = url or f"sqlite:///{path}"
+        # Opening a missing file would create an empty catalog: only a writer's upgrade may.
+        self.may_create = False
         self._pinned: int | None = None  # descriptor of the file the connections opened
         self._lock = threading.Lock()
 
     def before_connect(self) -> None:
-        """Refuse to open a new catalog file beside the write-ahead log of a deleted one.
+        """Refuse to open a new catalog file beside the write-ahead log of a deleted one, and
+        (NoCatalog) to create one at all before a writer's `Catalog.upgrade` allows it.
 
         SQLite finds the log by name: a file created at the path of a catalog deleted while in
-        use would have the old catalog's log replayed into it, a mix of two catalogs.
+        use would have the old catalog's log replayed into it, a mix of two catalogs. And
+        sqlite3 creates a missing file on connect: a reader would leave an empty catalog behind.
         """
         wal, shm = Path(f"{self.path}-wal"), Path(f"{self.path}-shm")
         try:
             log_bytes = wal.stat().st_size
         except FileNotFoundError:
-            return
+            log_bytes = 0
         try:
             empty = self.path.stat().st_size == 0
         except FileNotFoundError:
@@ -59,6 +64,8 @@ class CatalogFileWatch:
                 f"move {wal} and {shm} away to start a new catalog.",
                 str(self.path),
             )
+        if not self.may_create and not self.path.exists():
+            raise NoCatalog(self.url)
 
     def connected(self) -> None:
         """Called for every new connection: pin the file, or refuse if it is another one."""

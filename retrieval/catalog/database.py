@@ -6,7 +6,6 @@ import datetime as dt
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +37,7 @@ from retrieval.catalog.tables import (
     ShardRow,
     utcnow,
 )
-from retrieval.errors import CatalogMismatch, NotFound
+from retrieval.errors import CatalogMismatch, NoCatalog, NotFound
 
 # SQLite caps bound parameters per statement; chunk large id lists below it.
 _CHUNK = 5000
@@ -127,9 +126,7 @@ def _purge_images(session: Session, ids: Sequence[int]) -> None:
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # No folder is made here: only a writer's `Catalog.upgrade` creates a catalog file.
         engine = create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -154,7 +151,7 @@ class Catalog:
         self.engine = engine or make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         path = sqlite_file(url)
-        self.file_watch = CatalogFileWatch(path) if path is not None else None
+        self.file_watch = CatalogFileWatch(path, self.shown_url) if path is not None else None
         if self.file_watch is not None:
             watch = self.file_watch
             event.listen(self.engine, "do_connect", lambda *_: watch.before_connect())
@@ -166,9 +163,19 @@ class Catalog:
             yield session
 
     def upgrade(self) -> None:
-        """Bring the schema to the newest migration (idempotent)."""
-        from retrieval.catalog.migrate import upgrade_database
+        """Create the schema, or bring it to the newest migration (idempotent). Only writers
+        that may start a catalog call this (`index`, `db upgrade`); readers `require_catalog`.
 
+        Refuses (ConfigError) a database that holds another application's tables, and
+        (CatalogSchemaMismatch) a catalog a newer clipsearch wrote.
+        """
+        from retrieval.catalog.migrate import upgrade_database
+        from retrieval.catalog.schema import check_writable, read_schema
+
+        check_writable(read_schema(self))
+        if self.file_watch is not None:
+            self.file_watch.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file_watch.may_create = True
         upgrade_database(self.engine)
 
     @property
@@ -226,7 +233,7 @@ class Catalog:
             with self.engine.connect() as conn:
                 query = select(IndexStateRow.model).where(IndexStateRow.id == 1)
                 model = conn.execute(query).scalar()
-        except (OperationalError, ProgrammingError):
+        except (OperationalError, ProgrammingError, NoCatalog):
             return None
         return model if isinstance(model, dict) else None
 

@@ -12,17 +12,20 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
 
+from api.app import create_app
 from api.services import Services
 from indexer.pipeline import IndexJob
 from retrieval.catalog.catalog_file import sqlite_file
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.identity import read_index_id
+from retrieval.catalog.migrate import current_revision, head_revision, upgrade_database
 from retrieval.config import Settings
-from retrieval.errors import CatalogMismatch
+from retrieval.errors import CatalogMismatch, CatalogSchemaMismatch
 from retrieval.models.encoder import Encoder
 from tests.conftest import BOTH_DATABASES, fresh_database
-from tests.fixtures.catalogs import drop_catalog
+from tests.fixtures.catalogs import downgrade_catalog, drop_catalog
 
 
 @pytest.fixture(params=BOTH_DATABASES)
@@ -146,7 +149,7 @@ def test_a_reset_catalog_turns_the_api_unready_and_a_rebuild_brings_it_back(
     drop_catalog(db_url)  # SQLite: the file goes; Postgres: every table goes
     with pytest.raises(CatalogMismatch):
         _reload(client)
-    assert "removed" in _unready(client) or "no clipsearch tables" in _unready(client)
+    assert "removed" in _unready(client) or "holds no index" in _unready(client)
 
     fresh = Catalog(db_url)
     fresh.upgrade()  # a new, empty catalog at the same place
@@ -199,3 +202,129 @@ def test_an_api_started_beside_a_lost_catalog_starts_unready_and_says_why(
     fresh.dispose()
     _reload(client)
     _serving(client)
+
+
+# --- no catalog, an un-migrated one, an unreadable one: unready with the reason, then back ----
+
+
+def _no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    assert "Traceback" not in caplog.text
+    assert all(record.exc_info is None for record in caplog.records)
+
+
+def test_the_window_of_a_refused_index_beside_a_deleted_catalog(
+    sqlite_only: Path,
+    client: TestClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The catalog is deleted while the API serves; before the fix, a refused `clipsearch index`
+    then created and migrated a new, empty file at its path, and the poller met a raw
+    OperationalError in between and kept serving the deleted catalog's generation."""
+    generation = _serving(client)
+    _backup(sqlite_only, tmp_path / "backup.db")
+    drop_catalog(f"sqlite:///{sqlite_only}")
+    sqlite3.connect(sqlite_only).close()  # an empty file where the catalog was
+    with caplog.at_level(logging.WARNING), pytest.raises(CatalogMismatch):
+        _reload(client)
+    reason = _unready(client)
+    assert "has no clipsearch tables" in reason or "holds no index" in reason
+    engine = create_engine(f"sqlite:///{sqlite_only}")
+    upgrade_database(engine, "0001")  # half migrated: an older schema, no index
+    engine.dispose()
+    with caplog.at_level(logging.WARNING), pytest.raises(CatalogSchemaMismatch):
+        _reload(client)
+    assert "is at schema revision 0001, older than" in _unready(client)
+    _no_traceback(caplog)
+
+    _put_file(sqlite_only, tmp_path / "backup.db")
+    _reload(client)
+    assert _serving(client) == generation
+
+
+def test_an_older_catalog_turns_the_api_unready_until_db_upgrade(
+    db_url: str, client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    generation = _serving(client)
+    downgrade_catalog(db_url, "0005")  # what an older clipsearch, restored from backup, left
+    with caplog.at_level(logging.WARNING), pytest.raises(CatalogSchemaMismatch):
+        _reload(client)
+    shown = client.app.state.services.catalog.shown_url  # type: ignore[attr-defined]
+    assert _unready(client) == (
+        f"the catalog in {shown} is at schema revision 0005, older than this clipsearch's "
+        f"{head_revision()}; run `clipsearch db upgrade` (with the same --data-dir or "
+        "--database-url) to migrate it"
+    )
+    engine = create_engine(db_url)
+    assert current_revision(engine) == "0005"  # the API migrated nothing
+    engine.dispose()
+    _no_traceback(caplog)
+
+    upgraded = Catalog(db_url)
+    upgraded.upgrade()  # what `clipsearch db upgrade` does
+    upgraded.dispose()
+    _reload(client)
+    assert _serving(client) == generation
+    assert "ready again" in caplog.text
+
+
+def test_a_dropped_postgres_schema_turns_the_api_unready_and_requests_get_a_503(
+    db_url: str,
+    client: TestClient,
+    settings: Settings,
+    encoder: Encoder,
+    indexed: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if sqlite_file(db_url) is not None:
+        pytest.skip("a schema is Postgres's; the SQLite file's removal has its own tests")
+    _serving(client)
+    schema = db_url.rsplit("%3D", 1)[-1]
+    with create_engine(db_url).begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    with caplog.at_level(logging.WARNING):
+        # A request before the poller notices: a 503 naming the database's error, no 500.
+        refused = client.get("/images/1")
+        assert refused.status_code == 503 and refused.json()["code"] == "catalog_unreadable"
+        assert refused.json()["message"].startswith("The catalog cannot be read: ")
+        with pytest.raises(CatalogMismatch):
+            _reload(client)
+    assert "holds no index" in _unready(client)
+    _no_traceback(caplog)
+
+    with create_engine(db_url).begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    fresh = Catalog(db_url)
+    IndexJob(settings, fresh, lambda: encoder, progress=False, rebuild_catalog=True).run(
+        [str(indexed)]
+    )
+    fresh.dispose()
+    _reload(client)
+    _serving(client)
+
+
+def test_an_api_started_before_the_first_index_is_unready_until_it_creates_the_catalog(
+    settings: Settings,
+    encoder: Encoder,
+    photos: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    new = tmp_path / "new"
+    new.mkdir()
+    fresh = settings.model_copy(update={"data_dir": new, "database_url": None, "index_dir": None})
+    app = create_app(
+        fresh.model_copy(update={"reload_interval_seconds": 0}), encoder_factory=lambda _: encoder
+    )
+    with caplog.at_level(logging.WARNING), TestClient(app) as client:
+        assert _unready(client) == (
+            f"no clipsearch catalog in sqlite:///{new / 'catalog.db'}; run `clipsearch index "
+            "ROOT` to create one"
+        )
+        assert list(new.iterdir()) == []  # the API created nothing
+        catalog = Catalog(fresh.resolved_database_url)
+        IndexJob(fresh, catalog, lambda: encoder, progress=False).run([str(photos)])
+        catalog.dispose()
+        _reload(client)
+        assert _serving(client) == 1
+    _no_traceback(caplog)

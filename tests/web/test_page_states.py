@@ -8,6 +8,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from retrieval.catalog.database import Catalog
 from tests.conftest import TINY
 from tests.serving import running_server
 from tests.web.conftest import OpenPage, screenshot
@@ -20,6 +21,11 @@ pytestmark = pytest.mark.slow  # starts a server
 def empty_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     work = tmp_path_factory.mktemp("web-empty")
     (work / "data").mkdir()  # an empty data dir: serve refuses one that does not exist
+    # An empty catalog, as the setup script's `clipsearch db upgrade` leaves it (with none at
+    # all, the server would answer 503 until the first index run creates one).
+    empty = Catalog(f"sqlite:///{work / 'data' / 'catalog.db'}")
+    empty.upgrade()
+    empty.dispose()
     serve_settings = {
         "CLIPSEARCH_DATA_DIR": str(work / "data"),
         "CLIPSEARCH_MODEL": TINY,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from indexer.cli.app import main
+from retrieval.catalog.database import Catalog
 from retrieval.catalog.migrate import head_revision
 from retrieval.config import Settings
 from retrieval.training.shapes import generate_shapes
@@ -98,6 +99,7 @@ def test_bad_setting_exits_2_naming_the_variable(
 
 def test_bad_image_query_exits_2(
     env: Settings,
+    catalog: Catalog,  # an empty one: the image is refused before the empty index
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,

@@ -14,6 +14,8 @@ from indexer.cli.app import HELP
 from indexer.cli.output import EXIT_CODES, INTERRUPTED, UNEXPECTED
 from indexer.lock import IndexLock
 from indexer.pipeline import IndexJob
+from retrieval.catalog.database import make_engine
+from retrieval.catalog.migrate import upgrade_database
 from retrieval.config import Settings, load_settings
 from retrieval.index.shard import INDEX_FILE, list_shard_dirs, shard_path
 from retrieval.training.shapes import generate_shapes
@@ -112,6 +114,7 @@ def _corrupt(world: World) -> list[str]:
 
 
 def _not_found(world: World) -> list[str]:
+    world.index()  # repair reads an index: with no catalog at all it would exit 9
     return ["repair", "--shard", "no-such-shard"]
 
 
@@ -131,6 +134,13 @@ def _no_such_device(world: World) -> list[str]:
     # A device number no machine has: refused whether or not this one has a GPU.
     world.monkeypatch.setenv("CLIPSEARCH_DEVICE", "cuda:99")
     return ["index", str(world.pics)]
+
+
+def _schema_older(world: World) -> list[str]:
+    # A catalog an older clipsearch wrote: readers never migrate it, they name the command.
+    world.settings.data_dir.mkdir(parents=True)
+    upgrade_database(make_engine(world.settings.resolved_database_url), "0005")
+    return ["status"]
 
 
 def _interrupted(world: World) -> list[str]:
@@ -155,6 +165,7 @@ CASES: dict[str, tuple[int, Callable[[World], list[str]], str]] = {
     "catalog-lost": (8, _catalog_lost, "catalog"),
     "empty-index": (9, _empty_index, "clipsearch index"),
     "no-such-device": (10, _no_such_device, "CLIPSEARCH_DEVICE=cuda:99: "),
+    "schema-older": (11, _schema_older, "run `clipsearch db upgrade`"),
     "interrupted": (INTERRUPTED, _interrupted, "interrupted"),
 }
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from retrieval.catalog.database import Catalog
 from retrieval.config import Settings
 from retrieval.models import encoder as encoder_module
 from retrieval.training.shapes import generate_shapes
@@ -157,6 +158,7 @@ def test_index_and_label_keep_the_indexs_model(
 
 def test_search_of_an_empty_index_exits_9_with_the_hint(
     env: Settings,  # noqa: F811 - the fixture
+    catalog: Catalog,  # an empty one, as `clipsearch db upgrade` leaves it
     loads: list[str],
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -269,6 +271,7 @@ def test_serve_refuses_a_busy_port_first(
 
 def test_serve_warns_about_an_empty_index_and_serves_it(
     env: Settings,  # noqa: F811 - the fixture
+    catalog: Catalog,  # an empty one, as `clipsearch db upgrade` leaves it
     uvicorn_runs: list[dict[str, Any]],
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,

@@ -146,6 +146,7 @@ def test_repair_encodes_with_the_index_s_model_not_the_environment_s(
 
 def test_repair_of_an_unknown_shard_exits_7(
     env: Settings,  # noqa: F811
+    catalog: Catalog,  # an empty one (with none at all, repair exits 9)
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

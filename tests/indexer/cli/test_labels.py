@@ -14,6 +14,10 @@ from retrieval.labels.definitions import load_label_set_file
 from retrieval.training.shapes import COLOURS, SHAPES, generate_shapes
 from tests.indexer.cli.test_cli import env, run_cli  # noqa: F401 - `env` is a fixture
 
+# Label sets live in a catalog, which only `clipsearch index` or `db upgrade` creates: each test
+# starts from an empty one, as the setup script leaves it.
+pytestmark = pytest.mark.usefixtures("catalog")
+
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "labels"
 HAN = re.compile(r"[\u4e00-\u9fff]")
 

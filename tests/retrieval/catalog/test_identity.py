@@ -4,6 +4,7 @@ catalog, and never mixes connections to two catalog files."""
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,7 @@ def test_a_catalog_without_tables_is_a_lost_catalog(db_url: str) -> None:
     else:
         catalog.dispose()
         drop_catalog(db_url)
+        sqlite3.connect(sqlite_file(db_url)).close()  # an empty file where the catalog was
         catalog = Catalog(db_url)
     try:
         with pytest.raises(CatalogMismatch) as refused:
