@@ -150,7 +150,7 @@ def index(
         if problem is not None:
             raise problem
         raise typer.BadParameter(
-            f"the catalog {settings.resolved_database_url} has no previous index run. Check "
+            f"the catalog {catalog.shown_url} has no previous index run. Check "
             "CLIPSEARCH_DATABASE_URL; for the very first run, leave this flag out (a first "
             "run encodes every image).",
             param_hint="'--since-last-run'",
