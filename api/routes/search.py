@@ -22,6 +22,7 @@ from api.deps import (
 from api.errors import ApiError
 from api.files import read_upload
 from api.metrics import Metrics
+from api.query_filters import filter_parameters, filters_from_query
 from api.schemas import (
     ERROR_RESPONSES,
     Filters,
@@ -40,6 +41,8 @@ router = APIRouter(tags=["search"], dependencies=[ReadAccess], responses=ERROR_R
 # Documented limits; the searcher checks them (BadQuery, 400) against the configured values.
 K_BOUNDS = {"minimum": 1, **setting_bound(maximum="max_k")}
 QUERY_BOUNDS = {"minLength": 1, **setting_bound(maxLength="max_query_chars")}
+# GET /search's own parameters; the others are the filters of POST /search/text.
+GET_SEARCH_PARAMETERS = frozenset({"q", "k"})
 
 
 def to_response(request: Request, result: SearchResult, *, cached: bool = False) -> SearchResponse:
@@ -132,7 +135,12 @@ async def search_text(
     return await _text_search(request, searcher, text_encoder, metrics, query)
 
 
-@router.get("/search", response_model=SearchResponse, summary="Search by text (GET)")
+@router.get(
+    "/search",
+    response_model=SearchResponse,
+    summary="Search by text (GET)",
+    openapi_extra={"parameters": filter_parameters()},
+)
 async def search_get(
     request: Request,
     searcher: SearcherDep,
@@ -144,7 +152,11 @@ async def search_get(
     ],
     k: Annotated[int, Query(description="Number of results.", json_schema_extra=K_BOUNDS)] = 10,
 ) -> SearchResponse:
-    return await _text_search(request, searcher, text_encoder, metrics, TextQuery(q, k))
+    """POST /search/text as a URL: every filter is a query parameter of the same name (a list
+    filter repeated: `formats=JPEG&formats=PNG`); an unknown parameter is a 422."""
+    filters = filters_from_query(request.query_params, own=GET_SEARCH_PARAMETERS)
+    query = TextQuery(q, k, filters)
+    return await _text_search(request, searcher, text_encoder, metrics, query)
 
 
 def _parse_filters(raw: str | None) -> Filters | None:
