@@ -27,6 +27,7 @@ from retrieval.errors import (
     PathNotAllowed,
     WeightsUnavailable,
 )
+from retrieval.images import ALLOWED_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,28 @@ def _json(
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
+# What a person is told about a picture the decoder refused (the page shows it as it is):
+# no reason codes, library or exception names; the stable reason is in the error's code.
+_IMAGE_MESSAGES = {
+    "empty": "The file is empty.",
+    "truncated": "The file is cut short: the picture's data ends early (an incomplete download "
+    "or copy?).",
+    "not_an_image": "The file is not a picture, or not in a format this server reads ({allowed}).",
+    "unsupported_format": "{detail}.",
+    "too_large": "The picture is too large to decode here: {detail}.",
+    "decode_failed": "The picture could not be decoded: its data is damaged, or it uses a "
+    "feature of its format that this server cannot decode.",
+    "unreadable": "The file could not be read.",
+}
+
+
+def image_message(exc: ImageError) -> str:
+    """The sentence for a refused picture: what is wrong with it, in a user's words."""
+    template = _IMAGE_MESSAGES.get(exc.reason, "The picture could not be read.")
+    allowed = ", ".join(sorted(ALLOWED_FORMATS))
+    return template.format(detail=exc.detail, allowed=allowed)
+
+
 def domain_status(exc: ClipsearchError) -> tuple[int, str]:
     if isinstance(exc, ImageError):
         # The reason is the stable, more useful code for clients ("truncated", ...).
@@ -106,7 +129,7 @@ async def _domain(_: Request, exc: Exception) -> JSONResponse:
     status, code = domain_status(exc)
     if status >= 500:
         log.error("service error: %s", exc)
-    message = f"{exc.reason}: {exc.detail}" if isinstance(exc, ImageError) else str(exc)
+    message = image_message(exc) if isinstance(exc, ImageError) else str(exc)
     return _json(status, code, message)
 
 

@@ -32,7 +32,8 @@ class BodyLimits:
         if status == 413:
             code, message = (
                 "payload_too_large",
-                f"The request body exceeds the limit of {self.max_bytes} bytes.",
+                f"The request is larger than the {self.max_bytes} bytes "
+                f"({self.max_bytes / 2**20:.3g} MiB) this server accepts.",
             )
         else:
             code, message = (

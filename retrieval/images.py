@@ -415,7 +415,7 @@ def _unidentified(data: bytes, shown_as: str | None) -> ImageError:
         with Image.open(io.BytesIO(data), formats=others) as other:
             found = other.format
     except Exception:  # any failure here just means "not an image"
-        return ImageError("not_an_image", "the data is not an image Pillow can identify", shown_as)
+        return ImageError("not_an_image", "the data is not a picture in any known format", shown_as)
     allowed = ", ".join(sorted(ALLOWED_FORMATS))
     return ImageError(
         "unsupported_format", f"{found} images are not supported (allowed: {allowed})", shown_as
@@ -443,7 +443,7 @@ def _classify(exc: BaseException, data: bytes, shown_as: str | None) -> ImageErr
     if isinstance(exc, Image.DecompressionBombError):
         return ImageError(
             "too_large",
-            "the header declares more pixels than Pillow's decompression-bomb limit",
+            "its header declares more pixels than the decompression-bomb limit allows",
             shown_as,
         )
     message = str(exc)

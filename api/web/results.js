@@ -14,6 +14,30 @@ export function fileName(path) {
   return parts.slice(-2).join("/") || String(path);
 }
 
+// The end of a file name that a card always shows: at most the last 8 characters of its stem,
+// from a word's edge where there is one, and its extension. Cut at the end, names with a long
+// common start (IMG_20240801_…) all looked alike.
+const NAME_TAIL_STEM_CHARS = 8;
+const NAME_TAIL_MIN_STEM_CHARS = 4;
+const NAME_TAIL_MAX_EXTENSION = 6;
+
+// [head, tail] of a card's name: the head gives way (an ellipsis) when the card is narrow, the
+// tail stays whole, so the ellipsis falls in the middle: "2024-summ…_0017.jpg".
+export function nameParts(path) {
+  const name = fileName(path);
+  const base = name.slice(name.lastIndexOf("/") + 1);
+  const dot = base.lastIndexOf(".");
+  const extension = dot > 0 && base.length - dot <= NAME_TAIL_MAX_EXTENSION ? base.slice(dot) : "";
+  const stem = base.slice(0, base.length - extension.length);
+  let stemKept = Math.min(stem.length, NAME_TAIL_STEM_CHARS);
+  const edge = stem.slice(stem.length - stemKept).search(/[\s_.-]/);
+  if (stem.length > stemKept && edge > 0 && stemKept - edge >= NAME_TAIL_MIN_STEM_CHARS) {
+    stemKept -= edge;
+  }
+  const keep = stemKept + extension.length;
+  return [name.slice(0, name.length - keep), name.slice(name.length - keep)];
+}
+
 // The labels worth a chip on a card: best first, as the API sends them.
 export function cardLabels(hit) {
   if (!Array.isArray(hit.labels)) return [];
@@ -127,8 +151,14 @@ export class ResultsGrid {
     score.className = "score";
     const name = document.createElement("span");
     name.className = "name";
-    name.textContent = fileName(hit.path);
-    name.title = hit.path;
+    name.title = hit.path; // the whole path, on hover
+    const [head, tail] = nameParts(hit.path);
+    for (const [part, text] of [["name-head", head], ["name-tail", tail]]) {
+      const span = document.createElement("span");
+      span.className = part;
+      span.textContent = text;
+      name.append(span);
+    }
     info.append(score, name);
 
     const labels = cardLabels(hit);

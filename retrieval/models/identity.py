@@ -31,14 +31,6 @@ _PREFIXES = {
     "transformers": HF,
 }
 
-# Said wherever results come from a model with random weights (pretrained "none"): the demo's and
-# the tests' tiny models aside, nobody means to search with one, and its results look plausible.
-RANDOM_WEIGHTS_WARNING = (
-    "random weights (pretrained=none): results are meaningless; `clipsearch models` lists real "
-    "weights to index with"
-)
-RANDOM_WEIGHTS_PREFIX = "random-init"  # how weights_sha256 records random weights
-
 # Prefixes open_clip itself understands in a model name; the whole name goes to open_clip.
 _OPEN_CLIP_SCHEMAS = ("hf-hub", "local-dir")
 
@@ -62,22 +54,6 @@ def parse_model_name(name: str) -> tuple[str, str]:
     return family, rest.strip()
 
 
-RUNTIMES = ("auto", "torch", "onnx")  # CLIPSEARCH_RUNTIME
-QUANTIZATIONS = ("none", "int8")  # CLIPSEARCH_QUANTIZE
-FALLBACKS = ("torch", "refuse")  # CLIPSEARCH_ONNX_FALLBACK
-
-
-@dataclass(frozen=True)
-class RuntimeSpec:
-    """What runs the towers once the model is loaded (see `retrieval.models.runtimes`)."""
-
-    name: str = "torch"  # auto (measured, per tower), torch, onnx (ONNX Runtime)
-    quantize: str = "none"  # int8: ONNX Runtime's dynamic int8 weights (MatMul, Gemm)
-    # What `onnx` does when the model's export is corrupt: run torch (with a warning), or refuse.
-    fallback: str = "torch"
-    threads: int = 0  # intra-op threads (0: the runtime's default, one per core)
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """What to load: a model name (see the module docstring) plus weights (a pretrained tag or a
@@ -90,7 +66,6 @@ class ModelSpec:
     config_dir: Path | None = None
     cache_dir: Path | None = None
     seed: int = 0  # seeds random weights (pretrained "none"), for reproducible runs
-    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
 
     @property
     def family(self) -> str:
@@ -135,13 +110,6 @@ class ModelSource:
         )
 
 
-def recorded_random_weights(recorded: dict[str, Any] | None) -> bool:
-    """Whether a model identity as stored (shard.json, the catalog) has random weights."""
-    if not recorded:
-        return False
-    return str(recorded.get("weights_sha256", "")).startswith(RANDOM_WEIGHTS_PREFIX)
-
-
 def _local(value: str) -> bool:
     """Whether a model or pretrained value names something on disk (not a tag or hub id)."""
     path = Path(value).expanduser()
@@ -184,11 +152,6 @@ class ModelIdentity:
             # keep their key.
             material += [self.family, self.tokenizer]
         return hashlib.sha256(json.dumps(material).encode()).hexdigest()[:16]
-
-    @property
-    def random_weights(self) -> bool:
-        """Whether the weights were initialised at random (pretrained "none"), not trained."""
-        return self.weights_sha256.startswith(RANDOM_WEIGHTS_PREFIX)
 
     def describe(self) -> str:
         return (
