@@ -39,20 +39,15 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from retrieval.catalog.database import Catalog
-from retrieval.catalog.records import GenerationCommit, ImageRecord, ShardRecord
-from retrieval.catalog.tables import ACTIVE
-from retrieval.config import Settings, load_settings
-from retrieval.index.kinds import choose_params
-from retrieval.index.shard import write_shard
-from retrieval.models.encoder import load_encoder
-from retrieval.models.identity import ModelSpec
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.served_corpus import build_served_corpus, query_text  # noqa: E402
+from retrieval.config import Settings, load_settings  # noqa: E402
+
 MODEL = "clipsearch-tiny"
 VECTORS = 10_000
 MIB = 1024 * 1024
-WORDS = "red blue green dog cat beach car tree house mountain river city night snow".split()
 LIMITS_OFF = {
     "CLIPSEARCH_MAX_CONCURRENT_REQUESTS": "10000",
     "CLIPSEARCH_MAX_QUEUED_REQUESTS": "100000",
@@ -64,55 +59,9 @@ LIMITS_OFF = {
 
 
 def _build_corpus(tmp: Path) -> dict[str, str]:
-    identity = load_encoder(ModelSpec(MODEL, "none", device="cpu")).identity
-    rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((VECTORS, identity.dim)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    ids = np.arange(1, VECTORS + 1, dtype=np.int64)
-    model = identity.to_dict()
-    manifest = write_shard(
-        tmp / "index",
-        "s0",
-        ids=ids,
-        embeddings=vectors,
-        params=choose_params("flat", VECTORS, identity.dim),
-        model=model,
-    )
-    url = f"sqlite:///{tmp / 'catalog.db'}"
-    catalog = Catalog(url)
-    catalog.upgrade()
-    record = ShardRecord(
-        id="s0",
-        kind=manifest.kind,
-        count=VECTORS,
-        dim=identity.dim,
-        params=manifest.params,
-        model_key=identity.key,
-    )
-    images = [
-        ImageRecord(
-            id=int(i),
-            path=f"/bench/img_{i}.jpg",
-            sha256=None,
-            size=1,
-            mtime_ns=1,
-            status=ACTIVE,
-            width=640,
-            height=480,
-            format="JPEG",
-            shard_id="s0",
-        )
-        for i in ids
-    ]
-    catalog.commit(GenerationCommit(model=model, new_shards=[record], upserts=images))
-    catalog.dispose()
+    env, _ = build_served_corpus(tmp, MODEL, VECTORS, "flat")
     return {
-        "CLIPSEARCH_DATABASE_URL": url,
-        "CLIPSEARCH_INDEX_DIR": str(tmp / "index"),
-        "CLIPSEARCH_DATA_DIR": str(tmp),
-        "CLIPSEARCH_MODEL": MODEL,
-        "CLIPSEARCH_PRETRAINED": "none",
-        "CLIPSEARCH_DEVICE": "cpu",
+        **env,
         "CLIPSEARCH_RELOAD_INTERVAL_SECONDS": "0",
         "CLIPSEARCH_QUERY_CACHE_SIZE": "0",
     }
@@ -293,11 +242,6 @@ def _memory(env: dict[str, str]) -> dict[str, Any]:
 # --- overload ------------------------------------------------------------------------------
 
 
-def _query(i: int) -> str:
-    rng = np.random.default_rng(i)
-    return "a photo of " + " ".join(rng.choice(WORDS, size=int(rng.integers(2, 7))))
-
-
 Outcome = tuple[str, float]  # ("200", "503 overloaded", "503 bare", "error", ...), ms
 
 
@@ -321,7 +265,7 @@ def _summary(results: list[Outcome], wall: float) -> dict[str, Any]:
 
 
 def _request_bytes(i: int) -> bytes:
-    query = urllib.parse.quote_plus(_query(i))
+    query = urllib.parse.quote_plus(query_text(i))
     return f"GET /search?q={query}&k=10 HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
 
 
@@ -332,7 +276,8 @@ async def _exchange(
     the Retry-After it asked for (0 if none).
 
     A 503 is "overloaded" (the API's JSON with Retry-After) or "bare" (anything else). A raw
-    HTTP/1.1 exchange keeps the client's own CPU small beside the server's when both share the cores.
+    HTTP/1.1 exchange keeps the client's own CPU small beside the server's when both share the
+    cores.
     """
     writer.write(_request_bytes(i))
     await writer.drain()

@@ -23,21 +23,12 @@ from typing import Any
 import httpx
 import numpy as np
 
-from retrieval.catalog.database import Catalog
-from retrieval.catalog.records import GenerationCommit, ImageRecord, ShardRecord
-from retrieval.catalog.tables import ACTIVE
-from retrieval.index.kinds import choose_params
-from retrieval.index.shard import write_shard
-from retrieval.models.encoder import load_encoder
-from retrieval.models.identity import ModelSpec
-
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "red blue green dog cat beach car tree house mountain river city night snow".split()
+sys.path.insert(0, str(REPO))
 
-
-def _query(i: int) -> str:
-    rng = np.random.default_rng(i)
-    return "a photo of " + " ".join(rng.choice(WORDS, size=int(rng.integers(2, 7))))
+from bench.served_corpus import build_served_corpus, query_text  # noqa: E402
+from retrieval.models.encoder import load_encoder  # noqa: E402
+from retrieval.models.identity import ModelSpec  # noqa: E402
 
 
 def _pct(values: list[float]) -> dict[str, float]:
@@ -46,67 +37,6 @@ def _pct(values: list[float]) -> dict[str, float]:
         "p50": round(float(np.percentile(arr, 50)), 2),
         "p99": round(float(np.percentile(arr, 99)), 2),
     }
-
-
-def _build_corpus(tmp: Path, n: int) -> tuple[dict[str, str], str]:
-    encoder = load_encoder(ModelSpec("ViT-B-32", "none", device="cpu"))
-    identity = encoder.identity
-    rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((n, identity.dim)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    ids = np.arange(1, n + 1, dtype=np.int64)
-    model = identity.to_dict()
-    manifest = write_shard(
-        tmp / "index",
-        "s0",
-        ids=ids,
-        embeddings=vectors,
-        params=choose_params(os.environ.get("BENCH_KIND", "auto"), n, identity.dim),
-        model=model,
-    )
-    url = f"sqlite:///{tmp / 'catalog.db'}"
-    catalog = Catalog(url)
-    catalog.upgrade()
-    catalog.commit(
-        GenerationCommit(
-            model=model,
-            new_shards=[
-                ShardRecord(
-                    id="s0",
-                    kind=manifest.kind,
-                    count=n,
-                    dim=identity.dim,
-                    params=manifest.params,
-                    model_key=identity.key,
-                )
-            ],
-            upserts=[
-                ImageRecord(
-                    id=int(i),
-                    path=f"/bench/img_{i}.jpg",
-                    sha256=None,
-                    size=1,
-                    mtime_ns=1,
-                    status=ACTIVE,
-                    width=640,
-                    height=480,
-                    format="JPEG",
-                    shard_id="s0",
-                )
-                for i in ids
-            ],
-        )
-    )
-    catalog.dispose()
-    env = {
-        "CLIPSEARCH_DATABASE_URL": url,
-        "CLIPSEARCH_INDEX_DIR": str(tmp / "index"),
-        "CLIPSEARCH_DATA_DIR": str(tmp),
-        "CLIPSEARCH_MODEL": "ViT-B-32",
-        "CLIPSEARCH_PRETRAINED": "none",
-        "CLIPSEARCH_DEVICE": "cpu",
-    }
-    return env, manifest.kind
 
 
 def _encode_times(reps: int) -> dict[str, dict[str, float]]:
@@ -118,7 +48,7 @@ def _encode_times(reps: int) -> dict[str, dict[str, float]]:
     for i in range(reps):
         for mode, model, trim in runs:
             t = time.perf_counter()
-            model.encode_texts([_query(10_000 + i)], trim=trim)
+            model.encode_texts([query_text(10_000 + i)], trim=trim)
             out[mode].append((time.perf_counter() - t) * 1000)
     return {k: _pct(v) for k, v in out.items()}
 
@@ -132,7 +62,9 @@ async def _load(base: str, concurrency: int, total: int, offset: int) -> dict[st
         async def worker() -> None:
             for i in counter:
                 t = time.perf_counter()
-                r = await client.post("/search/text", json={"query": _query(offset + i), "k": 10})
+                r = await client.post(
+                    "/search/text", json={"query": query_text(offset + i), "k": 10}
+                )
                 r.raise_for_status()
                 latencies.append((time.perf_counter() - t) * 1000)
                 for part, ms in r.json()["took_ms"].items():
@@ -193,7 +125,9 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
     requests = int(os.environ.get("BENCH_REQUESTS", "64"))
     with tempfile.TemporaryDirectory() as tmp:
-        env, kind = _build_corpus(Path(tmp), n)
+        env, kind = build_served_corpus(
+            Path(tmp), "ViT-B-32", n, os.environ.get("BENCH_KIND", "auto")
+        )
         result: dict[str, object] = {
             "bench": "query_latency",
             "model": "ViT-B-32/none",
