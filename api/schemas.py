@@ -188,6 +188,14 @@ class IndexInfo(BaseModel):
         description="The command that replaces the corrupt shards (null when there are none).",
         examples=["clipsearch repair"],
     )
+    random_weights: bool = Field(
+        default=False,
+        description="The model has random weights (pretrained=none): results carry no meaning.",
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What a user must know about the results (the random weights warning).",
+    )
 
 
 class ReloadResponse(BaseModel):

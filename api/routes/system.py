@@ -19,6 +19,7 @@ from api.schemas import (
 )
 from api.services import Services
 from retrieval.catalog.database import Catalog
+from retrieval.models.identity import RANDOM_WEIGHTS_WARNING, recorded_random_weights
 from retrieval.search import Searcher
 
 router = APIRouter(tags=["system"])
@@ -80,6 +81,10 @@ def _index_info(searcher: Searcher, catalog: Catalog) -> IndexInfo:
     unserved = snap.shards.unserved
     served = snap.shards.served_shards
     kinds = Counter(shard.kind for shard in served)
+    # The index's model, or before anything is indexed, the model that encodes the queries.
+    random = recorded_random_weights(snap.model) or (
+        searcher.encoder is not None and searcher.encoder.identity.random_weights
+    )
     return IndexInfo(
         generation=snap.generation,
         shard_count=len(served),
@@ -95,6 +100,8 @@ def _index_info(searcher: Searcher, catalog: Catalog) -> IndexInfo:
         ],
         unserved_vector_count=sum(shard.count for shard in unserved),
         repair=REPAIR_COMMAND if unserved else None,
+        random_weights=random,
+        warnings=[RANDOM_WEIGHTS_WARNING] if random else [],
     )
 
 

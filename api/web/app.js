@@ -37,6 +37,7 @@ const ui = {
   status: $("#status"),
   results: $("#results"),
   indexStatus: $("#index-status"),
+  modelWarning: $("#model-warning"),
   keyPanel: $("#key-panel"),
   keyForm: $("#key-form"),
   keyInput: $("#api-key"),
@@ -170,6 +171,7 @@ async function refreshIndexStatus({ report = true } = {}) {
     document.body.dataset.index =
       info.live_vector_count === 0 && !info.degraded ? "empty" : "ready";
     document.body.dataset.degraded = info.degraded ? "true" : "false";
+    ui.modelWarning.hidden = !info.random_weights; // results that look real but mean nothing
     const count = info.live_vector_count;
     const corrupt = info.corrupt_shards ?? [];
     setIndexStatus(

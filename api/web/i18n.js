@@ -45,6 +45,9 @@ const MESSAGES = {
     "index.degraded.one":
       " · degraded: {count} corrupt shard not served ({missing}); run “clipsearch repair”",
     "index.noModel": "no model yet",
+    "index.randomWeights":
+      "Random weights (pretrained=none): results are meaningless. " +
+      "Get real weights with “clipsearch models” and index again.",
     "index.unreachable": "Server unreachable",
     "index.keyNeeded": "API key needed",
     "index.unavailable": "Index status unavailable: {message}",
@@ -129,6 +132,8 @@ const MESSAGES = {
     "index.images": "{count} 张图片",
     "index.degraded": " · 降级：{count} 个损坏的分片未提供服务（{missing}）；请运行“clipsearch repair”",
     "index.noModel": "尚无模型",
+    "index.randomWeights":
+      "随机权重（pretrained=none）：搜索结果没有意义。请用“clipsearch models”获取真实权重后重新索引。",
     "index.unreachable": "无法连接服务器",
     "index.keyNeeded": "需要 API 密钥",
     "index.unavailable": "无法获取索引状态：{message}",

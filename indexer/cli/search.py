@@ -22,6 +22,7 @@ from indexer.cli.reading import open_existing_catalog, open_for_reading, require
 from retrieval.config import Settings, load_settings
 from retrieval.errors import ConfigError
 from retrieval.models.device import DEVICE_SETTING, check_device
+from retrieval.models.identity import RANDOM_WEIGHTS_WARNING, recorded_random_weights
 
 if TYPE_CHECKING:
     from retrieval.search import SearchResult
@@ -103,6 +104,8 @@ def search(
     searcher = Searcher.from_settings(
         reading.catalog, settings, reading.encoder_factory()(), label_store=label_store
     )
+    if searcher.encoder is not None and searcher.encoder.identity.random_weights:
+        typer.echo(f"warning: {RANDOM_WEIGHTS_WARNING}", err=True)
     try:
         if image is not None:
             result = searcher.search_image(image, k, allowed_ids=ids)
@@ -192,6 +195,7 @@ def status(
         "degraded": bool(corrupt),
         "corrupt_shards": corrupt,
         "repair": REPAIR_HINT if corrupt else None,
+        "random_weights": recorded_random_weights(state.model),
         **where,
     }
     if as_json:
@@ -199,6 +203,8 @@ def status(
         return
     model_name = f"{state.model['name']} / {state.model['pretrained']}" if state.model else "none"
     typer.echo(f"generation {state.generation}, model {model_name}")
+    if info["random_weights"]:
+        typer.echo(f"warning: {RANDOM_WEIGHTS_WARNING}")
     typer.echo(
         f"images: {counts.get('active', 0)} active, {counts.get('deleted', 0)} deleted, "
         f"{counts.get('error', 0)} failed; {len(shards)} shards "

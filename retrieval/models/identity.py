@@ -31,6 +31,14 @@ _PREFIXES = {
     "transformers": HF,
 }
 
+# Said wherever results come from a model with random weights (pretrained "none"): the demo's and
+# the tests' tiny models aside, nobody means to search with one, and its results look plausible.
+RANDOM_WEIGHTS_WARNING = (
+    "random weights (pretrained=none): results are meaningless; `clipsearch models` lists real "
+    "weights to index with"
+)
+RANDOM_WEIGHTS_PREFIX = "random-init"  # how weights_sha256 records random weights
+
 # Prefixes open_clip itself understands in a model name; the whole name goes to open_clip.
 _OPEN_CLIP_SCHEMAS = ("hf-hub", "local-dir")
 
@@ -110,6 +118,13 @@ class ModelSource:
         )
 
 
+def recorded_random_weights(recorded: dict[str, Any] | None) -> bool:
+    """Whether a model identity as stored (shard.json, the catalog) has random weights."""
+    if not recorded:
+        return False
+    return str(recorded.get("weights_sha256", "")).startswith(RANDOM_WEIGHTS_PREFIX)
+
+
 def _local(value: str) -> bool:
     """Whether a model or pretrained value names something on disk (not a tag or hub id)."""
     path = Path(value).expanduser()
@@ -152,6 +167,11 @@ class ModelIdentity:
             # keep their key.
             material += [self.family, self.tokenizer]
         return hashlib.sha256(json.dumps(material).encode()).hexdigest()[:16]
+
+    @property
+    def random_weights(self) -> bool:
+        """Whether the weights were initialised at random (pretrained "none"), not trained."""
+        return self.weights_sha256.startswith(RANDOM_WEIGHTS_PREFIX)
 
     def describe(self) -> str:
         return (

@@ -111,6 +111,10 @@ class SearchPage:
     def status(self) -> str:
         return self.page.locator("#status").inner_text()
 
+    def model_warning(self) -> Locator:
+        """The header's warning that the model has random weights (hidden when trained)."""
+        return self.page.locator("#model-warning")
+
     def language(self) -> str:
         """The page's language, as <html lang> says it."""
         return str(self.page.evaluate("document.documentElement.lang"))

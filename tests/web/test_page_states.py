@@ -136,3 +136,41 @@ def test_an_index_with_every_shard_corrupt_is_not_called_empty(
     assert "degraded: 1 corrupt shard not served (36 images)" in sp.index_status()
     assert page.locator("body").get_attribute("data-index") == "ready"
     assert page.locator("#message[data-code='no_index']").count() == 0
+
+
+RANDOM_WEIGHTS_EN = (
+    "Random weights (pretrained=none): results are meaningless. Get real weights with "
+    "“clipsearch models” and index again."
+)
+RANDOM_WEIGHTS_ZH = (
+    "随机权重（pretrained=none）：搜索结果没有意义。请用“clipsearch models”获取真实权重后重新索引。"
+)
+
+
+@pytest.mark.parametrize("viewport", ["desktop", "phone"])
+def test_random_weights_are_named_in_the_header(
+    open_page: OpenPage, empty_server: str, viewport: str
+) -> None:
+    page = open_page(empty_server + "/", viewport=viewport)
+    sp = SearchPage(page)
+    sp.wait_for_message("no_index")
+    assert sp.model_warning().is_hidden()  # the server's tiny model has trained weights
+    random_index = {
+        **DEGRADED_INDEX,
+        "degraded": False,
+        "corrupt_shards": [],
+        "unserved_vector_count": 0,
+        "repair": None,
+        "random_weights": True,
+    }
+    page.route(
+        lambda url: urlparse(url).path == "/index",
+        lambda route: route.fulfill(json=random_index),
+    )
+    page.reload()
+    sp.model_warning().wait_for(state="visible")
+    assert sp.model_warning().inner_text() == RANDOM_WEIGHTS_EN
+    assert sp.contrast_failures() == [] and sp.horizontal_overflow() == 0
+    screenshot(page, f"random-weights-{viewport}")
+    sp.choose_language("zh-CN")
+    assert sp.model_warning().inner_text() == RANDOM_WEIGHTS_ZH
