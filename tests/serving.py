@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +81,8 @@ def run_cli(
     )
 
 
-def _wait_ready(server: ServeProcess, timeout_s: float) -> None:
+def wait_ready(server: ServeProcess, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Until /ready answers 200; RuntimeError with the server's log if it exits or times out."""
     deadline = time.monotonic() + timeout_s
     with httpx.Client(base_url=server.base_url, timeout=10) as client:
         while True:
@@ -99,23 +100,45 @@ def _wait_ready(server: ServeProcess, timeout_s: float) -> None:
             time.sleep(0.3)
 
 
-@contextmanager
-def running_server(
-    settings: Mapping[str, str], log_path: Path, *, ready_timeout_s: float = READY_TIMEOUT_S
-) -> Iterator[ServeProcess]:
-    """`clipsearch serve` on a free local port with `settings` (CLIPSEARCH_* variables)."""
+def start_server(
+    settings: Mapping[str, str], log_path: Path, args: Sequence[str] = ()
+) -> ServeProcess:
+    """`clipsearch serve ARGS` started (not yet ready) on a free local port with `settings`
+    (CLIPSEARCH_* variables); several can start at once and load their models side by side."""
     port = free_port()
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "indexer", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "indexer",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *args,
+            ],
             cwd=REPO,
             env=serve_env(settings),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    server = ServeProcess(proc, f"http://127.0.0.1:{port}", log_path)
+    return ServeProcess(proc, f"http://127.0.0.1:{port}", log_path)
+
+
+@contextmanager
+def running_server(
+    settings: Mapping[str, str],
+    log_path: Path,
+    *,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+    args: Sequence[str] = (),
+) -> Iterator[ServeProcess]:
+    """`clipsearch serve ARGS` on a free local port with `settings` (CLIPSEARCH_* variables)."""
+    server = start_server(settings, log_path, args)
     try:
-        _wait_ready(server, ready_timeout_s)
+        wait_ready(server, ready_timeout_s)
         yield server
     finally:
         server.stop()
