@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ from retrieval.config import Settings, load_settings
 from retrieval.models.encoder import Encoder, load_encoder
 from retrieval.models.identity import ModelSpec
 from retrieval.models.weights import register_model_configs
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 TINY = "clipsearch-tiny"
 PG_URL = os.environ.get("CLIPSEARCH_TEST_DATABASE_URL")
@@ -233,3 +237,13 @@ def semantic_zh_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert trained.returncode == 0, trained.stderr
     assert cached_shapes_model(out, min_steps=CHINESE.steps, recipe=CHINESE) is not None
     return out
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    """One headless Chromium a session, for every test that opens the page (tests/web/browser.py):
+    Playwright's sync API runs one instance a thread."""
+    from tests.web.browser import launched_chromium
+
+    with launched_chromium() as launched:
+        yield launched

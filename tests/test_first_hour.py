@@ -24,7 +24,7 @@ from tests.indexer.cli.test_cli import run_cli
 from tests.indexer.cli.test_index_model import loads  # noqa: F401 - a fixture
 from tests.indexer.cli.test_models import TINY_TAG, cache, tiny_in_table  # noqa: F401 - fixtures
 from tests.serving import start_server, wait_ready
-from tests.web.conftest import OpenPage, browser, open_page  # noqa: F401 - fixtures
+from tests.web.conftest import OpenPage, open_page  # noqa: F401 - a fixture
 from tests.web.search_page import SearchPage
 from tests.web.test_page_states import RANDOM_WEIGHTS_EN
 

@@ -1,14 +1,8 @@
-"""Browser fixtures: Debian's Chromium driven by Playwright, pages at two widths, screenshots.
-
-Playwright is used only as a driver; it downloads no browser. The tests skip when Chromium is
-missing on a developer machine and fail when it is missing in CI (`CI=true`), where
-`.ci/run` installs it.
-"""
+"""Browser fixtures: pages at two widths in the session's Chromium (the `browser` fixture of
+tests/conftest.py, see tests/web/browser.py), and screenshots."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +18,6 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "tests" / "artifacts" / "web"
 KEY_STORAGE = "clipsearch.apiKey"  # the page's localStorage entry (api/web/api.js)
-CHROMIUM_FLAGS = [
-    "--no-sandbox",  # CI runs as root in a container, where the sandbox cannot start
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-]
 VIEWPORTS: dict[str, ViewportSize] = {
     "desktop": {"width": 1280, "height": 800},
     "phone": {"width": 390, "height": 844},
@@ -40,30 +26,6 @@ TIMEOUT_MS = 20_000  # a shared 2-core CI machine; the page itself answers in mi
 # The page speaks the browser's language; tests that do not choose one get English wherever
 # they run (Chromium would otherwise take the machine's locale).
 DEFAULT_LOCALE = "en-US"
-
-
-def _missing_browser(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}; CI must run the browser tests (.ci/run installs chromium)")
-    pytest.skip(f"{reason}; install it (apt-get install chromium) to run the browser tests")
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Browser]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _missing_browser("the playwright package is not installed (pip install -e '.[test]')")
-    executable = shutil.which("chromium")
-    if executable is None:
-        _missing_browser("no `chromium` on PATH")
-    assert executable is not None
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=executable, headless=True, args=CHROMIUM_FLAGS
-        )
-        yield launched
-        launched.close()
 
 
 @dataclass
