@@ -18,30 +18,36 @@ from retrieval.training.shapes_model import SHAPES_TEMPLATES
 
 DEMO_QUERIES = ("a red circle", "a blue square", "a green triangle")
 DEMO_LABEL_SET = "shapes"
-MODEL_FILE = "shapes-tiny.pt"
 
 
-def _trained_tiny_encoder(directory: Path, device: str, echo: Callable[[str], None]) -> Encoder:
-    """The tiny model trained on generated shapes: from the demo dir's cache, or trained now."""
+def _trained_tiny_encoder(
+    directory: Path, device: str, echo: Callable[[str], None], models_dir: Path | None
+) -> Encoder:
+    """The tiny model trained on generated shapes: from the trained-models cache, or trained now
+    (its training pictures go to the demo dir)."""
     from retrieval.training.shapes_model import (
         SHAPES_MODEL,
         STEPS,
         TRAIN_IMAGES,
         cached_shapes_model,
+        shapes_model_path,
         train_shapes_model,
     )
 
-    model_dir = directory / "model"
-    checkpoint = model_dir / MODEL_FILE
+    checkpoint = shapes_model_path(folder=models_dir)
     if cached_shapes_model(checkpoint, min_steps=STEPS) is not None:
         echo(f"using the tiny model trained earlier ({checkpoint})")
     else:
         echo(
             f"training the tiny model on {TRAIN_IMAGES} generated pictures ({STEPS} steps, "
-            f"under a minute on 2 CPU cores; done once, cached in {model_dir})"
+            f"under a minute on 2 CPU cores; done once, cached in {checkpoint.parent})"
         )
         result = train_shapes_model(
-            model_dir, checkpoint, steps=STEPS, device=resolve_device(device), progress=True
+            directory / "model",
+            checkpoint,
+            steps=STEPS,
+            device=resolve_device(device),
+            progress=True,
         )
         zero_shot = result.report.val_zero_shot
         echo(
@@ -53,7 +59,9 @@ def _trained_tiny_encoder(directory: Path, device: str, echo: Callable[[str], No
     return load_encoder(ModelSpec(SHAPES_MODEL, str(checkpoint), device=device))
 
 
-def _demo_encoder(directory: Path, base: Settings, echo: Callable[[str], None]) -> Encoder:
+def _demo_encoder(
+    directory: Path, base: Settings, echo: Callable[[str], None], models_dir: Path | None
+) -> Encoder:
     try:
         return load_encoder(model_spec(base))
     except WeightsUnavailable:
@@ -61,10 +69,22 @@ def _demo_encoder(directory: Path, base: Settings, echo: Callable[[str], None]) 
             f"Weights {base.model}/{base.pretrained} are not available offline; falling back to "
             "the built-in tiny model, trained here on generated coloured shapes."
         )
-        return _trained_tiny_encoder(directory, base.device, echo)
+        return _trained_tiny_encoder(directory, base.device, echo, models_dir)
 
 
-def run_demo(directory: Path, count: int, *, base: Settings, echo: Callable[[str], None]) -> None:
+def run_demo(
+    directory: Path,
+    count: int,
+    *,
+    base: Settings,
+    echo: Callable[[str], None],
+    models_dir: Path | None = None,
+) -> None:
+    """Generate `count` pictures in `directory`, index and label them, and show a few searches.
+
+    Without weights for `base`'s model it trains the tiny shapes model once, into `models_dir`
+    (default: the trained-models cache, which the test suite reuses).
+    """
     from indexer.pipeline import IndexJob
     from retrieval.training.shapes import generate_shapes
 
@@ -74,7 +94,7 @@ def run_demo(directory: Path, count: int, *, base: Settings, echo: Callable[[str
         echo(f"generating {count} pictures of coloured shapes in {images}")
         # Seed 1: the tiny model is trained on seed-0 pictures, so these are new to it.
         generate_shapes(images, count, seed=1)
-    encoder = _demo_encoder(directory, base, echo)
+    encoder = _demo_encoder(directory, base, echo, models_dir)
     # One state folder per model, so switching models never trips the model check.
     data_dir = directory / f"state-{encoder.identity.key}"
     settings = base.model_copy(

@@ -152,17 +152,19 @@ def settings(tmp_path: Path, db_url: str, tiny_checkpoint: Path) -> Settings:
     )
 
 
-def _semantic_cache_key() -> str:
-    """Digest of everything that decides the semantic model: code, configs and library versions."""
-    import hashlib
+def _trained_models_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """The demo's trained-models cache, so a suite run after `scripts/setup.sh` (which runs the
+    demo) reuses the model the demo trained: one cache, one key (retrieval.training
+    .shapes_model.recipe_key, which changes with the code under retrieval/).
 
-    import open_clip
+    CLIPSEARCH_TEST_MODEL_CACHE=DIR moves it; set empty, the models are trained every run.
+    """
+    from retrieval.training.shapes_model import trained_models_dir
 
-    root = Path(__file__).resolve().parents[1] / "retrieval"
-    digest = hashlib.sha256(f"{torch.__version__} {open_clip.__version__}".encode())
-    for path in sorted([*root.rglob("*.py"), *root.rglob("model_configs/*.json")]):
-        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
+    cache = os.environ.get("CLIPSEARCH_TEST_MODEL_CACHE")
+    if cache is None:
+        return trained_models_dir()
+    return Path(cache) if cache else tmp_path_factory.mktemp(name)
 
 
 @pytest.fixture(scope="session")
@@ -173,15 +175,16 @@ def semantic_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     that directory); the file name holds a digest of retrieval/ and the library versions, so
     any change to the code that makes it trains a new one.
     """
-    from retrieval.training.shapes_model import STEPS, cached_shapes_model, train_shapes_model
+    from retrieval.training.shapes_model import (
+        STEPS,
+        cached_shapes_model,
+        shapes_model_path,
+        train_shapes_model,
+    )
 
-    cache = os.environ.get("CLIPSEARCH_TEST_MODEL_CACHE")
-    if cache:
-        out = Path(cache) / f"shapes-tiny-{_semantic_cache_key()}.pt"
-        if cached_shapes_model(out, min_steps=STEPS) is not None:
-            return out
-    else:
-        out = tmp_path_factory.mktemp("semantic-model") / "shapes-tiny.pt"
+    out = shapes_model_path(folder=_trained_models_dir(tmp_path_factory, "semantic-model"))
+    if cached_shapes_model(out, min_steps=STEPS) is not None:
+        return out
     work = tmp_path_factory.mktemp("semantic-data")
     result = train_shapes_model(work, out, steps=STEPS, device="cpu", progress=False)
     return result.checkpoint
@@ -197,16 +200,13 @@ def semantic_zh_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         TRAIN_IMAGES,
         TRAIN_SEED,
         cached_shapes_model,
+        shapes_model_path,
     )
     from tests.serving import run_cli
 
-    cache = os.environ.get("CLIPSEARCH_TEST_MODEL_CACHE")
-    if cache:
-        out = Path(cache) / f"shapes-tiny-zh-{_semantic_cache_key()}.pt"
-        if cached_shapes_model(out, min_steps=CHINESE.steps, recipe=CHINESE) is not None:
-            return out
-    else:
-        out = tmp_path_factory.mktemp("semantic-zh-model") / "shapes-tiny-zh.pt"
+    out = shapes_model_path(CHINESE, _trained_models_dir(tmp_path_factory, "semantic-zh-model"))
+    if cached_shapes_model(out, min_steps=CHINESE.steps, recipe=CHINESE) is not None:
+        return out
     work = tmp_path_factory.mktemp("semantic-zh-data")
     data = CHINESE.training_data(work)
     generate_shapes(data.parent, TRAIN_IMAGES, seed=TRAIN_SEED, language="zh")

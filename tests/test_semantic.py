@@ -7,24 +7,22 @@ Everything here runs on pictures generated with another seed than its training p
 from __future__ import annotations
 
 import random
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from indexer.pipeline import IndexJob
-from indexer.tour import MODEL_FILE, run_demo
+from indexer.tour import run_demo
 from retrieval.catalog.database import Catalog
 from retrieval.config import load_settings
 from retrieval.models.encoder import Encoder, load_encoder
 from retrieval.models.identity import ModelSpec
 from retrieval.search import Searcher
 from retrieval.training import evaluate as ev
-from retrieval.training.config import report_path_for
 from retrieval.training.data import load_training_set
 from retrieval.training.shapes import COLOURS, SHAPES, draw_shape, generate_shapes
-from retrieval.training.shapes_model import SHAPES_MODEL, SHAPES_TEMPLATES
+from retrieval.training.shapes_model import SHAPES_MODEL, SHAPES_TEMPLATES, shapes_model_path
 
 pytestmark = pytest.mark.slow  # trains the semantic model once per session
 
@@ -124,17 +122,17 @@ def test_image_search_with_a_new_green_triangle_finds_green_triangles_first(
 def test_demo_reuses_a_trained_model_and_its_searches_mean_something(
     semantic_checkpoint: Path, tmp_path: Path
 ) -> None:
-    # Put the session's model where the demo caches its own, so the demo skips training.
-    model_dir = tmp_path / "demo" / "model"
-    model_dir.mkdir(parents=True)
-    shutil.copy(semantic_checkpoint, model_dir / MODEL_FILE)
-    shutil.copy(report_path_for(semantic_checkpoint), report_path_for(model_dir / MODEL_FILE))
+    # The session's model has the demo's name for it in the demo's cache (or a folder like it):
+    # the demo finds it and skips training.
+    assert semantic_checkpoint == shapes_model_path(folder=semantic_checkpoint.parent)
     lines: list[str] = []
     base = load_settings(
         model=SHAPES_MODEL, pretrained=str(tmp_path / "absent.pt"), device="cpu", workers=0
     )
     # 72 pictures: three of each class, so a top 3 can be all red circles.
-    run_demo(tmp_path / "demo", 72, base=base, echo=lines.append)
+    run_demo(
+        tmp_path / "demo", 72, base=base, echo=lines.append, models_dir=semantic_checkpoint.parent
+    )
     text = "\n".join(lines)
     assert "not available offline" in text and "using the tiny model trained earlier" in text
     assert "training" not in text

@@ -4,8 +4,10 @@ semantic test model. One recipe, so the demo shows what the tests assert.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,34 @@ ENGLISH = ShapesRecipe(SHAPES_MODEL, "en", SHAPES_TEMPLATES)
 # 0.825 without it (the config has none), 0.875 with a text tower twice as wide; 800 steps
 # without dropout 1.00. A lower (1e-3: 0.75) or higher (4e-3: 0.70) peak LR did worse.
 CHINESE = ShapesRecipe("cn-clip:clipsearch-tiny-zh-rn", "zh", ("{}",), steps=800)
+
+
+def trained_models_dir() -> Path:
+    """Where the demo keeps the tiny models it trains (`$XDG_CACHE_HOME/clipsearch/trained`):
+    one folder for every data dir, and the test suite reads the same one."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "clipsearch" / "trained"
+
+
+def recipe_key(recipe: ShapesRecipe = ENGLISH) -> str:
+    """Digest of everything that decides a trained tiny model: the recipe, the code under
+    retrieval/ (model configs included) and the torch and open_clip versions. Another version
+    of clipsearch gets a model trained by its own code."""
+    import open_clip
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(
+        json.dumps([asdict(recipe), torch.__version__, open_clip.__version__]).encode()
+    )
+    for path in sorted([*root.rglob("*.py"), *root.rglob("model_configs/*.json")]):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def shapes_model_path(recipe: ShapesRecipe = ENGLISH, folder: Path | None = None) -> Path:
+    """The one name a recipe's checkpoint has, in `folder` (default: trained_models_dir())."""
+    return (folder or trained_models_dir()) / f"shapes-{recipe.language}-{recipe_key(recipe)}.pt"
 
 
 def shapes_config(
