@@ -119,8 +119,10 @@ def test_the_first_hour(
         with clock.step("clipsearch serve --data-dir --model --pretrained (both side by side)"):
             trained = start_server(serve, tmp_path / "serve.log", trained_flags)
             stack.callback(trained.stop)
+            # A misspelt variable, as users type them: warned about once in the server's log.
+            typo = {**serve, "CLIPSEARCH_PRETRAINE": "none"}
             random = start_server(
-                serve, tmp_path / "random.log", ["--data-dir", str(random_data), *none]
+                typo, tmp_path / "random.log", ["--data-dir", str(random_data), *none]
             )
             stack.callback(random.stop)
             wait_ready(trained)
@@ -139,5 +141,11 @@ def test_the_first_hour(
             sp = SearchPage(open_page(random.base_url + "/"))
             sp.model_warning().wait_for(state="visible")
             assert sp.model_warning().inner_text() == RANDOM_WEIGHTS_EN
+    warned = [line for line in random.log().splitlines() if "CLIPSEARCH_PRETRAINE " in line]
+    assert warned == [
+        "WARNING clipsearch.settings: CLIPSEARCH_PRETRAINE is not a setting and is ignored; "
+        "did you mean CLIPSEARCH_PRETRAINED?"
+    ]
+    assert "CLIPSEARCH_PRETRAINE" not in trained.log()
     with capsys.disabled():
         print("\n" + clock.report())
