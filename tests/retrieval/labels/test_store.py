@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select, text
 
-from retrieval.catalog.database import Catalog
+from retrieval.catalog.database import Catalog, make_engine
 from retrieval.catalog.migrate import current_revision, head_revision, upgrade_database
 from retrieval.catalog.records import GenerationCommit, ImageRecord, ShardRecord
 from retrieval.catalog.tables import ACTIVE, ImageLabelRow, LabelledShardRow, utcnow
@@ -60,8 +60,10 @@ def _write(
 def test_migrations_reach_head_and_keep_cached_label_embeddings(db_url: str) -> None:
     # A catalog at 0002 with a cached class embedding, upgraded to head: the row keeps its
     # vectors and reads back as a softmax model's (no logit bias).
+    older = make_engine(db_url)  # the catalog an older clipsearch made
+    upgrade_database(older, "0002")
+    older.dispose()
     catalog = Catalog(db_url)
-    upgrade_database(catalog.engine, "0002")
     store = LabelStore(catalog)
     stored, _ = store.put(LabelSet.from_dict(ANIMALS))
     vectors = np.eye(3, 4, dtype=np.float32)
