@@ -94,9 +94,14 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = None
     device: str = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    # Intra-op threads for torch (0: torch's default, one per core). On a small box shared
-    # with the nightly indexer, 1 keeps a query from spinning against the other process.
+    # Intra-op threads for torch and ONNX Runtime (0: their default, one per core). On a small
+    # box shared with the nightly indexer, 1 keeps a query from spinning against the other process.
     torch_threads: int = Field(default=0, ge=0, le=1024)
+    # What runs the towers: torch, onnx (ONNX Runtime on an export cached by model identity;
+    # `clipsearch export` builds it ahead), or auto (measured once per machine, per tower).
+    runtime: Literal["auto", "torch", "onnx"] = "torch"
+    quantize: Literal["none", "int8"] = "none"  # int8: ONNX Runtime's dynamic int8 weights
+    onnx_fallback: Literal["torch", "refuse"] = "torch"  # a corrupt export: run torch, or refuse
     batch_size: int = Field(default=64, ge=1, le=8192)
     workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=0, le=64)
     roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)

@@ -43,6 +43,18 @@ class WeightsUnavailable(ClipsearchError):
     code = "weights_unavailable"
 
 
+class ExportUnusable(WeightsUnavailable):
+    """A model's ONNX export cannot be used: a file is missing, differs from its manifest, or
+    ONNX Runtime cannot load it, or a new export does not match torch. `path` names it."""
+
+    code = "export_unusable"
+
+    def __init__(self, path: str, problem: str, advice: str) -> None:
+        super().__init__(f"The ONNX export in {path} cannot be used: {problem}. {advice}")
+        self.path = path
+        self.problem = problem
+
+
 class DeviceUnavailable(ClipsearchError):
     """The device the settings name (CLIPSEARCH_DEVICE or --device) is not on this machine;
     `setting` names where it was set."""

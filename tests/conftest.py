@@ -44,6 +44,23 @@ def encoder(tiny_checkpoint: Path) -> Encoder:
     return load_encoder(ModelSpec(TINY, str(tiny_checkpoint), device="cpu"))
 
 
+@pytest.fixture(scope="session")
+def tiny_export_cache(tmp_path_factory: pytest.TempPathFactory, encoder: Encoder) -> Path:
+    """A model cache (CLIPSEARCH_MODEL_CACHE_DIR) holding the ONNX export of the `encoder`
+    fixture's model, fp32 and int8, made once a session by the product's own export path.
+    Copy it before changing it."""
+    from dataclasses import replace
+
+    from retrieval.models.identity import RuntimeSpec
+    from retrieval.models.runtimes.choice import ensure_export
+
+    cache = tmp_path_factory.mktemp("exports")
+    spec = ModelSpec(TINY, encoder.identity.pretrained, device="cpu", cache_dir=cache)
+    spec = replace(spec, runtime=RuntimeSpec("onnx", quantize="int8"))
+    ensure_export(spec, encoder.backend, rebuild_corrupt=False)
+    return cache
+
+
 @dataclass(frozen=True)
 class FamilyModel:
     """A tiny model of one family, as settings name it: CLIPSEARCH_MODEL and _PRETRAINED."""

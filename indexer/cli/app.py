@@ -13,6 +13,7 @@ import typer
 from indexer.cli import (
     db,
     demo,
+    export,
     index,
     integrity,
     labels,
@@ -35,7 +36,8 @@ HELP = (
     "environment variable (flags win).\n\n"
     "Exit codes: 0 ok (bad images are reported, not fatal), 1 unexpected error, "
     "2 bad setting, usage or input, 3 another indexer is running, 4 model differs from the "
-    "index's, 5 model weights unavailable, 6 corrupt shard, 7 not found, 8 the catalog and "
+    "index's, 5 model weights (or its ONNX export) unavailable, 6 corrupt shard, 7 not found, "
+    "8 the catalog and "
     "the index dir do not belong together (a lost, reset or other index's catalog), 9 the "
     "index is empty (nothing indexed yet), 10 the device asked for (--device, CLIPSEARCH_DEVICE) "
     "is not there, "
@@ -61,6 +63,7 @@ app.command()(train.finetune)
 app.command("eval")(train.evaluate)
 app.command()(demo.demo)
 app.command()(labels.label)
+app.command(help=export.EXPORT_HELP)(export.export)
 app.add_typer(db.db_app, name="db")
 app.add_typer(labels.labels_app, name="labels")
 app.add_typer(models.models_app, name="models")

@@ -50,6 +50,38 @@ class TokenBatch:
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
+    def columns(self, length: int) -> TokenBatch:
+        """The first `length` columns (tokens) of every row."""
+        mask = self.mask[:, :length] if self.mask is not None else None
+        return TokenBatch(self.ids[:, :length], mask)
+
+
+@dataclass(frozen=True)
+class ExportTowers:
+    """Each tower as a module of tensors alone, what an exporter (ONNX) traces.
+
+    `image(pixels)` and `text(ids)`, or `text(ids, mask)` where `text_mask`, run any batch size
+    and, for text, any number of columns up to the full context; their outputs are those of
+    `encode_image` and `encode_text(trim=False)` on the same inputs."""
+
+    image: torch.nn.Module
+    text: torch.nn.Module
+    text_mask: bool
+
+
+class MethodTower(torch.nn.Module):
+    """One tower of a model as a module of its own: `forward(pixels)` or `forward(ids)` calls
+    one method of the model."""
+
+    def __init__(self, model: torch.nn.Module, method: str) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        features: torch.Tensor = getattr(self.model, self.method)(inputs)
+        return features
+
 
 @dataclass(frozen=True)
 class ScoreRule:
@@ -89,7 +121,17 @@ class ModelBackend(ABC):
     @abstractmethod
     def encode_text(self, tokens: TokenBatch, *, trim: bool) -> torch.Tensor:
         """Text features (unnormalised). With `trim`, a backend whose result cannot change may
-        run only up to the longest real token instead of the full context."""
+        run only up to the longest real token instead of the full context (`trimmed`)."""
+
+    def trimmed(self, tokens: TokenBatch) -> TokenBatch:
+        """The fewest leading columns of `tokens` that give the same features as all of them
+        (all of them for a tower that reads its padding). Runtimes other than torch trim with
+        it, so that every runtime runs the same columns."""
+        return tokens
+
+    @abstractmethod
+    def export_towers(self) -> ExportTowers:
+        """The towers as modules an exporter can trace (see `ExportTowers`)."""
 
     @abstractmethod
     def score_rule(self) -> ScoreRule:

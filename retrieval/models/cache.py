@@ -1,11 +1,13 @@
 """Where model weights live on this machine, and finding them there without the network.
 
-Three places, each the one its loader already reads:
+Three places for weights, each the one its loader already reads:
 - the Hugging Face hub cache (`models--ORG--NAME/` folders): CLIPSEARCH_MODEL_CACHE_DIR when
   set, else huggingface_hub's own (`$HF_HUB_CACHE`, `$HF_HOME/hub`, `~/.cache/huggingface/hub`);
 - the folder of `clipsearch models import` (`<repo as ORG--NAME>/<file>`): under
   CLIPSEARCH_MODEL_CACHE_DIR when set, else `$XDG_CACHE_HOME/clipsearch/models`;
 - Chinese-CLIP's own folder of release files (`~/.cache/clip`, or CLIPSEARCH_MODEL_CACHE_DIR).
+
+And one for what clipsearch derives from weights: ONNX exports, beside the imports.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 # cn_clip's default download root (its `load_from_name`), where its users already keep files.
 CLIP_CACHE_DIR = Path.home() / ".cache" / "clip"
 IMPORTS_FOLDER = "clipsearch-imports"  # under CLIPSEARCH_MODEL_CACHE_DIR
+EXPORTS_FOLDER = "clipsearch-exports"  # under CLIPSEARCH_MODEL_CACHE_DIR
 
 
 def hub_endpoint() -> str:
@@ -46,6 +49,14 @@ def imports_dir(cache_dir: Path | None) -> Path:
         return Path(cache_dir) / IMPORTS_FOLDER
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "clipsearch" / "models"
+
+
+def exports_dir(cache_dir: Path | None) -> Path:
+    """Where ONNX exports of models are kept, one folder per model identity."""
+    if cache_dir is not None:
+        return Path(cache_dir) / EXPORTS_FOLDER
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "clipsearch" / "exports"
 
 
 def repo_folder_name(repo: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -16,9 +17,13 @@ from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch, load_b
 from retrieval.models.device import resolve_device
 from retrieval.models.identity import ModelIdentity, ModelSource, ModelSpec
 from retrieval.models.recorded import spec_of
+from retrieval.models.runtimes.base import TorchRuntime
+from retrieval.models.runtimes.choice import Runtimes, choose_runtimes
 
 if TYPE_CHECKING:
     from retrieval.config import Settings
+
+log = logging.getLogger(__name__)
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -35,13 +40,24 @@ class Encoder:
 
     Returns L2-normalised float32 rows. One encoder serves many threads (API workers): calls
     into the model hold a lock, since torch modules are not re-entrant-safe for every backend,
-    and batching is done upstream anyway.
+    and batching is done upstream anyway. Each tower is run by its runtime (torch unless
+    told otherwise: see `retrieval.models.runtimes`).
     """
 
-    def __init__(self, backend: ModelBackend, device: str, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        backend: ModelBackend,
+        device: str,
+        dtype: torch.dtype,
+        runtimes: Runtimes | None = None,
+    ) -> None:
         self.backend = backend
         self.device = device
         self.dtype = dtype
+        if runtimes is None:
+            torch_runtime = TorchRuntime(backend, device, dtype)
+            runtimes = Runtimes(torch_runtime, torch_runtime)
+        self.runtimes = runtimes
         self._lock = threading.Lock()
 
     @property
@@ -79,7 +95,7 @@ class Encoder:
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:
-            features = self.backend.encode_image(batch.to(self.device, dtype=self.dtype))
+            features = self.runtimes.image.encode_image(batch)
         return self._normalised(features)
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -96,9 +112,9 @@ class Encoder:
         without changing the result (see `ModelBackend.encode_text`)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        tokens = self.tokenize(texts).to(self.device)
+        tokens = self.tokenize(texts)
         with self._lock:
-            features = self.backend.encode_text(tokens, trim=trim)
+            features = self.runtimes.text.encode_text(tokens, trim=trim)
         return self._normalised(features)
 
     def encode_texts_batched(
@@ -117,16 +133,20 @@ class Encoder:
 
 
 def load_encoder(spec: ModelSpec) -> Encoder:
-    """Load the model once, through its family. Raises WeightsUnavailable with instructions
-    when weights are missing, ConfigError when the family's package is not installed,
-    DeviceUnavailable when the CUDA device named is not there."""
+    """Load the model once, through its family, and its runtimes. Raises WeightsUnavailable
+    with instructions when weights are missing, ConfigError when the family's package (or the
+    runtime's) is not installed, DeviceUnavailable when the CUDA device named is not there,
+    ExportUnusable when CLIPSEARCH_RUNTIME=onnx meets a corrupt export and may not fall back."""
     device = resolve_device(spec.device)
     precision = resolve_precision(spec.precision, device)
     backend = load_backend(spec, device, precision)
     # Recorded with the identity, so that reading commands can load the index's model again.
     backend.identity = replace(backend.identity, source=ModelSource.of(spec))
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    return Encoder(backend, device, dtype)
+    runtimes = choose_runtimes(spec, backend, device, precision, dtype)
+    if spec.runtime.name != "torch":
+        log.info("%s runs on %s", backend.identity.describe(), runtimes.describe())
+    return Encoder(backend, device, dtype, runtimes)
 
 
 def model_spec(settings: Settings) -> ModelSpec:

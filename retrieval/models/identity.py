@@ -62,6 +62,22 @@ def parse_model_name(name: str) -> tuple[str, str]:
     return family, rest.strip()
 
 
+RUNTIMES = ("auto", "torch", "onnx")  # CLIPSEARCH_RUNTIME
+QUANTIZATIONS = ("none", "int8")  # CLIPSEARCH_QUANTIZE
+FALLBACKS = ("torch", "refuse")  # CLIPSEARCH_ONNX_FALLBACK
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """What runs the towers once the model is loaded (see `retrieval.models.runtimes`)."""
+
+    name: str = "torch"  # auto (measured, per tower), torch, onnx (ONNX Runtime)
+    quantize: str = "none"  # int8: ONNX Runtime's dynamic int8 weights (MatMul, Gemm)
+    # What `onnx` does when the model's export is corrupt: run torch (with a warning), or refuse.
+    fallback: str = "torch"
+    threads: int = 0  # intra-op threads (0: the runtime's default, one per core)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What to load: a model name (see the module docstring) plus weights (a pretrained tag or a
@@ -74,6 +90,7 @@ class ModelSpec:
     config_dir: Path | None = None
     cache_dir: Path | None = None
     seed: int = 0  # seeds random weights (pretrained "none"), for reproducible runs
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
 
     @property
     def family(self) -> str:

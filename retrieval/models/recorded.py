@@ -17,6 +17,7 @@ from retrieval.models.identity import (
     ModelIdentity,
     ModelSource,
     ModelSpec,
+    RuntimeSpec,
     parse_model_name,
 )
 
@@ -58,6 +59,12 @@ def spec_of(settings: Settings) -> ModelSpec:
         precision=settings.precision,
         config_dir=settings.model_config_dir,
         cache_dir=settings.model_cache_dir,
+        runtime=RuntimeSpec(
+            name=settings.runtime,
+            quantize=settings.quantize,
+            fallback=settings.onnx_fallback,
+            threads=settings.torch_threads,
+        ),
     )
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from retrieval.errors import ConfigError, TrainingDataError, WeightsUnavailable
 from retrieval.models.backend import ModelBackend, TokenBatch
 from retrieval.models.encoder import load_encoder, resolve_device
-from retrieval.models.identity import OPEN_CLIP
+from retrieval.models.identity import OPEN_CLIP, RuntimeSpec
 from retrieval.models.prompts import class_text_embeddings
 from retrieval.models.weights import register_model_configs, sha256_file
 from retrieval.training.batches import ImageSource, micro_batches, split_samples
@@ -119,7 +119,10 @@ def _check_loss(loss: str, backend: ModelBackend, name: str) -> None:
 
 
 def _load_start_model(config: FinetuneConfig, device: str) -> _StartModel:
-    spec = replace(config.model, device=device, precision="fp32", seed=config.seed)
+    # Trained in torch whatever runtime serves the model (CLIPSEARCH_RUNTIME).
+    spec = replace(
+        config.model, device=device, precision="fp32", seed=config.seed, runtime=RuntimeSpec()
+    )
     encoder = load_encoder(spec)
     backend = encoder.backend
     if config.patch_dropout:

@@ -27,7 +27,13 @@ from cn_clip.clip.utils import _HUGGINGFACE_ORG, _MODEL_INFO, _MODELS, image_tra
 from torchvision.transforms import Normalize
 
 from retrieval.errors import ConfigError, WeightsUnavailable
-from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch
+from retrieval.models.backend import (
+    ExportTowers,
+    MethodTower,
+    ModelBackend,
+    ScoreRule,
+    TokenBatch,
+)
 from retrieval.models.cache import cached_repo_file, clip_cache_dir
 from retrieval.models.identity import CN_CLIP, ModelIdentity, ModelSpec
 from retrieval.models.recommended import nearest_names
@@ -327,15 +333,22 @@ class ChineseClipBackend(ModelBackend):
         return self.model.encode_image(pixels)  # type: ignore[operator]
 
     def encode_text(self, tokens: TokenBatch, *, trim: bool) -> torch.Tensor:
-        ids = tokens.ids
-        if trim:
-            # The BERT tower is bidirectional, but attention to [PAD] keys gets -10000 added
-            # before the softmax (exp underflows to exactly 0), positions are absolute and
-            # pooling reads [CLS] at 0: columns that are padding in every row change nothing.
-            real = (ids != self.pad_id).any(dim=0).nonzero()
-            length = int(real.max().item()) + 1 if len(real) else 1
-            ids = ids[:, :length]
+        ids = self.trimmed(tokens).ids if trim else tokens.ids
         return self.model.encode_text(ids)  # type: ignore[operator]
+
+    def trimmed(self, tokens: TokenBatch) -> TokenBatch:
+        # The BERT tower is bidirectional, but attention to [PAD] keys gets -10000 added
+        # before the softmax (exp underflows to exactly 0), positions are absolute and
+        # pooling reads [CLS] at 0: columns that are padding in every row change nothing.
+        real = (tokens.ids != self.pad_id).any(dim=0).nonzero()
+        return tokens.columns(int(real.max().item()) + 1 if len(real) else 1)
+
+    def export_towers(self) -> ExportTowers:
+        return ExportTowers(
+            MethodTower(self.model, "encode_image"),
+            MethodTower(self.model, "encode_text"),
+            text_mask=False,
+        )
 
     def trims_exactly(self) -> bool:
         return True

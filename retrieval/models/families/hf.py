@@ -41,7 +41,7 @@ from transformers import (
 )
 
 from retrieval.errors import ConfigError, WeightsUnavailable
-from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch
+from retrieval.models.backend import ExportTowers, ModelBackend, ScoreRule, TokenBatch
 from retrieval.models.cache import cached_repo_snapshot
 from retrieval.models.identity import HF, ModelIdentity, ModelSpec
 from retrieval.models.sources import WeightsSource, source_for
@@ -132,6 +132,26 @@ def pooled_features(output: Any) -> torch.Tensor:
     raise TypeError(f"unexpected features from transformers: {type(output).__name__}")
 
 
+class HfImageTower(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        model: Any = self.model
+        return pooled_features(model.get_image_features(pixel_values=pixels))
+
+
+class HfTextTower(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        model: Any = self.model
+        return pooled_features(model.get_text_features(input_ids=ids, attention_mask=mask))
+
+
 class HfBackend(ModelBackend):
     """A transformers CLIPModel, ChineseCLIPModel or SiglipModel with its tokenizer."""
 
@@ -169,16 +189,22 @@ class HfBackend(ModelBackend):
         return TokenBatch(batch["input_ids"], mask)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        model: Any = self.model
-        return pooled_features(model.get_image_features(pixel_values=pixels))
+        return HfImageTower(self.model)(pixels)
 
     def encode_text(self, tokens: TokenBatch, *, trim: bool) -> torch.Tensor:
-        ids, mask = tokens.ids, tokens.mask
-        if trim and self.trims_exactly() and mask is not None:
-            length = self._exact_length(ids, mask)
-            ids, mask = ids[:, :length], mask[:, :length]
-        model: Any = self.model
-        return pooled_features(model.get_text_features(input_ids=ids, attention_mask=mask))
+        if trim:
+            tokens = self.trimmed(tokens)
+        return HfTextTower(self.model)(tokens.ids, tokens.mask)
+
+    def trimmed(self, tokens: TokenBatch) -> TokenBatch:
+        if not self.trims_exactly() or tokens.mask is None:
+            return tokens
+        return tokens.columns(self._exact_length(tokens.ids, tokens.mask))
+
+    def export_towers(self) -> ExportTowers:
+        return ExportTowers(
+            HfImageTower(self.model), HfTextTower(self.model), text_mask=self.architecture.masked
+        )
 
     def trims_exactly(self) -> bool:
         return self.architecture.masked and self.architecture.pooling in ("eos", "cls")

@@ -14,7 +14,13 @@ from open_clip.hf_model import ClsLastHiddenStatePooler, ClsPooler, HFTextEncode
 from open_clip.transformer import text_global_pool
 
 from retrieval.errors import WeightsUnavailable
-from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch
+from retrieval.models.backend import (
+    ExportTowers,
+    MethodTower,
+    ModelBackend,
+    ScoreRule,
+    TokenBatch,
+)
 from retrieval.models.cache import (
     cached_repo_snapshot,
     hub_cache_dir,
@@ -53,11 +59,30 @@ class OpenClipBackend(ModelBackend):
         return self.model.encode_image(pixels)  # type: ignore[operator]
 
     def encode_text(self, tokens: TokenBatch, *, trim: bool) -> torch.Tensor:
-        if trim and self._causal_tower():
-            return self._encode_trimmed(tokens.ids)
-        pad = self._masked_hf_tower() if trim else None
-        ids = tokens.ids if pad is None else self._trim_padding(tokens.ids, pad)
-        return self.model.encode_text(ids)  # type: ignore[operator]
+        if trim:
+            tokens = self.trimmed(tokens)
+            if self._causal_tower():
+                return CausalTextTower(self.model)(tokens.ids)
+        return self.model.encode_text(tokens.ids)  # type: ignore[operator]
+
+    def trimmed(self, tokens: TokenBatch) -> TokenBatch:
+        if self._causal_tower():
+            # The text tower's attention mask is causal and pooling reads the EOT position,
+            # so padding after the longest real sequence never influences the result: running
+            # only up to that length gives identical features for a fraction of the cost.
+            return tokens.columns(max(1, int((tokens.ids != 0).sum(dim=1).max().item())))
+        pad = self._masked_hf_tower()
+        if pad is not None:
+            return tokens.columns(self._real_columns(tokens.ids, pad))
+        return tokens
+
+    def export_towers(self) -> ExportTowers:
+        text = (
+            CausalTextTower(self.model)
+            if self._causal_tower()
+            else MethodTower(self.model, "encode_text")
+        )
+        return ExportTowers(MethodTower(self.model, "encode_image"), text, text_mask=False)
 
     def score_rule(self) -> ScoreRule:
         scale = getattr(self.model, "logit_scale", None)
@@ -102,22 +127,27 @@ class OpenClipBackend(ModelBackend):
         tokenizer_pad = getattr(getattr(self.tokenizer, "tokenizer", None), "pad_token_id", None)
         return int(pad) if pad is not None and pad == tokenizer_pad else None
 
-    def _trim_padding(self, tokens: torch.Tensor, pad: int) -> torch.Tensor:
+    def _real_columns(self, tokens: torch.Tensor, pad: int) -> int:
         # The tower's attention mask is `tokens != pad`, so a padding column is masked out of
         # every real token's attention (exactly 0 after the softmax) and out of the mean; the
         # position ids count real tokens only. Dropping the columns after the last real token
         # therefore changes nothing but the work.
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        last = int((positions * (tokens != pad)).max().item())
-        return tokens[:, : last + 1]
+        return int((positions * (tokens != pad)).max().item()) + 1
 
-    def _encode_trimmed(self, tokens: torch.Tensor) -> torch.Tensor:
-        # The text tower's attention mask is causal and pooling reads the EOT position,
-        # so padding after the longest real sequence never influences the result: running
-        # only up to that length gives identical features for a fraction of the cost.
+
+class CausalTextTower(torch.nn.Module):
+    """open_clip's causal text tower (`CLIP.encode_text`) for ids of any length up to the
+    context: the positional embedding and the causal mask are cut to the ids' length, so that
+    trimmed ids run trimmed work, in torch and in an export alike."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         model: Any = self.model
-        length = max(1, int((tokens != 0).sum(dim=1).max().item()))
-        tokens = tokens[:, :length]
+        length = tokens.shape[1]
         cast_dtype = model.transformer.get_cast_dtype()
         x = model.token_embedding(tokens).to(cast_dtype)
         x = x + model.positional_embedding[:length].to(cast_dtype)

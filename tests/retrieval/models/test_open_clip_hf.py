@@ -82,8 +82,7 @@ def test_masked_hf_towers_are_trimmed_exactly(
     for text, row in zip(MIXED, full, strict=True):  # each query trimmed to its own length
         np.testing.assert_allclose(encoder.encode_texts([text])[0], row, atol=1e-6)
     # and trimming really runs fewer positions: the shortest query is 3 tokens of 16
-    tokens = encoder.tokenize(["x"]).ids
-    assert encoder.backend._trim_padding(tokens, 0).shape[1] == 3  # type: ignore[attr-defined]
+    assert encoder.backend.trimmed(encoder.tokenize(["x"])).ids.shape[1] == 3
 
 
 def test_siglip_is_encoded_in_full_because_trimming_would_change_it(
