@@ -13,7 +13,7 @@ import enum
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import inspect, text
 
@@ -30,7 +30,24 @@ from retrieval.errors import (
 from retrieval.index.shard import list_shard_dirs
 
 if TYPE_CHECKING:
-    from retrieval.catalog.database import Catalog
+    from sqlalchemy.engine import Engine
+
+    from retrieval.catalog.catalog_file import CatalogFileWatch
+
+
+class Catalog(Protocol):
+    """What this module reads of a `retrieval.catalog.database.Catalog` (which imports this
+    module to check a schema before it upgrades one, so it names no class of that module)."""
+
+    @property
+    def shown_url(self) -> str: ...
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def file_watch(self) -> CatalogFileWatch | None: ...
+
 
 VERSION_TABLE = "alembic_version"
 

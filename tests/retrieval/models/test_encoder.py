@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval.errors import ModelMismatch, WeightsUnavailable
+from retrieval.errors import ConfigError, ModelMismatch, WeightsUnavailable
 from retrieval.models.encoder import Encoder, load_encoder
 from retrieval.models.identity import ModelIdentity, ModelSpec
 
@@ -136,7 +136,8 @@ def test_uncached_tag_offline_fails_fast_with_instructions(
 
 
 def test_fp16_on_cpu_is_refused_clearly(tiny_checkpoint: Path) -> None:
-    with pytest.raises(WeightsUnavailable, match="fp16"):
+    # A bad setting (exit 2), not missing weights (exit 5).
+    with pytest.raises(ConfigError, match="CLIPSEARCH_PRECISION: fp16 needs a CUDA device"):
         load_encoder(
             ModelSpec("clipsearch-tiny", str(tiny_checkpoint), device="cpu", precision="fp16")
         )
