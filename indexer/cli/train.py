@@ -247,7 +247,24 @@ EnsembleOpt = Annotated[
         help="The zero-shot ensemble: openai, simple, photo, zh, a file, or 'a {}|the {}'."
     ),
 ]
-AnnKOpt = Annotated[int, typer.Option("-k", help="k for ANN recall.")]
+FidelityOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fidelity",
+        help="What the runtime the settings name (CLIPSEARCH_RUNTIME, CLIPSEARCH_QUANTIZE, "
+        "CLIPSEARCH_PRECISION) costs against torch fp32 on the same model: cosine of embeddings "
+        "(min, median), top-k overlap of searches on the live index, and with --zero-shot the "
+        "change in accuracy (default: not measured).",
+    ),
+]
+QueriesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--queries",
+        help="For --fidelity: a file of query texts, one a line (default: 24 everyday ones).",
+    ),
+]
+AnnKOpt = Annotated[int, typer.Option("-k", help="k for ANN recall and the --fidelity overlap.")]
 AnnQueriesOpt = Annotated[int, typer.Option(help="Stored vectors held out as ANN queries.")]
 
 
@@ -255,6 +272,8 @@ def evaluate(
     retrieval_set: RetrievalSetOpt = None,
     zero_shot_set: ZeroShotSetOpt = None,
     ann: AnnOpt = False,
+    fidelity: FidelityOpt = False,
+    queries: QueriesOpt = None,
     prompt: PromptOpt = "a photo of a {}.",
     templates: EnsembleOpt = "openai",
     data_format: FormatOpt = "auto",
@@ -273,8 +292,36 @@ def evaluate(
     from retrieval.models.prompts import resolve_templates
     from retrieval.training.evaluate import EvaluationReport, EvaluationSets, evaluate_sets
 
+    if fidelity:
+        if retrieval_set is not None or ann:
+            raise ConfigError("eval", "--fidelity goes with --zero-shot alone")
+        from indexer.cli.fidelity import echo_fidelity, fidelity_report
+
+        measured = fidelity_report(
+            load_settings(
+                data_dir=data_dir,
+                database_url=database_url,
+                index_dir=index_dir,
+                model=model,
+                pretrained=pretrained,
+                device=device,
+            ),
+            zero_shot_set=zero_shot_set,
+            data_format=data_format,
+            prompt=resolve_templates(prompt, "--prompt")[0],
+            templates=resolve_templates(templates, "--templates"),
+            queries_file=queries,
+            k=k,
+        )
+        if as_json:
+            print_json(measured.to_dict())
+        else:
+            echo_fidelity(measured)
+        return
     if retrieval_set is None and zero_shot_set is None and not ann:
-        raise ConfigError("eval", "give --retrieval PATH, --zero-shot PATH and/or --ann")
+        raise ConfigError(
+            "eval", "give --retrieval PATH, --zero-shot PATH, --ann and/or --fidelity"
+        )
     settings = load_settings(
         data_dir=data_dir,
         database_url=database_url,

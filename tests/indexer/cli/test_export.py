@@ -143,3 +143,52 @@ def test_search_on_onnx_and_a_corrupt_export(
     assert json.loads(out)["results"] == json.loads(torch_out)["results"]
     assert _index_files(env) == before  # nothing in the index or the catalog changed
     assert text.read_bytes() == bytes(flipped)  # and the export was left for a look
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_eval_fidelity_compares_the_runtime_with_torch_fp32(
+    quantize: str,
+    cache: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pics = tmp_path / "pics"
+    generate_shapes(pics, 8, seed=4)
+    assert run_cli(["index", str(pics)], capsys, monkeypatch)[0] == 0
+    monkeypatch.setenv("CLIPSEARCH_RUNTIME", "onnx")
+    monkeypatch.setenv("CLIPSEARCH_QUANTIZE", quantize)
+    args = ["eval", "--fidelity", "--zero-shot", str(pics), "-k", "3"]
+    code, out, err = run_cli([*args, "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["reference"] == "torch fp32 on cpu"
+    assert report["texts"] == 24 and report["images"] == 16  # 8 indexed, 8 of the set
+    overlap, zero_shot = report["top3_overlap"], report["zero_shot"]
+    assert overlap["queries"] == 24 and zero_shot["images"] == 8
+    if quantize == "none":
+        assert report["runtime"] == "onnx (CPUExecutionProvider)"
+        assert report["cosine_min"] >= 0.99999
+        assert overlap["mean"] == overlap["min"] == 1.0
+        assert zero_shot["delta_top1"] == 0.0
+    else:
+        assert report["runtime"] == "onnx-int8 (CPUExecutionProvider)"
+        assert 0.99 < report["cosine_min"] < 0.99999
+        assert 0.0 <= overlap["min"] <= overlap["mean"] <= 1.0
+        assert zero_shot["delta_top1"] == zero_shot["top1"] - zero_shot["reference_top1"]
+
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    assert out.splitlines()[0] == f"fidelity of {report['runtime']} against torch fp32 on cpu"
+    assert out.splitlines()[1].startswith("  cosine of embeddings (24 texts, 16 images): min ")
+
+
+def test_eval_fidelity_needs_an_index_or_a_labelled_set(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, err = run_cli(["eval", "--fidelity"], capsys, monkeypatch)
+    assert code == 2
+    assert err == (
+        "error: Invalid setting eval --fidelity: needs an index (for the top-k overlap of its "
+        "searches) or --zero-shot SET\n"
+    )
