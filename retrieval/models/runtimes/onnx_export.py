@@ -133,13 +133,24 @@ def graph_agreement(
     return Agreement.of(list(zip(outputs, references[tower], strict=True)))
 
 
+class _BelowError(logging.Filter):
+    """Drops the records below ERROR that are logged on the logger it is added to."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[io.StringIO]:
     """torch's exporter prints its progress and warns about every traced quirk; kept for an
     error message instead."""
     captured = io.StringIO()
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "torch.export")]
+    names = ("torch.onnx", "onnxscript", "onnx_ir", "torch.export")
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
+    # onnxruntime's quantizer logs its advice on the root logger itself.
+    root_advice = _BelowError()
+    logging.getLogger().addFilter(root_advice)
     with (
         warnings.catch_warnings(),
         contextlib.redirect_stdout(captured),
@@ -153,6 +164,7 @@ def _quiet_exporter() -> Iterator[io.StringIO]:
         finally:
             for logger, level in zip(loggers, levels, strict=True):
                 logger.setLevel(level)
+            logging.getLogger().removeFilter(root_advice)
 
 
 def _export_graph(
