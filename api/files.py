@@ -25,6 +25,8 @@ MEDIA_TYPES = {
     "GIF": "image/gif",
     "BMP": "image/bmp",
     "TIFF": "image/tiff",
+    "HEIF": "image/heic",
+    "AVIF": "image/avif",
 }
 
 

@@ -44,6 +44,19 @@ class Filters(BaseModel):
     indexed_before: UtcDateTime | None = Field(
         default=None, description="Indexed before this time (no offset: UTC)."
     )
+    taken_after: UtcDateTime | None = Field(
+        default=None,
+        description="Taken at or after this time (no offset: UTC): EXIF DateTimeOriginal, else "
+        "the file's modification time.",
+    )
+    taken_before: UtcDateTime | None = Field(
+        default=None, description="Taken before this time (no offset: UTC)."
+    )
+    camera: ShortText | None = Field(
+        default=None,
+        description="The camera: its model, or its make and model, ignoring case.",
+        examples=["iPhone 15 Pro", "Apple iPhone 15 Pro"],
+    )
     labels: list[ShortText] = Field(
         default_factory=list,
         max_length=64,
@@ -70,6 +83,9 @@ class Filters(BaseModel):
             max_height=self.max_height,
             indexed_after=self.indexed_after,
             indexed_before=self.indexed_before,
+            taken_after=self.taken_after,
+            taken_before=self.taken_before,
+            camera=" ".join(self.camera.split()) or None if self.camera else None,
             **self._label_filter(),
         )
 
@@ -130,6 +146,22 @@ class SearchHit(BaseModel):
     height: int | None = Field(examples=[768])
     format: str | None = Field(examples=["JPEG"])
     indexed_at: UtcDateTime | None
+    taken_at: UtcDateTime | None = Field(
+        default=None,
+        description="When the photo was taken: EXIF DateTimeOriginal (converted with its "
+        "OffsetTimeOriginal; without one, as written), else the file's modification time.",
+    )
+    taken_at_source: Literal["exif", "file"] | None = Field(
+        default=None,
+        description="Where taken_at comes from: exif, or file (the file's modification time). "
+        "Null for an image indexed before capture dates were kept, until the next index run.",
+    )
+    camera_make: str | None = Field(default=None, examples=["Apple"])
+    camera_model: str | None = Field(default=None, examples=["iPhone 15 Pro"])
+    latitude: float | None = Field(
+        default=None, examples=[48.8581944], description="GPS position, decimal degrees."
+    )
+    longitude: float | None = Field(default=None, examples=[2.2945])
     file_url: str = Field(examples=["/images/42/file"])
     thumbnail_url: str = Field(examples=["/images/42/thumbnail"])
     labels: list[HitLabel] = Field(
@@ -155,6 +187,22 @@ class ImageMetadata(BaseModel):
     size: int
     sha256: str | None
     indexed_at: UtcDateTime | None
+    taken_at: UtcDateTime | None = Field(
+        default=None,
+        description="When the photo was taken: EXIF DateTimeOriginal (converted with its "
+        "OffsetTimeOriginal; without one, as written), else the file's modification time.",
+    )
+    taken_at_source: Literal["exif", "file"] | None = Field(
+        default=None,
+        description="Where taken_at comes from: exif, or file (the file's modification time). "
+        "Null for an image indexed before capture dates were kept, until the next index run.",
+    )
+    camera_make: str | None = Field(default=None, examples=["Apple"])
+    camera_model: str | None = Field(default=None, examples=["iPhone 15 Pro"])
+    latitude: float | None = Field(
+        default=None, examples=[48.8581944], description="GPS position, decimal degrees."
+    )
+    longitude: float | None = Field(default=None, examples=[2.2945])
     shard_id: str | None
     file_url: str
     thumbnail_url: str

@@ -6,7 +6,7 @@ import datetime as dt
 from dataclasses import dataclass, replace
 
 import numpy as np
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, func, or_, select
 
 from retrieval.catalog.database import Catalog, escape_like
 from retrieval.catalog.tables import ACTIVE, ImageRow
@@ -25,6 +25,12 @@ class SearchFilters:
     max_height: int | None = None
     indexed_after: dt.datetime | None = None
     indexed_before: dt.datetime | None = None
+    # When the photo was taken (EXIF DateTimeOriginal, else the file's mtime); images indexed
+    # before the catalog kept it pass neither bound until the next index run reads it.
+    taken_after: dt.datetime | None = None
+    taken_before: dt.datetime | None = None
+    # The camera's model, or its make and model separated by a space, ignoring case.
+    camera: str | None = None
     # Zero-shot labels: the image carries any (or all) of these names, each with at least
     # `label_min_score` probability, in `label_set` (None: in any set).
     labels: tuple[str, ...] = ()
@@ -59,7 +65,21 @@ def _conditions(filters: SearchFilters) -> list[ColumnElement[bool]]:
         conds.append(ImageRow.indexed_at >= filters.indexed_after)
     if filters.indexed_before is not None:
         conds.append(ImageRow.indexed_at < filters.indexed_before)
+    if filters.taken_after is not None:
+        conds.append(ImageRow.taken_at >= filters.taken_after)
+    if filters.taken_before is not None:
+        conds.append(ImageRow.taken_at < filters.taken_before)
+    if filters.camera is not None:
+        conds.append(_camera_is(filters.camera))
     return conds
+
+
+def _camera_is(camera: str) -> ColumnElement[bool]:
+    # The catalog keeps make and model with single spaces (retrieval.photo_info); the filter
+    # is spaced the same way, and both sides go through the database's own lower().
+    wanted = func.lower(" ".join(camera.split()))
+    make_and_model = ImageRow.camera_make + " " + ImageRow.camera_model
+    return or_(func.lower(ImageRow.camera_model) == wanted, func.lower(make_and_model) == wanted)
 
 
 def ids_passing(

@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.identity import pairing_problem, read_index_file, shards_missing
-from retrieval.catalog.records import IndexState
+from retrieval.catalog.records import IndexState, PhotoFields
 from retrieval.catalog.schema import require_catalog, unreadable
 from retrieval.catalog.tables import ACTIVE
 from retrieval.config import Settings
@@ -40,6 +40,7 @@ class Hit:
     format: str | None
     indexed_at: dt.datetime | None
     labels: tuple[ImageLabel, ...] = ()  # zero-shot labels of every set, best first
+    photo: PhotoFields = PhotoFields()  # capture time, camera, position
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +51,8 @@ class Hit:
             "height": self.height,
             "format": self.format,
             "indexed_at": self.indexed_at.isoformat() if self.indexed_at else None,
+            **self.photo.to_row(),
+            "taken_at": self.photo.taken_at.isoformat() if self.photo.taken_at else None,
             "labels": [label.to_dict() for label in self.labels],
         }
 
@@ -312,6 +315,7 @@ class Searcher:
                 format=records[i].format,
                 indexed_at=records[i].indexed_at,
                 labels=tuple(labels.get(i, ())),
+                photo=records[i].photo,
             )
             for i, s in pairs
             if i in records

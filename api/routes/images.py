@@ -55,6 +55,7 @@ async def image_metadata(
         size=record.size,
         sha256=record.sha256,
         indexed_at=record.indexed_at,
+        **record.photo.to_row(),
         shard_id=record.shard_id,
         file_url=str(request.url_for("image_file", image_id=record.id).path),
         thumbnail_url=str(request.url_for("image_thumbnail", image_id=record.id).path),

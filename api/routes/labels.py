@@ -166,7 +166,7 @@ async def classify(
     searcher: SearcherDep,
     prompts: PromptsDep,
     decode_slots: DecodeSlotsDep,
-    file: Annotated[UploadFile, File(description="JPEG, PNG, WebP, GIF, BMP or TIFF.")],
+    file: Annotated[UploadFile, File(description="JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC or AVIF.")],
     label_set: Annotated[
         LabelSetName | None, Form(description="A stored label set's name (or give `labels`).")
     ] = None,

@@ -55,6 +55,7 @@ def to_response(request: Request, result: SearchResult, *, cached: bool = False)
             height=h.height,
             format=h.format,
             indexed_at=h.indexed_at,
+            **h.photo.to_row(),
             file_url=str(request.url_for("image_file", image_id=h.id).path),
             thumbnail_url=str(request.url_for("image_thumbnail", image_id=h.id).path),
             labels=[HitLabel(**label.to_dict()) for label in h.labels],
@@ -177,7 +178,7 @@ async def search_image(
     searcher: SearcherDep,
     metrics: MetricsDep,
     decode_slots: DecodeSlotsDep,
-    file: Annotated[UploadFile, File(description="JPEG, PNG, WebP, GIF, BMP or TIFF.")],
+    file: Annotated[UploadFile, File(description="JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC or AVIF.")],
     k: Annotated[int, Form(description="Number of results.", json_schema_extra=K_BOUNDS)] = 10,
     filters: Annotated[
         str | None,

@@ -22,6 +22,42 @@ function formatDate(value) {
   return Number.isNaN(date.getTime()) ? String(value) : date.toLocaleString(language());
 }
 
+// When the photo was taken; a date that only the file's modification time gave says so.
+function formatTaken(info) {
+  const date = formatDate(info.taken_at);
+  if (!date) return "";
+  return info.taken_at_source === "file" ? t("meta.takenFromFile", { date }) : date;
+}
+
+// "Apple iPhone 15 Pro", but "Canon EOS 5D" rather than "Canon Canon EOS 5D".
+export function cameraName(info) {
+  const make = (info.camera_make || "").trim();
+  const model = (info.camera_model || "").trim();
+  if (!make || model.toLowerCase().startsWith(make.toLowerCase())) return model;
+  return model ? `${make} ${model}` : make;
+}
+
+function hasPosition(info) {
+  return Number.isFinite(info.latitude) && Number.isFinite(info.longitude);
+}
+
+// The GPS position as text and a link to the place on OpenStreetMap (opened only on a click).
+function positionLink(info) {
+  const link = document.createElement("a");
+  const lat = Number(info.latitude);
+  const lon = Number(info.longitude);
+  link.textContent = `${lat.toFixed(5)}, ${lon.toFixed(5)}`;
+  link.href = `https://www.openstreetmap.org/?mlat=${lat}&mlon=${lon}#map=16/${lat}/${lon}`;
+  link.target = "_blank";
+  link.rel = "noopener noreferrer";
+  link.title = t("meta.map");
+  return link;
+}
+
+// Browsers other than Safari cannot show a HEIC (nor most TIFFs): the viewer then shows the
+// server's JPEG rendering, as large as it makes them. The download stays the original file.
+const PREVIEW_SIDE = 2048;
+
 export class Viewer {
   #dialog;
   #client;
@@ -29,6 +65,7 @@ export class Viewer {
   #hit = null;
   #opener = null;
   #url = null;
+  #preview = null;
   #loads = null;
   #info = null; // what #showMeta and #showLabels last showed, to show again in another language
   #labels = null;
@@ -93,6 +130,8 @@ export class Viewer {
     this.#loads = null;
     if (this.#url) URL.revokeObjectURL(this.#url);
     this.#url = null;
+    if (this.#preview) URL.revokeObjectURL(this.#preview);
+    this.#preview = null;
     const opener = this.#opener;
     this.#opener = null;
     if (opener?.isConnected) opener.focus();
@@ -112,6 +151,7 @@ export class Viewer {
       this.#url = URL.createObjectURL(blob);
       const img = dialog.querySelector("#viewer-img");
       img.addEventListener("load", () => (dialog.dataset.image = "loaded"), { once: true });
+      img.addEventListener("error", () => this.#showPreview(hit, signal), { once: true });
       img.src = this.#url;
       const download = dialog.querySelector("#viewer-download");
       download.href = this.#url;
@@ -124,6 +164,24 @@ export class Viewer {
     await metadata;
   }
 
+  async #showPreview(hit, signal) {
+    const dialog = this.#dialog;
+    try {
+      const blob = await this.#client.blob(`${hit.thumbnail_url}?size=${PREVIEW_SIDE}`, {
+        signal,
+      });
+      this.#preview = URL.createObjectURL(blob);
+      const img = dialog.querySelector("#viewer-img");
+      img.addEventListener("load", () => (dialog.dataset.image = "loaded"), { once: true });
+      img.addEventListener("error", () => (dialog.dataset.image = "failed"), { once: true });
+      img.src = this.#preview;
+    } catch (error) {
+      if (error.name === "AbortError") return;
+      dialog.dataset.image = "failed";
+      this.#showMeta({ ...this.#info, error: error.message });
+    }
+  }
+
   #showMeta(info) {
     this.#info = info;
     const { width, height } = info;
@@ -132,6 +190,9 @@ export class Viewer {
       [t("meta.score"), info.score === undefined ? "" : Number(info.score).toFixed(4)],
       [t("meta.size"), width && height ? t("meta.pixels", { width, height }) : ""],
       [t("meta.format"), info.format],
+      [t("meta.taken"), formatTaken(info)],
+      [t("meta.camera"), cameraName(info)],
+      [t("meta.location"), hasPosition(info) ? positionLink(info) : ""],
       [t("meta.fileSize"), formatBytes(info.size)],
       [t("meta.indexed"), formatDate(info.indexed_at)],
       [t("meta.id"), String(info.id)],
@@ -145,7 +206,8 @@ export class Viewer {
       const term = document.createElement("dt");
       term.textContent = name;
       const detail = document.createElement("dd");
-      detail.textContent = value;
+      if (value instanceof Node) detail.append(value);
+      else detail.textContent = value;
       list.append(term, detail);
     }
   }

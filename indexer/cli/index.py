@@ -185,6 +185,11 @@ def index(
         )
     typer.echo(index_summary(report))
     echo_failures(report)
+    if report.photo_info_read:
+        typer.echo(
+            f"  read capture dates and cameras of {report.photo_info_read} images indexed "
+            "before they were kept (headers only)"
+        )
     for set_name, count in report.labelled.items():
         if count:
             typer.echo(f"  labelled {count} images with label set {set_name}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -49,6 +50,41 @@ LabelSetOpt = Annotated[
 ]
 
 
+def _moment(text: str) -> dt.datetime:
+    """An ISO 8601 date, or date and time; without an offset it is UTC, as in the API."""
+    try:
+        moment = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"not a date or time: {text!r} (e.g. 2024-06-01 or 2024-06-01T18:30:00+02:00)"
+        ) from None
+    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
+
+
+TakenAfterOpt = Annotated[
+    dt.datetime | None,
+    typer.Option(
+        parser=_moment,
+        metavar="WHEN",
+        help="Only photos taken at or after WHEN (2024-06-01, or 2024-06-01T18:30:00+02:00; no "
+        "offset: UTC): EXIF DateTimeOriginal, else the file's time (default: no bound).",
+    ),
+]
+TakenBeforeOpt = Annotated[
+    dt.datetime | None,
+    typer.Option(
+        parser=_moment, metavar="WHEN", help="Only photos taken before WHEN (default: no bound)."
+    ),
+]
+CameraOpt = Annotated[
+    str | None,
+    typer.Option(
+        help='Only photos from this camera: its model, or make and model ("iPhone 15 Pro", '
+        '"Apple iPhone 15 Pro"), ignoring case (default: any camera).'
+    ),
+]
+
+
 def search(
     query: QueryArg = None,
     image: ImageOpt = None,
@@ -57,6 +93,9 @@ def search(
     labels_mode: LabelsModeOpt = "any",
     label_min_score: LabelMinScoreOpt = 0.0,
     label_set: LabelSetOpt = None,
+    taken_after: TakenAfterOpt = None,
+    taken_before: TakenBeforeOpt = None,
+    camera: CameraOpt = None,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
     index_dir: IndexDirOpt = None,
@@ -81,7 +120,8 @@ def search(
     settings = reading.settings
     # An unknown label or a bad query image is a bad argument (exit 2), told before the model.
     ids, label_store = None, None
-    if label_names or label_set or labels_mode != "any" or label_min_score:
+    photo_filter = taken_after or taken_before or camera
+    if label_names or label_set or labels_mode != "any" or label_min_score or photo_filter:
         from retrieval.filters import SearchFilters, ids_passing
         from retrieval.labels.store import LabelStore
 
@@ -90,6 +130,9 @@ def search(
             labels_mode=labels_mode,
             label_min_score=label_min_score,
             label_set=label_set,
+            taken_after=taken_after,
+            taken_before=taken_before,
+            camera=" ".join(camera.split()) or None if camera else None,
         )
         label_store = LabelStore(reading.catalog)
         ids = ids_passing(reading.catalog, filters, label_store)

@@ -50,6 +50,11 @@ def _cases(photos: Path, catalog: Catalog) -> dict[str, dict[str, Any]]:
         "max_height": {"max_height": 45},
         "indexed_after": {"indexed_after": "2999-01-01T00:00:00Z"},
         "indexed_before": {"indexed_before": "2000-01-02T00:00:00+01:00"},
+        # No picture here has EXIF: each one is dated by its file's time, and has no camera
+        # (tests/test_photo_library.py has photos that pass these).
+        "taken_after": {"taken_after": "2999-01-01T00:00:00Z"},
+        "taken_before": {"taken_before": "2000-01-02T00:00:00+01:00"},
+        "camera": {"camera": "Apple iPhone 15 Pro"},
         "labels any": {"labels": common[:2]},
         "labels all": {"labels": pair, "labels_mode": "all"},
         "label score in a set": {
