@@ -17,8 +17,8 @@ from retrieval.models.backend import ModelBackend, ScoreRule, TokenBatch, load_b
 from retrieval.models.device import resolve_device
 from retrieval.models.identity import ModelIdentity, ModelSource, ModelSpec
 from retrieval.models.recorded import spec_of
-from retrieval.models.runtimes.base import TorchRuntime
-from retrieval.models.runtimes.choice import Runtimes, choose_runtimes
+from retrieval.models.runtimes.base import Runtimes, TorchRuntime
+from retrieval.models.runtimes.choice import choose_runtimes
 
 if TYPE_CHECKING:
     from retrieval.config import Settings

@@ -11,6 +11,7 @@ Other runtimes (OpenVINO, TensorRT) fit the same seam: a `TowerRuntime` and an e
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 
@@ -54,3 +55,15 @@ class TorchRuntime(TowerRuntime):
         precision = str(self.dtype).removeprefix("torch.").replace("float", "fp")
         precision = {"bfp16": "bf16"}.get(precision, precision)
         return f"torch {precision} on {self.device}"
+
+
+@dataclass(frozen=True)
+class Runtimes:
+    """The runtime of each tower (one object may run both)."""
+
+    image: TowerRuntime
+    text: TowerRuntime
+
+    def describe(self) -> str:
+        image, text = self.image.describe(), self.text.describe()
+        return image if image == text else f"image {image}, text {text}"

@@ -25,7 +25,7 @@ import torch
 
 from retrieval.models.backend import ModelBackend
 from retrieval.models.identity import ModelSpec
-from retrieval.models.runtimes.base import TowerRuntime
+from retrieval.models.runtimes.base import Runtimes, TowerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,6 @@ def fastest(
     backend: ModelBackend, torch_runtime: TowerRuntime, onnx_runtime: Any, spec: ModelSpec
 ) -> Any:
     """The Runtimes `auto` picks: measured now, or read from the export's calibration."""
-    from retrieval.models.runtimes.choice import Runtimes
-
     folder = Path(onnx_runtime.folder)
     key = machine_key(torch_runtime, onnx_runtime, spec.runtime.threads)
     path = folder / CALIBRATION

@@ -21,7 +21,7 @@ import torch
 from retrieval.errors import ConfigError, ExportUnusable, ModelMismatch
 from retrieval.models.backend import ModelBackend, load_backend
 from retrieval.models.identity import ModelSpec, RuntimeSpec
-from retrieval.models.runtimes.base import TorchRuntime, TowerRuntime
+from retrieval.models.runtimes.base import Runtimes, TorchRuntime, TowerRuntime
 from retrieval.models.runtimes.packages import (
     EXPORT_PACKAGES,
     RUNTIME_PACKAGES,
@@ -32,18 +32,6 @@ from retrieval.models.runtimes.packages import (
 log = logging.getLogger(__name__)
 
 RUNTIME_SETTING = "CLIPSEARCH_RUNTIME"
-
-
-@dataclass(frozen=True)
-class Runtimes:
-    """The runtime of each tower (one object may run both)."""
-
-    image: TowerRuntime
-    text: TowerRuntime
-
-    def describe(self) -> str:
-        image, text = self.image.describe(), self.text.describe()
-        return image if image == text else f"image {image}, text {text}"
 
 
 @dataclass(frozen=True)
