@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -138,6 +138,29 @@ class HitLabel(BaseModel):
     score: float = Field(examples=[0.91], description="Probability among the set's labels.")
 
 
+# What an image's file says of the photo, in search hits and in image metadata alike.
+TakenAt = Annotated[
+    UtcDateTime | None,
+    Field(
+        description="When the photo was taken: EXIF DateTimeOriginal (converted with its "
+        "OffsetTimeOriginal; without one, as written), else the file's modification time.",
+    ),
+]
+TakenAtSource = Annotated[
+    Literal["exif", "file"] | None,
+    Field(
+        description="Where taken_at comes from: exif, or file (the file's modification time). "
+        "Null for an image indexed before capture dates were kept, until the next index run.",
+    ),
+]
+CameraMake = Annotated[str | None, Field(examples=["Apple"])]
+CameraModel = Annotated[str | None, Field(examples=["iPhone 15 Pro"])]
+Latitude = Annotated[
+    float | None, Field(examples=[48.8581944], description="GPS position, decimal degrees.")
+]
+Longitude = Annotated[float | None, Field(examples=[2.2945])]
+
+
 class SearchHit(BaseModel):
     id: int = Field(examples=[42])
     path: str = Field(examples=["/photos/2024/beach.jpg"])
@@ -146,22 +169,12 @@ class SearchHit(BaseModel):
     height: int | None = Field(examples=[768])
     format: str | None = Field(examples=["JPEG"])
     indexed_at: UtcDateTime | None
-    taken_at: UtcDateTime | None = Field(
-        default=None,
-        description="When the photo was taken: EXIF DateTimeOriginal (converted with its "
-        "OffsetTimeOriginal; without one, as written), else the file's modification time.",
-    )
-    taken_at_source: Literal["exif", "file"] | None = Field(
-        default=None,
-        description="Where taken_at comes from: exif, or file (the file's modification time). "
-        "Null for an image indexed before capture dates were kept, until the next index run.",
-    )
-    camera_make: str | None = Field(default=None, examples=["Apple"])
-    camera_model: str | None = Field(default=None, examples=["iPhone 15 Pro"])
-    latitude: float | None = Field(
-        default=None, examples=[48.8581944], description="GPS position, decimal degrees."
-    )
-    longitude: float | None = Field(default=None, examples=[2.2945])
+    taken_at: TakenAt = None
+    taken_at_source: TakenAtSource = None
+    camera_make: CameraMake = None
+    camera_model: CameraModel = None
+    latitude: Latitude = None
+    longitude: Longitude = None
     file_url: str = Field(examples=["/images/42/file"])
     thumbnail_url: str = Field(examples=["/images/42/thumbnail"])
     labels: list[HitLabel] = Field(
@@ -187,22 +200,12 @@ class ImageMetadata(BaseModel):
     size: int
     sha256: str | None
     indexed_at: UtcDateTime | None
-    taken_at: UtcDateTime | None = Field(
-        default=None,
-        description="When the photo was taken: EXIF DateTimeOriginal (converted with its "
-        "OffsetTimeOriginal; without one, as written), else the file's modification time.",
-    )
-    taken_at_source: Literal["exif", "file"] | None = Field(
-        default=None,
-        description="Where taken_at comes from: exif, or file (the file's modification time). "
-        "Null for an image indexed before capture dates were kept, until the next index run.",
-    )
-    camera_make: str | None = Field(default=None, examples=["Apple"])
-    camera_model: str | None = Field(default=None, examples=["iPhone 15 Pro"])
-    latitude: float | None = Field(
-        default=None, examples=[48.8581944], description="GPS position, decimal degrees."
-    )
-    longitude: float | None = Field(default=None, examples=[2.2945])
+    taken_at: TakenAt = None
+    taken_at_source: TakenAtSource = None
+    camera_make: CameraMake = None
+    camera_model: CameraModel = None
+    latitude: Latitude = None
+    longitude: Longitude = None
     shard_id: str | None
     file_url: str
     thumbnail_url: str
