@@ -65,7 +65,19 @@ def test_the_viewer_speaks_chinese(open_page: OpenPage, corpus: Corpus) -> None:
     sp.cards().first.locator(".thumb").click()
     sp.page.wait_for_selector("#viewer[open][data-image='loaded']")
     terms = sp.page.locator("#viewer-meta dt").all_inner_texts()
-    assert terms == ["路径", "得分", "尺寸", "格式", "文件大小", "索引时间", "图片 ID", "SHA-256"]
+    # The generated corpus has no EXIF: the capture time is the file's, and no camera or place.
+    assert terms == [
+        "路径",
+        "得分",
+        "尺寸",
+        "格式",
+        "拍摄时间",
+        "文件大小",
+        "索引时间",
+        "图片 ID",
+        "SHA-256",
+    ]
+    assert "文件日期：照片中没有拍摄时间" in sp.page.locator("#viewer-meta").inner_text()
     assert "96 × 96 像素" in sp.page.locator("#viewer-meta").inner_text()
     assert sp.page.get_by_role("button", name="关闭").is_visible()
     assert sp.contrast_failures() == []
