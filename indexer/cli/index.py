@@ -21,6 +21,7 @@ from indexer.cli.options import (
     ProgressOpt,
     ShardSizeOpt,
     WorkersOpt,
+    model_flags,
     open_catalog,
 )
 from indexer.cli.output import print_json, utc_text
@@ -127,12 +128,7 @@ def index(
     from retrieval.catalog.schema import read_schema
 
     settings = load_settings(
-        data_dir=data_dir,
-        database_url=database_url,
-        index_dir=index_dir,
-        model=model,
-        pretrained=pretrained,
-        device=device,
+        **model_flags(data_dir, database_url, index_dir, model, pretrained, device),
         index_kind=kind,
         batch_size=batch_size,
         workers=workers,

@@ -15,6 +15,7 @@ from indexer.cli.options import (
     ModelOpt,
     PretrainedOpt,
     ProgressOpt,
+    model_flags,
     open_catalog,
 )
 from indexer.cli.output import EXIT_CODES, print_json
@@ -137,12 +138,7 @@ def repair(
     from indexer.repair import RepairJob
 
     settings = load_settings(
-        data_dir=data_dir,
-        database_url=database_url,
-        index_dir=index_dir,
-        model=model,
-        pretrained=pretrained,
-        device=device,
+        **model_flags(data_dir, database_url, index_dir, model, pretrained, device),
     )
     catalog = open_catalog(settings)
     # Images encoded again must get the index's own model (recorded in the catalog), not

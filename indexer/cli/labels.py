@@ -18,6 +18,7 @@ from indexer.cli.options import (
     ModelOpt,
     PretrainedOpt,
     ProgressOpt,
+    model_flags,
     setting_help,
 )
 from indexer.cli.output import echo_table, print_json
@@ -195,12 +196,7 @@ def label(
     # not the index's is refused before any weights are loaded (or torch imported).
     reading = open_for_reading(
         need_images=False,
-        data_dir=data_dir,
-        database_url=database_url,
-        index_dir=index_dir,
-        model=model,
-        pretrained=pretrained,
-        device=device,
+        **model_flags(data_dir, database_url, index_dir, model, pretrained, device),
         label_block_size=block_size,
     )
     from indexer.labelling import LabelJob

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -144,6 +144,26 @@ ProgressOpt = Annotated[
     bool | None,
     typer.Option("--progress/--no-progress", help="Progress bars (default: on a terminal)."),
 ]
+
+
+def model_flags(
+    data_dir: Path | None,
+    database_url: str | None,
+    index_dir: Path | None,
+    model: str | None,
+    pretrained: str | None,
+    device: str | None,
+) -> dict[str, Any]:
+    """The where and which-model flags most commands take, as `load_settings` keywords (None:
+    not given, so the environment or the index's own model decides)."""
+    return {
+        "data_dir": data_dir,
+        "database_url": database_url,
+        "index_dir": index_dir,
+        "model": model,
+        "pretrained": pretrained,
+        "device": device,
+    }
 
 
 def open_catalog(settings: Settings) -> Catalog:

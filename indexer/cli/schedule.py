@@ -22,6 +22,7 @@ from indexer.cli.options import (
     ProgressOpt,
     ShardSizeOpt,
     WorkersOpt,
+    model_flags,
     open_catalog,
 )
 from indexer.cli.output import exit_code, print_json
@@ -171,12 +172,7 @@ def schedule(
     from retrieval.config import parse_time_of_day
 
     settings = load_settings(
-        data_dir=data_dir,
-        database_url=database_url,
-        index_dir=index_dir,
-        model=model,
-        pretrained=pretrained,
-        device=device,
+        **model_flags(data_dir, database_url, index_dir, model, pretrained, device),
         index_kind=kind,
         batch_size=batch_size,
         workers=workers,

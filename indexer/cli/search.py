@@ -17,6 +17,7 @@ from indexer.cli.options import (
     JsonOpt,
     ModelOpt,
     PretrainedOpt,
+    model_flags,
 )
 from indexer.cli.output import print_json
 from indexer.cli.reading import open_existing_catalog, open_for_reading, require_images
@@ -110,12 +111,7 @@ def search(
     # Everything that needs no model first: the data dir, an empty index, the model's identity.
     reading = open_for_reading(
         need_images=False,
-        data_dir=data_dir,
-        database_url=database_url,
-        index_dir=index_dir,
-        model=model,
-        pretrained=pretrained,
-        device=device,
+        **model_flags(data_dir, database_url, index_dir, model, pretrained, device),
     )
     settings = reading.settings
     # An unknown label or a bad query image is a bad argument (exit 2), told before the model.

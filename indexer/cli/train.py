@@ -17,6 +17,7 @@ from indexer.cli.options import (
     ModelOpt,
     PretrainedOpt,
     StartModelOpt,
+    model_flags,
     setting_default,
 )
 from indexer.cli.output import echo_table, print_json, print_warnings
@@ -299,12 +300,7 @@ def evaluate(
 
         measured = fidelity_report(
             load_settings(
-                data_dir=data_dir,
-                database_url=database_url,
-                index_dir=index_dir,
-                model=model,
-                pretrained=pretrained,
-                device=device,
+                **model_flags(data_dir, database_url, index_dir, model, pretrained, device),
             ),
             zero_shot_set=zero_shot_set,
             data_format=data_format,
@@ -323,12 +319,7 @@ def evaluate(
             "eval", "give --retrieval PATH, --zero-shot PATH, --ann and/or --fidelity"
         )
     settings = load_settings(
-        data_dir=data_dir,
-        database_url=database_url,
-        index_dir=index_dir,
-        model=model,
-        pretrained=pretrained,
-        device=device,
+        **model_flags(data_dir, database_url, index_dir, model, pretrained, device),
     )
     sets = EvaluationSets(
         retrieval=retrieval_set,
