@@ -144,12 +144,13 @@ def test_a_catalog_without_tables_is_a_lost_catalog(db_url: str) -> None:
     catalog.upgrade()
     catalog.set_index_id("first")
     assert catalog.state().index_id == "first"
-    if sqlite_file(db_url) is None:
+    path = sqlite_file(db_url)
+    if path is None:
         drop_catalog(db_url)  # Postgres: the tables go, the connection stays
     else:
         catalog.dispose()
         drop_catalog(db_url)
-        sqlite3.connect(sqlite_file(db_url)).close()  # an empty file where the catalog was
+        sqlite3.connect(path).close()  # an empty file where the catalog was
         catalog = Catalog(db_url)
     try:
         with pytest.raises(CatalogMismatch) as refused:
