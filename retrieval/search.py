@@ -186,6 +186,7 @@ class Searcher:
         """Why reading the catalog failed, in words: no catalog, another schema revision, or
         else the database's own error, on one line."""
         try:
+            self._removed_file()  # a removed SQLite file says so first
             require_catalog(self.catalog, self.index_dir)
         except ClipsearchError as problem:
             return problem
@@ -193,11 +194,22 @@ class Searcher:
             pass
         return unreadable(self.catalog.shown_url, error)
 
+    def _removed_file(self) -> None:
+        """CatalogMismatch `catalog_removed` if the SQLite file was removed: a file removed
+        between two checks of a poll gets the same words whichever check met it first (the
+        file watch's, which name what happened)."""
+        if self.catalog.file_watch is not None:
+            self.catalog.file_watch.check()
+
     def _refresh_locked(self, force: bool) -> bool:
         if self.catalog.reopen_if_replaced():
             force = True  # the new file may even repeat the generation number
         # Never migrated here: a reader of an older schema is told to run `clipsearch db upgrade`.
-        require_catalog(self.catalog, self.index_dir)
+        try:
+            require_catalog(self.catalog, self.index_dir)
+        except ClipsearchError:
+            self._removed_file()
+            raise
         state = self.catalog.state()
         self._require_paired(state)
         current = self._snapshot

@@ -24,6 +24,7 @@ from retrieval.catalog.migrate import current_revision, head_revision, upgrade_d
 from retrieval.config import Settings
 from retrieval.errors import CatalogMismatch, CatalogSchemaMismatch
 from retrieval.models.encoder import Encoder
+from retrieval.search import Searcher
 from tests.conftest import BOTH_DATABASES, fresh_database
 from tests.fixtures.catalogs import downgrade_catalog, drop_catalog
 
@@ -180,6 +181,35 @@ def test_the_generation_poller_notices_a_removed_catalog(
     while client.get("/ready").status_code == 200 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "was removed" in _unready(client)
+
+
+def test_a_file_removed_in_the_middle_of_a_poll_is_named_as_removed(
+    sqlite_only: Path,
+    settings: Settings,
+    encoder: Encoder,
+    indexed: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The file goes just after the poll's file-watch check and before its schema check: the
+    # reason is the file watch's, as when the removal comes before the poll (it read "holds no
+    # index" in that window, so the reason a user saw depended on timing).
+    catalog = Catalog(settings.resolved_database_url)
+    searcher = Searcher(catalog, settings.resolved_index_dir, encoder)
+    try:
+        searcher.refresh(force=True)
+        checked = catalog.reopen_if_replaced
+
+        def remove_after_the_check() -> bool:
+            answer = checked()
+            sqlite_only.unlink()
+            return answer
+
+        monkeypatch.setattr(catalog, "reopen_if_replaced", remove_after_the_check)
+        with pytest.raises(CatalogMismatch, match="was removed while in use"):
+            searcher.refresh()
+    finally:
+        searcher.close()
+        catalog.dispose()
 
 
 def test_an_api_started_beside_a_lost_catalog_starts_unready_and_says_why(
