@@ -11,8 +11,9 @@ import numpy as np
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.records import GenerationCommit, ImageRecord, ShardRecord
 from retrieval.catalog.tables import ACTIVE
+from retrieval.index.integrity import manifest_digest
 from retrieval.index.kinds import choose_params
-from retrieval.index.shard import write_shard
+from retrieval.index.shard import shard_path, write_shard
 from retrieval.models.encoder import load_encoder
 from retrieval.models.identity import ModelSpec
 
@@ -55,6 +56,9 @@ def build_served_corpus(
         dim=identity.dim,
         params=manifest.params,
         model_key=identity.key,
+        # As the indexer records them: a row that disagrees with shard.json is not served.
+        bytes=sum(int(f.get("bytes", 0)) for f in manifest.files.values()),
+        manifest_sha256=manifest_digest(shard_path(tmp / "index", "s0")),
     )
     images = [
         ImageRecord(
