@@ -11,6 +11,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from retrieval.catalog.schema import one_line
 from retrieval.errors import (
     BadQuery,
     CatalogMismatch,
@@ -158,9 +159,7 @@ async def _database(_: Request, exc: Exception) -> JSONResponse:
     # The catalog went away or broke under a request (deleted, reset, locked, unreachable): the
     # generation poller turns the server unready and says why; this request gets a 503 and the
     # log one line, not a traceback per request.
-    original = getattr(exc, "orig", None) or exc
-    words = " ".join(str(original).split()) or type(original).__name__
-    message = f"The catalog cannot be read: {type(original).__name__}: {words}"
+    message = f"The catalog cannot be read: {one_line(exc)}"
     log.warning("%s", message)
     return _json(503, "catalog_unreadable", message)
 

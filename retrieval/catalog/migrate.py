@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,11 +71,18 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
-def head_revision() -> str:
-    """The newest revision in `migrations/`: the schema this clipsearch writes and reads."""
+@functools.cache
+def migration_chain() -> tuple[frozenset[str], str]:
+    """Every revision in `migrations/`, and the newest (the schema this clipsearch reads)."""
     from alembic.script import ScriptDirectory
 
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    script = ScriptDirectory.from_config(alembic_config())
+    head = script.get_current_head()
     if head is None:
         raise RuntimeError("The clipsearch 'migrations' package holds no revision.")
-    return head
+    return frozenset(r.revision for r in script.walk_revisions()), head
+
+
+def head_revision() -> str:
+    """The newest revision in `migrations/`: the schema this clipsearch writes and reads."""
+    return migration_chain()[1]

@@ -10,7 +10,6 @@ another application's database would be a mess for its owner to clean up.
 from __future__ import annotations
 
 import enum
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from sqlalchemy import inspect, text
 
 from retrieval.catalog.identity import pairing_problem, read_index_file
+from retrieval.catalog.migrate import migration_chain
 from retrieval.catalog.tables import IndexStateRow
 from retrieval.errors import (
     CatalogMismatch,
@@ -58,20 +58,6 @@ class Found(enum.Enum):
     OLDER = "older"  # a clipsearch catalog at an older revision: `clipsearch db upgrade`
     NEWER = "newer"  # a clipsearch catalog at a revision this clipsearch does not know
     CURRENT = "current"
-
-
-@functools.cache
-def migration_chain() -> tuple[frozenset[str], str]:
-    """Every revision in `migrations/`, and the newest (the schema this clipsearch reads)."""
-    from alembic.script import ScriptDirectory
-
-    from retrieval.catalog.migrate import alembic_config
-
-    script = ScriptDirectory.from_config(alembic_config())
-    head = script.get_current_head()
-    if head is None:
-        raise RuntimeError("The clipsearch 'migrations' package holds no revision.")
-    return frozenset(r.revision for r in script.walk_revisions()), head
 
 
 @dataclass(frozen=True)
@@ -129,11 +115,16 @@ def read_schema(catalog: Catalog) -> CatalogSchema:
     return CatalogSchema(url, revision, tables, no_schema)
 
 
-def unreadable(url: str, error: BaseException) -> CatalogUnreadable:
-    """The database's own words, on one line (no SQL, no link to the SQLAlchemy docs)."""
+def one_line(error: BaseException) -> str:
+    """A database error in the database's own words, on one line (no SQL, no link to the
+    SQLAlchemy docs): `OperationalError: no such table: images`."""
     original = getattr(error, "orig", None) or error
     words = " ".join(str(original).split()) or type(original).__name__
-    return CatalogUnreadable(url, f"{type(original).__name__}: {words}")
+    return f"{type(original).__name__}: {words}"
+
+
+def unreadable(url: str, error: BaseException) -> CatalogUnreadable:
+    return CatalogUnreadable(url, one_line(error))
 
 
 def no_catalog_problem(schema: CatalogSchema, index_dir: Path) -> ClipsearchError:
