@@ -43,20 +43,24 @@ def clip_cache_dir(cache_dir: Path | None) -> Path:
     return Path(cache_dir) if cache_dir is not None else CLIP_CACHE_DIR
 
 
+def clipsearch_cache_dir() -> Path:
+    """clipsearch's own cache folder: `$XDG_CACHE_HOME/clipsearch` (`~/.cache/clipsearch`)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "clipsearch"
+
+
 def imports_dir(cache_dir: Path | None) -> Path:
     """Where `clipsearch models import` puts files carried over by hand."""
     if cache_dir is not None:
         return Path(cache_dir) / IMPORTS_FOLDER
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "clipsearch" / "models"
+    return clipsearch_cache_dir() / "models"
 
 
 def exports_dir(cache_dir: Path | None) -> Path:
     """Where ONNX exports of models are kept, one folder per model identity."""
     if cache_dir is not None:
         return Path(cache_dir) / EXPORTS_FOLDER
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "clipsearch" / "exports"
+    return clipsearch_cache_dir() / "exports"
 
 
 def repo_folder_name(repo: str) -> str:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from retrieval.models.cache import clipsearch_cache_dir
 from retrieval.models.identity import ModelSpec
 from retrieval.models.weights import sha256_file
 from retrieval.training.config import FinetuneConfig, FinetuneResult, report_path_for
@@ -65,8 +65,7 @@ CHINESE = ShapesRecipe("cn-clip:clipsearch-tiny-zh-rn", "zh", ("{}",), steps=800
 def trained_models_dir() -> Path:
     """Where the demo keeps the tiny models it trains (`$XDG_CACHE_HOME/clipsearch/trained`):
     one folder for every data dir, and the test suite reads the same one."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "clipsearch" / "trained"
+    return clipsearch_cache_dir() / "trained"
 
 
 def recipe_key(recipe: ShapesRecipe = ENGLISH) -> str:
