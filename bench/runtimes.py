@@ -53,6 +53,7 @@ from retrieval.config import load_settings  # noqa: E402
 from retrieval.models.cache import exports_dir  # noqa: E402
 from retrieval.models.encoder import Encoder, load_encoder  # noqa: E402
 from retrieval.models.identity import ModelSpec, RuntimeSpec  # noqa: E402
+from retrieval.training.fidelity import row_cosines  # noqa: E402
 from retrieval.training.shapes import generate_photos  # noqa: E402
 
 BATCH = 32
@@ -113,7 +114,7 @@ def _fidelity(
     out = {}
     for name, encoder in encoders.items():
         ours = np.concatenate([encoder.encode_texts(texts), encoder.encode_image_tensors(pixels)])
-        cosines = (ours.astype(np.float64) * ref).sum(axis=1)
+        cosines = row_cosines(ours, ref)
         out[name] = {
             "cosine_min": round(float(cosines.min()), 6),
             "cosine_median": round(float(np.median(cosines)), 6),

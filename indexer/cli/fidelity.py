@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from indexer.cli.reading import existing_index_model, model_loader, open_existing_catalog
+from indexer.cli.reading import (
+    catalog_may_exist,
+    existing_index_model,
+    model_loader,
+    open_existing_catalog,
+)
 from retrieval.config import Settings
 from retrieval.errors import ConfigError, EmptyIndex, ImageError
 
@@ -81,7 +86,7 @@ def _live_index(
 ) -> tuple[np.ndarray | None, torch.Tensor | None]:
     """The live index's vectors and a sample of its images (preprocessed); None, None where
     there is no index."""
-    if settings.database_url is None and not (settings.data_dir / "catalog.db").is_file():
+    if not catalog_may_exist(settings):
         return None, None
     from retrieval.index.ann_quality import live_embeddings
 

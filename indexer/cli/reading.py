@@ -109,10 +109,16 @@ def index_model(settings: Settings, catalog: Catalog) -> ModelChoice:
     return choice
 
 
+def catalog_may_exist(settings: Settings) -> bool:
+    """False when there is certainly no catalog: no database URL and no SQLite file (opening the
+    default URL would create one)."""
+    return settings.database_url is not None or (settings.data_dir / "catalog.db").is_file()
+
+
 def existing_index_model(settings: Settings) -> ModelChoice:
     """The index's model where the settings name none, for commands that may also run with no
     index at all (`eval` of a model on a data set): creates no catalog."""
-    if settings.database_url is None and not (settings.data_dir / "catalog.db").is_file():
+    if not catalog_may_exist(settings):
         return choose_model(settings, None)
     catalog = open_catalog(settings)
     try:

@@ -145,7 +145,7 @@ def _certain_difference(spec: ModelSpec, indexed: ModelIdentity) -> str | None:
         return f"architecture cn_clip:{name}, the index's is {indexed.name}"
     random_values = {"", "none", "random"} if family != HF else {"none", "random"}
     wants_random = spec.pretrained.strip().lower() in random_values
-    indexed_random = indexed.weights_sha256.startswith("random-init")
+    indexed_random = indexed.random_weights
     if wants_random and not indexed_random:
         return "random weights, the index's are trained ones"
     if wants_random and indexed_random:

@@ -134,7 +134,7 @@ def _load_start_model(config: FinetuneConfig, device: str) -> _StartModel:
         visual.patch_dropout = PatchDropout(config.patch_dropout)
     # Each family decides what its `pretrained` means (hf: "" is the folder's own weights);
     # random weights are recorded as such in the identity.
-    random = encoder.identity.weights_sha256.startswith("random-init")
+    random = encoder.identity.random_weights
     return _StartModel(backend, "random" if random else encoder.identity.weights_sha256)
 
 
