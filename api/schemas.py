@@ -85,7 +85,7 @@ class Filters(BaseModel):
             indexed_before=self.indexed_before,
             taken_after=self.taken_after,
             taken_before=self.taken_before,
-            camera=" ".join(self.camera.split()) or None if self.camera else None,
+            camera=self.camera,
             **self._label_filter(),
         )
 

@@ -38,6 +38,12 @@ class SearchFilters:
     label_min_score: float = 0.0
     label_set: str | None = None
 
+    def __post_init__(self) -> None:
+        # Spaced as the catalog keeps make and model (single spaces, retrieval.photo_info); a
+        # camera of blanks alone filters nothing.
+        if self.camera is not None:
+            object.__setattr__(self, "camera", " ".join(self.camera.split()) or None)
+
     @property
     def is_empty(self) -> bool:
         return self == SearchFilters()
@@ -75,9 +81,8 @@ def _conditions(filters: SearchFilters) -> list[ColumnElement[bool]]:
 
 
 def _camera_is(camera: str) -> ColumnElement[bool]:
-    # The catalog keeps make and model with single spaces (retrieval.photo_info); the filter
-    # is spaced the same way, and both sides go through the database's own lower().
-    wanted = func.lower(" ".join(camera.split()))
+    # Both sides single-spaced (SearchFilters), and both through the database's own lower().
+    wanted = func.lower(camera)
     make_and_model = ImageRow.camera_make + " " + ImageRow.camera_model
     return or_(func.lower(ImageRow.camera_model) == wanted, func.lower(make_and_model) == wanted)
 

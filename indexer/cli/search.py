@@ -128,7 +128,7 @@ def search(
             label_set=label_set,
             taken_after=taken_after,
             taken_before=taken_before,
-            camera=" ".join(camera.split()) or None if camera else None,
+            camera=camera,
         )
         label_store = LabelStore(reading.catalog)
         ids = ids_passing(reading.catalog, filters, label_store)
