@@ -172,7 +172,7 @@ def settings(tmp_path: Path, db_url: str, tiny_checkpoint: Path) -> Settings:
 def _trained_models_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     """The demo's trained-models cache, so a suite run after `scripts/setup.sh` (which runs the
     demo) reuses the model the demo trained: one cache, one key (retrieval.training
-    .shapes_model.recipe_key, which changes with the code under retrieval/).
+    .shapes_model.recipe_key, which changes with the model and training code).
 
     CLIPSEARCH_TEST_MODEL_CACHE=DIR moves it; set empty, the models are trained every run.
     """

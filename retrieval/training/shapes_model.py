@@ -68,10 +68,16 @@ def trained_models_dir() -> Path:
     return clipsearch_cache_dir() / "trained"
 
 
+# What under retrieval/models and retrieval/training decides a trained model: code and configs.
+TRAINING_CODE = (".py", ".json")
+
+
 def recipe_key(recipe: ShapesRecipe = ENGLISH) -> str:
-    """Digest of everything that decides a trained tiny model: the recipe, the code under
-    retrieval/ (model configs included) and the torch and open_clip versions. Another version
-    of clipsearch gets a model trained by its own code."""
+    """Digest of everything that decides a trained tiny model: the recipe, the code that
+    trains it (retrieval/models/ with its model configs, retrieval/training/ and
+    retrieval/images.py) and the torch and open_clip versions. Another version of that code
+    gets a model trained by its own code; a change to the index, catalog or search code
+    does not retrain it."""
     import open_clip
     import torch
 
@@ -79,7 +85,11 @@ def recipe_key(recipe: ShapesRecipe = ENGLISH) -> str:
     digest = hashlib.sha256(
         json.dumps([asdict(recipe), torch.__version__, open_clip.__version__]).encode()
     )
-    for path in sorted([*root.rglob("*.py"), *root.rglob("model_configs/*.json")]):
+    trains = [root / "models", root / "training"]
+    files = [
+        path for folder in trains for path in folder.rglob("*") if path.suffix in TRAINING_CODE
+    ]
+    for path in sorted([*files, root / "images.py"]):
         digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
