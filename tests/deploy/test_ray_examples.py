@@ -186,6 +186,15 @@ def test_compose_ray_workers_join_the_head(compose: dict[str, Any]) -> None:
     assert f"--address=ray-head:{port.group(1)}" in worker["command"]
     assert worker["deploy"]["replicas"] >= 1
     assert worker["init"] is True  # reaps Ray's worker processes
+    # Ray's token authentication, with one token, on every node of the cluster.
+    auth = {
+        (s["environment"]["RAY_AUTH_MODE"], s["environment"]["RAY_AUTH_TOKEN"])
+        for s in (head, worker)
+    }
+    assert len(auth) == 1 and next(iter(auth))[0] == "token"
+    with pytest.raises(MissingVariable, match="RAY_AUTH_TOKEN"):
+        env = {k: v for k, v in read_env_file(ENV_EXAMPLE).items() if k != "RAY_AUTH_TOKEN"}
+        _resolve(yaml.safe_load(COMPOSE_RAY.read_text()), env)
 
 
 @pytest.mark.parametrize("name", CLIPSEARCH_SERVICES)
@@ -258,13 +267,14 @@ def test_rayjob_entrypoint_indexes_with_the_ray_engine(rayjob: dict[str, Any]) -
     head = _pods(rayjob)["head"]["containers"][0]
     env = _container_env(head)
     assert env["CLIPSEARCH_RAY_ADDRESS"]  # the driver joins its own cluster
-    roots = [Path(word) for word in words[2:] if not word.startswith("-")]
+    roots = [Path(word) for word in words[2:] if word.startswith("/")]  # absolute: the same
     assert roots
     for group, pod in _pods(rayjob).items():
         mounts = _pod_mounts(pod)
         for root in roots:
             assert any(root.is_relative_to(path) for path in mounts), f"{group}: {root}"
     assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
+    assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
 
 
 def test_rayjob_pods_mount_the_same_shared_claims_at_the_same_paths(
@@ -479,7 +489,9 @@ def test_cluster_file_nightly_cron_line_and_settings(
     assert any("~/run-clipsearch" in c for c in cluster["setup_commands"])
     assert cli_error(words[1:]) is None, cli_error(words[1:])
     assert _engine_args(words) == "ray" and "--since-last-run" in words
-    settings = _settings_from(read_env_file(CLUSTER_ENV), monkeypatch)
+    env = read_env_file(CLUSTER_ENV)
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"]  # on every node
+    settings = _settings_from(env, monkeypatch)
     assert settings.engine == "ray"
     assert settings.resolved_database_url.startswith("postgresql+psycopg://")
 
