@@ -151,6 +151,21 @@ class CorruptShard(ClipsearchError):
         self.problem = problem
 
 
+class TrainedTemplateError(ClipsearchError):
+    """The trained template of the large-corpus index kind cannot be used: trained for another
+    model or dimension, missing, or differing from its checksum."""
+
+    code = "trained_template"
+
+    def __init__(self, trained_id: str, problem: str) -> None:
+        super().__init__(
+            f"trained template {trained_id} cannot be used: {problem}. Train a new one with "
+            "`clipsearch compact --kind ivfpq-large --retrain`"
+        )
+        self.trained_id = trained_id
+        self.problem = problem
+
+
 class EmptyIndex(ClipsearchError):
     """A search was asked of an index that has no vectors yet."""
 

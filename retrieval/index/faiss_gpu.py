@@ -28,7 +28,7 @@ log = logging.getLogger("clipsearch.faiss_gpu")
 GPU_MAX_K = 2048
 # Kinds that FAISS can copy to a GPU. HNSW has no GPU form in FAISS (only cuVS's CAGRA, a
 # different graph), so HNSW shards are searched on the CPU whatever the setting.
-GPU_KINDS = ("flat", "ivf", "ivfpq")
+GPU_KINDS = ("flat", "ivf", "ivfpq", "ivfpq-large")
 SEARCH_TEMP_MEMORY_BYTES = 256 * 2**20
 
 
@@ -132,7 +132,7 @@ class FaissGpu(DevicePlacement):
         options = faiss.GpuClonerOptions()
         # IVF-PQ: float16 lookup tables, needed for many sub-quantisers to fit in shared
         # memory. Flat and IVF-Flat keep float32 vectors, so their scores equal the CPU's.
-        options.useFloat16 = kind == "ivfpq"
+        options.useFloat16 = kind in ("ivfpq", "ivfpq-large")
         return faiss.index_cpu_to_gpu(self.resources, self.device, index, options)
 
 

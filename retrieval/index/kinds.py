@@ -5,6 +5,12 @@ shard's size and a memory budget (as autofaiss does), `resolve_params` completes
 for the vectors at hand, and `build_index` trains and fills it (on a GPU where FAISS sees one).
 A new kind starts here: a name in INDEX_KINDS, its parameters, and its branch in `build_index`;
 the search side (`retrieval.index.shard_set`) only needs to know how to set its search depth.
+
+`ivfpq-large` (LARGE_KIND) is the large-corpus kind: IVF-PQ shards of up to tens of millions of
+vectors that all share one coarse quantizer and one set of PQ codebooks, trained once on a sample
+and kept as a trained template (retrieval.index.trained). Its shards are made by `compact`
+(retrieval.index.large), which adds new vectors to the existing lists without training again;
+a shard of the index job asked for this kind is chosen as `auto` is, and folded in later.
 """
 
 from __future__ import annotations
@@ -24,6 +30,13 @@ IdArray = npt.NDArray[np.int64]
 F32Array = npt.NDArray[np.float32]
 
 INDEX_KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+LARGE_KIND = "ivfpq-large"
+# Every kind a shard may have: the per-shard kinds, and the large kind built from a template.
+ALL_KINDS = (*INDEX_KINDS, LARGE_KIND)
+# The kinds whose candidates are PQ codes, re-scored exactly from the stored embeddings.
+PQ_KINDS = ("ivfpq", LARGE_KIND)
+# The kinds searched through inverted lists, whose search depth is nprobe.
+IVF_KINDS = ("ivf", "ivfpq", LARGE_KIND)
 
 # "auto" keeps exact search below this many vectors: a flat scan of 50k CLIP vectors takes a few
 # milliseconds, and an approximate index would only lose recall.
@@ -55,10 +68,13 @@ class IndexParams:
     nlist: int | None = None
     pq_m: int | None = None
     pq_nbits: int = 8
+    # ivfpq-large only: the trained template (retrieval.index.trained) whose quantizer and PQ
+    # codebooks the shard's index holds.
+    trained_id: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in INDEX_KINDS:
-            raise ValueError(f"index kind must be one of {INDEX_KINDS}, not {self.kind!r}")
+        if self.kind not in ALL_KINDS:
+            raise ValueError(f"index kind must be one of {ALL_KINDS}, not {self.kind!r}")
         if self.hnsw_m < 2 or self.hnsw_ef_construction < 1:
             raise ValueError("hnsw_m must be >= 2 and hnsw_ef_construction >= 1")
         if self.nlist is not None and self.nlist < 1:
@@ -69,7 +85,11 @@ class IndexParams:
             raise ValueError("pq_nbits must be between 1 and 16")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["trained_id"] is None:
+            # The per-shard kinds have no template; their shard.json stays as it always was.
+            del data["trained_id"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> IndexParams:
@@ -112,8 +132,9 @@ def choose_params(
     - else `ivfpq`, whose codes take dim/8 bytes per vector.
     Any kind is then completed for `n` (see `resolve_params`); a shard too small for an IVF
     falls back to a smaller kind, and the returned `kind` is the one that will be built.
+    `ivfpq-large` is chosen as `auto` is: its shards come from `compact`, never from one batch.
     """
-    if kind == "auto":
+    if kind in ("auto", LARGE_KIND):
         budget = DEFAULT_MEMORY_BUDGET_BYTES if memory_budget_bytes is None else memory_budget_bytes
         if n < AUTO_FLAT_BELOW:
             kind = "flat"
@@ -136,6 +157,11 @@ def resolve_params(params: IndexParams, n: int, dim: int) -> IndexParams:
         raise ValueError(f"bad shard shape: n={n}, dim={dim}")
     if params.kind == "flat":
         return IndexParams(kind="flat")
+    if params.kind == LARGE_KIND:
+        # Fixed by the trained template, whatever n is.
+        if params.nlist is None or params.pq_m is None or params.trained_id is None:
+            raise ValueError("ivfpq-large parameters name their trained template and its shape")
+        return params
     if params.kind == "hnsw":
         return replace(params, nlist=None, pq_m=None)
     max_lists = n // MIN_POINTS_PER_CENTROID
@@ -170,6 +196,10 @@ def build_index(
         raise ValueError(f"vectors must be (n, d) and ids (n,); got {x.shape} and {labels.shape}")
     n, dim = x.shape
     params = resolve_params(params, n, dim)
+    if params.kind == LARGE_KIND:
+        raise ValueError(
+            "ivfpq-large indexes are filled from their trained template (retrieval.index.large)"
+        )
     if use_gpu and not gpu_available():
         raise RuntimeError("use_gpu=True, but this FAISS build has no GPU support or sees no GPU")
     gpu = gpu_available() if use_gpu is None else use_gpu

@@ -40,7 +40,13 @@ import numpy as np
 import numpy.typing as npt
 
 from retrieval.errors import CorruptShard
-from retrieval.index.kinds import INDEX_KINDS, IndexParams, build_index, resolve_params
+from retrieval.index.kinds import (
+    ALL_KINDS,
+    LARGE_KIND,
+    IndexParams,
+    build_index,
+    resolve_params,
+)
 
 IdArray = npt.NDArray[np.int64]
 F32Array = npt.NDArray[np.float32]
@@ -105,7 +111,7 @@ class ShardManifest:
         manifest = cls(**data)
         checks = [
             isinstance(manifest.shard_id, str),
-            manifest.kind in INDEX_KINDS,
+            manifest.kind in ALL_KINDS,
             isinstance(manifest.params, dict),
             _is_count(manifest.count),
             _is_count(manifest.dim) and manifest.dim > 0,
@@ -184,7 +190,7 @@ def write_shard(
     The shard directory must not exist yet. On return, every file and both directory entries are
     fsynced: the caller may now commit the DB row that makes the shard live.
     """
-    shard_dir = shard_path(index_dir, shard_id)
+    shard_path(index_dir, shard_id)  # a bad id is refused before any work
     ids_sorted, emb16 = _canonical_rows(ids, embeddings)
     n, dim = emb16.shape
     model_json = json.loads(json.dumps(model))  # fails now, before any file exists
@@ -195,8 +201,50 @@ def write_shard(
     # The index is built from the float16 values that embeddings.npy keeps, so that a rebuild
     # from embeddings.npy scores bit-identically. Building before creating the directory means
     # a failed build leaves nothing on disk.
-    index = build_index(emb16.astype(np.float32), ids_sorted, resolved, use_gpu=use_gpu)
+    x = emb16.astype(np.float32)
+    index: faiss.Index
+    if resolved.kind == LARGE_KIND:
+        from retrieval.index.large import fill_template  # it imports this module
 
+        index = fill_template(
+            index_dir, resolved, x, ids_sorted, model_key=model_json.get("key"), use_gpu=use_gpu
+        )
+    else:
+        index = build_index(x, ids_sorted, resolved, use_gpu=use_gpu)
+    del x
+    return write_shard_files(
+        index_dir,
+        shard_id,
+        index=index,
+        ids=ids_sorted,
+        blocks=[emb16],
+        params=resolved,
+        model=model_json,
+    )
+
+
+def write_shard_files(
+    index_dir: Path,
+    shard_id: str,
+    *,
+    index: faiss.Index,
+    ids: IdArray,
+    blocks: Iterable[np.ndarray],
+    params: IndexParams,
+    model: dict[str, Any],
+) -> ShardManifest:
+    """Durably write a shard whose index is built: its index, ids, and the float16 embeddings
+    given as row blocks in id order (streamed to disk, so a shard larger than RAM can be
+    written); shard.json is written last, after every other file and its hash.
+
+    `ids` must be ascending and unique, and hold as many ids as the blocks hold rows and `index`
+    holds vectors. The shard directory must not exist yet.
+    """
+    shard_dir = shard_path(index_dir, shard_id)
+    n = int(ids.shape[0])
+    dim = int(index.d)
+    if index.ntotal != n:
+        raise ValueError(f"the index holds {index.ntotal} vectors, the shard {n} ids")
     shards_root = shard_dir.parent
     created_root = not shards_root.exists()
     shards_root.mkdir(parents=True, exist_ok=True)
@@ -204,17 +252,19 @@ def write_shard(
 
     faiss.write_index(index, str(shard_dir / INDEX_FILE))
     _fsync_file(shard_dir / INDEX_FILE)
-    _save_npy(shard_dir / EMBEDDINGS_FILE, emb16)
-    _save_npy(shard_dir / IDS_FILE, ids_sorted)
+    written = _save_npy_blocks(shard_dir / EMBEDDINGS_FILE, blocks, (n, dim), np.float16)
+    if written != n:
+        raise ValueError(f"the embedding blocks hold {written} rows, the shard {n} ids")
+    _save_npy(shard_dir / IDS_FILE, ids)
     files = {name: _file_entry(shard_dir / name) for name in DATA_FILES}
 
     manifest = ShardManifest(
         shard_id=shard_id,
-        kind=resolved.kind,
-        params=resolved.to_dict(),
+        kind=params.kind,
+        params=params.to_dict(),
         count=n,
         dim=dim,
-        model=model_json,
+        model=model,
         created_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
         files=files,
     )
@@ -228,6 +278,30 @@ def write_shard(
     if created_root:
         _fsync_dir(shards_root.parent)
     return manifest
+
+
+def _save_npy_blocks(
+    path: Path, blocks: Iterable[np.ndarray], shape: tuple[int, int], dtype: type
+) -> int:
+    """Write a .npy file of `shape` from row blocks (fsynced); returns the rows written."""
+    rows = 0
+    with open(path, "xb") as f:
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+            "fortran_order": False,
+            "shape": shape,
+        }
+        np.lib.format.write_array_header_1_0(f, header)
+        for block in blocks:
+            part: np.ndarray = np.ascontiguousarray(block, dtype=dtype)
+            if part.ndim != 2 or part.shape[1] != shape[1] or rows + part.shape[0] > shape[0]:
+                raise ValueError(f"an embedding block of shape {part.shape} does not fit {shape}")
+            if part.size:
+                f.write(part.data.cast("B"))
+            rows += part.shape[0]
+        f.flush()
+        os.fsync(f.fileno())
+    return rows
 
 
 def _canonical_rows(ids: np.ndarray, embeddings: np.ndarray) -> tuple[IdArray, F16Array]:

@@ -29,6 +29,7 @@ from retrieval.index.integrity import (
     ShardExpectation,
     open_checked,
 )
+from retrieval.index.kinds import IVF_KINDS, PQ_KINDS
 from retrieval.index.marks import VerifiedMarks
 from retrieval.index.shard import F32Array, IdArray, Shard, sorted_unique_ids
 
@@ -565,7 +566,7 @@ def _exact_top_k(
 
 def _candidates_k(shard: Shard, query: _Query) -> int:
     """How many results to ask FAISS for: k, or refine_factor * k IVF-PQ candidates."""
-    if shard.kind == "ivfpq":
+    if shard.kind in PQ_KINDS:
         return min(shard.count, query.k * query.refine_factor)
     return query.k
 
@@ -577,7 +578,7 @@ def _search_params(shard: Shard, query: _Query, k: int, *, max_nprobe: int | Non
         params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
         # HNSW cannot return more than efSearch results.
         params.efSearch = max(query.ef_search, k)
-    elif shard.kind in ("ivf", "ivfpq"):
+    elif shard.kind in IVF_KINDS:
         params = faiss.SearchParametersIVF()
         nlist = int(shard.manifest.params.get("nlist") or 1)
         params.nprobe = min(query.nprobe, nlist, max_nprobe or nlist)
@@ -611,7 +612,7 @@ def _device_search(
         dropped |= np.isin(labels, deleted)
     scores = np.where(dropped, -np.inf, scores).astype(np.float32)
     labels = np.where(dropped, -1, labels).astype(np.int64)
-    if shard.kind == "ivfpq":
+    if shard.kind in PQ_KINDS:
         return _refine(shard, query.vectors, labels, query.k)
     return _top_k(scores, labels, query.k)
 
@@ -631,7 +632,7 @@ def _faiss_search(
     scores, labels = shard.index.search(query.vectors, k, params=params)
     # FAISS pads missing results with -FLT_MAX for inner product; we pad with -inf.
     scores[labels < 0] = -np.inf
-    if kind == "ivfpq":
+    if kind in PQ_KINDS:
         return _refine(shard, query.vectors, labels, query.k)
     return scores, labels
 
