@@ -65,20 +65,35 @@ class _DecodeDataset:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, Any, DecodedMeta | DecodeFailure]:
-        try:
-            decoded = decode_image(
-                self.paths[index],
-                max_pixels=self.max_pixels,
-                min_side=self.min_side,
-                max_bytes=self.max_bytes,
-            )
-            tensor = self.preprocess(decoded.image)
-            meta = DecodedMeta(decoded.width, decoded.height, decoded.format, decoded.photo)
-            return index, tensor, meta
-        except ImageError as exc:
-            return index, None, DecodeFailure(exc.reason, exc.detail)
-        except Exception as exc:  # noqa: BLE001 - one bad file must never stop the job
-            return index, None, DecodeFailure("decode_failed", f"{type(exc).__name__}: {exc}")
+        tensor, meta = decode_for_model(
+            self.paths[index],
+            self.preprocess,
+            max_pixels=self.max_pixels,
+            min_side=self.min_side,
+            max_bytes=self.max_bytes,
+        )
+        return index, tensor, meta
+
+
+def decode_for_model(
+    path: str,
+    preprocess: Callable[[Any], Any],
+    *,
+    max_pixels: int,
+    min_side: int | None,
+    max_bytes: int | None,
+) -> tuple[Any, DecodedMeta | DecodeFailure]:
+    """One file as the model's input tensor and what decoding learnt, or (None, its failure).
+
+    Every engine decodes through this, so a bad file fails with the same reason everywhere."""
+    try:
+        decoded = decode_image(path, max_pixels=max_pixels, min_side=min_side, max_bytes=max_bytes)
+        tensor = preprocess(decoded.image)
+        return tensor, DecodedMeta(decoded.width, decoded.height, decoded.format, decoded.photo)
+    except ImageError as exc:
+        return None, DecodeFailure(exc.reason, exc.detail)
+    except Exception as exc:  # noqa: BLE001 - one bad file must never stop the job
+        return None, DecodeFailure("decode_failed", f"{type(exc).__name__}: {exc}")
 
 
 def _collate(batch: list[tuple[int, Any, DecodedMeta | DecodeFailure]]) -> DecodedBatch:

@@ -1,4 +1,4 @@
-"""The nightly index job: scan, diff, decode+encode in overlapped workers, write shards, commit."""
+"""The nightly index job: scan, diff, decode+encode on an engine, write shards, commit."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from tqdm import tqdm
 from indexer.backfill import backfill_photo_info, photo_fields
 from indexer.binding import claim_index, claim_problem
 from indexer.crash import crash_point
-from indexer.decode import DecodedMeta, DecodeFailure, iterate_decoded
+from indexer.decode import DecodedMeta, DecodeFailure
+from indexer.engines import Engine, engine_for
 from indexer.lock import IndexLock
 from indexer.publish import cleanup_index_dir, write_shard_record
 from indexer.scan import FileStat, ScanDiff, diff_scan, hash_files, normalise_root, scan_roots
@@ -64,6 +65,8 @@ class IndexReport:
     set_aside: str | None = None  # where --rebuild-catalog moved the previous index
     # Images indexed before the catalog kept capture dates and cameras, read now (headers only).
     photo_info_read: int = 0
+    engine: str = "local"  # what decoded and encoded: local, or ray (a cluster)
+    encoders: int = 0  # models that encoded at once (Ray's encode actors); 0: nothing encoded
 
     @property
     def images_per_second(self) -> float:
@@ -144,8 +147,12 @@ class IndexJob:
         *,
         progress: bool | None = None,
         rebuild_catalog: bool = False,
+        engine: Engine | None = None,
     ) -> None:
         self.settings = settings
+        # Built now: an engine that cannot be used at all (ray not installed) refuses the job
+        # before the lock and the scan.
+        self.engine = engine or engine_for(settings)
         self.catalog = catalog
         self.encoder_factory = encoder_factory
         self._encoder: Encoder | None = None
@@ -189,7 +196,7 @@ class IndexJob:
             # Before the job row: a catalog that does not own index_dir gets nothing written.
             claim = claim_index(self.catalog, self.index_dir, rebuild=self.rebuild_catalog)
             job_id = self.catalog.start_job("index", root_paths)
-            report = IndexReport()
+            report = IndexReport(engine=self.engine.name)
             report.set_aside = str(claim.set_aside) if claim.set_aside else None
             try:
                 cleanup_index_dir(self.catalog, self.index_dir, self.settings.retire_grace_seconds)
@@ -264,12 +271,22 @@ class IndexJob:
         meta.tombstones += [
             old.id for _, old in diff.unhashable if old is not None and old.status != ERROR
         ]
-        if not meta.is_empty:
-            report.generation = self.catalog.commit(meta)
-
-        if items:
+        reused = self._reused_vectors(items) if items else {}
+        to_encode = [item for item in items if item.id not in reused]
+        if to_encode:
             assert identity is not None
-            self._encode_and_commit(items, identity, report)
+            # Before the first commit: an engine that refuses (an unreachable cluster, workers
+            # that cannot see the files, another model on a node) leaves the catalog untouched.
+            self.engine.start(self.encoder, [item.stat.path for item in to_encode], self.index_dir)
+        try:
+            if not meta.is_empty:
+                report.generation = self.catalog.commit(meta)
+            if items:
+                assert identity is not None
+                self._encode_and_commit(items, reused, to_encode, identity, report)
+        finally:
+            if to_encode:
+                self.engine.close()
         if not report.generation:
             report.generation = self.catalog.generation()
 
@@ -361,17 +378,23 @@ class IndexJob:
         return vectors
 
     def _encode_and_commit(
-        self, items: list[_Item], identity: ModelIdentity, report: IndexReport
+        self,
+        items: list[_Item],
+        reused: dict[int, np.ndarray],
+        to_encode: list[_Item],
+        identity: ModelIdentity,
+        report: IndexReport,
     ) -> None:
-        reused = self._reused_vectors(items)
+        """Encode `to_encode` on the started engine, and commit everything in shards."""
         shard_size = self.settings.shard_size
         # Items are committed in chunks of shard_size vectors: a job killed after hours of
         # encoding keeps every chunk it committed.
-        to_encode = [item for item in items if item.id not in reused]
         pending = [_Outcome(item, reused[item.id]) for item in items if item.id in reused]
+        engine = self.engine
+        described = "" if engine.name == "local" else f" ({engine.name}, {engine.encoders} actors)"
         bar = tqdm(
             total=len(to_encode),
-            desc="encode",
+            desc="encode" + described,
             unit=" img",
             disable=self.progress_disabled,
             smoothing=0.1,
@@ -381,19 +404,10 @@ class IndexJob:
         pending_vectors = len(pending)
         failed = 0
         if to_encode:
-            for batch in iterate_decoded(
-                [item.stat.path for item in to_encode],
-                self.encoder.preprocess,
-                batch_size=self.settings.batch_size,
-                workers=self.settings.workers,
-                max_pixels=self.settings.max_image_pixels,
-                min_side=self.encoder.identity.image_size if self.settings.jpeg_draft else None,
-                max_bytes=self.settings.max_decode_bytes,
-            ):
-                if batch.tensors is not None:
-                    vectors = self.encoder.encode_image_tensors(batch.tensors)
-                    for n, index in enumerate(batch.indices):
-                        pending.append(_Outcome(to_encode[index], vectors[n], batch.metas[n]))
+            report.encoders = engine.encoders
+            for batch in engine.batches():
+                for n, index in enumerate(batch.indices):
+                    pending.append(_Outcome(to_encode[index], batch.vectors[n], batch.metas[n]))
                 for index, failure in batch.failures:
                     pending.append(_Outcome(to_encode[index], None, failure=failure))
                 pending_vectors += len(batch.indices)

@@ -27,6 +27,7 @@ NOT_SETTINGS = frozenset(
         "CLIPSEARCH_TEST_RUN",
         "CLIPSEARCH_BENCH_RUN",
         "CLIPSEARCH_CRASH_AT",
+        "CLIPSEARCH_CRASH_ONCE",
         "CLIPSEARCH_UPDATE_OPENAPI",
         "CLIPSEARCH_SCHEMATHESIS_EXAMPLES",
         "CLIPSEARCH_SCHEMATHESIS_SEED",
@@ -104,6 +105,12 @@ class Settings(BaseSettings):
     onnx_fallback: Literal["torch", "refuse"] = "torch"  # a corrupt export: run torch, or refuse
     batch_size: int = Field(default=64, ge=1, le=8192)
     workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=0, le=64)
+    # Where `clipsearch index` decodes and encodes: `local` (decoder processes and one model
+    # here) or `ray` (Ray Data decode tasks and an actor pool of models; clipsearch[ray]).
+    engine: Literal["local", "ray"] = "local"
+    # The Ray cluster of engine=ray: empty starts one on this machine for the job; else the
+    # head's host:port, ray://host:port (Ray Client) or auto (the cluster running here).
+    ray_address: str = ""
     roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     index_kind: IndexKindName = "auto"
     shard_size: int = Field(default=100_000, ge=1)

@@ -287,3 +287,37 @@ class CatalogMismatch(ClipsearchError):
         self.reason = reason
         self.catalog = catalog
         self.index_dir = index_dir
+
+
+class ClusterError(ClipsearchError):
+    """The compute cluster (`--engine ray`) cannot run an index job; nothing was committed.
+
+    `reason` is a stable code: unreachable (no cluster answers at the address), cannot_see (its
+    workers cannot read the image files or the index dir), model_too_large (no worker has the
+    memory for the model), worker_failed (the encode workers could not start or kept dying).
+    """
+
+    code = "cluster_unusable"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.detail = message
+
+
+class MixedModels(ModelMismatch):
+    """A cluster worker loaded another model than the indexer's driver from the same settings
+    (another checkpoint file at the same path on one node, say); nothing was committed."""
+
+    code = "mixed_models"
+
+    def __init__(self, worker: str, driver: str, where: str) -> None:
+        ClipsearchError.__init__(
+            self,
+            f"A Ray worker on {where} loaded another model ({worker}) than this indexer "
+            f"({driver}) from the same settings: every node must hold the same weights at the "
+            "same path. Nothing was committed.",
+        )
+        self.configured = worker
+        self.indexed = driver
+        self.where = where

@@ -42,7 +42,9 @@ HELP = (
     "index is empty (nothing indexed yet), 10 the device asked for (--device, CLIPSEARCH_DEVICE) "
     "is not there, "
     "11 the catalog's schema is older (run clipsearch db upgrade) or newer than this "
-    "clipsearch's, 130 interrupted."
+    "clipsearch's, 12 the Ray cluster of --engine ray cannot run the job (unreachable, its "
+    "workers cannot see the files or the index dir, or no worker can hold the model), "
+    "130 interrupted."
 )
 
 INTERRUPTED_MESSAGE = "interrupted; nothing uncommitted was published"

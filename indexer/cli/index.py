@@ -13,12 +13,14 @@ from indexer.cli.options import (
     DataDirOpt,
     DbOpt,
     DeviceOpt,
+    EngineOpt,
     IndexDirOpt,
     JsonOpt,
     KindOpt,
     ModelOpt,
     PretrainedOpt,
     ProgressOpt,
+    RayAddressOpt,
     ShardSizeOpt,
     WorkersOpt,
     model_flags,
@@ -86,8 +88,19 @@ def index_summary(report: IndexReport) -> str:
         f"{report.moved} moved, {report.copied} copied, {report.deleted} deleted, "
         f"{report.unchanged} unchanged, {len(report.failed)} failed "
         f"in {report.seconds:.1f}s"
-        + (f" ({report.images_per_second:.1f} images/s encoded)" if report.encoded else "")
+        + (
+            f" ({report.images_per_second:.1f} images/s encoded{_on_engine(report)})"
+            if report.encoded
+            else ""
+        )
     )
+
+
+def _on_engine(report: IndexReport) -> str:
+    if report.engine == "local":
+        return ""
+    actors = "actor" if report.encoders == 1 else "actors"
+    return f" by {report.encoders} {report.engine} encode {actors}"
 
 
 def echo_failures(report: IndexReport) -> None:
@@ -112,6 +125,8 @@ def index(
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     shard_size: ShardSizeOpt = None,
+    engine: EngineOpt = None,
+    ray_address: RayAddressOpt = None,
     progress: ProgressOpt = None,
     since_last_run: SinceLastRunOpt = False,
     rebuild_catalog: RebuildCatalogOpt = False,
@@ -133,8 +148,18 @@ def index(
         batch_size=batch_size,
         workers=workers,
         shard_size=shard_size,
+        engine=engine,
+        ray_address=ray_address,
     )
     chosen_roots = image_roots(roots, settings)
+    if settings.engine == "ray":
+        # In seconds, before the catalog and the model: ray missing, or no cluster there.
+        from indexer.engines.ray import check_reachable, import_ray
+
+        import_ray()
+        check_reachable(
+            settings.ray_address, "--ray-address" if ray_address else "CLIPSEARCH_RAY_ADDRESS"
+        )
     catalog = open_catalog(settings)
     previous = None
     if since_last_run and read_schema(catalog).holds_catalog:

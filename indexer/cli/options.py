@@ -134,6 +134,36 @@ WorkersOpt = Annotated[
 ]
 
 
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--engine",
+        help=setting_help(
+            "CLIPSEARCH_ENGINE",
+            "what decodes and encodes: local (this machine's cores or GPU) or ray (a Ray "
+            "cluster: decoding tasks and one model per worker; needs clipsearch[ray]). "
+            "Scanning, ids and every commit stay here either way",
+        ),
+    ),
+]
+
+
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help=setting_help(
+            "CLIPSEARCH_RAY_ADDRESS",
+            "with --engine ray, the cluster to use: the head's host:port (6379 unless "
+            "given), ray://host:port, or auto (the one running here); empty starts a Ray "
+            "cluster on this machine for the job. Its nodes must see the image folders and "
+            "the index dir at the same paths",
+            "empty",
+        ),
+    ),
+]
+
+
 ShardSizeOpt = Annotated[
     int | None,
     typer.Option(help=setting_help("CLIPSEARCH_SHARD_SIZE", "vectors per shard and commit")),

@@ -14,6 +14,7 @@ from retrieval.errors import (
     CatalogNotEmpty,
     CatalogSchemaMismatch,
     ClipsearchError,
+    ClusterError,
     ConfigError,
     CorruptShard,
     DeviceUnavailable,
@@ -43,6 +44,7 @@ EXIT_CODES: dict[type[ClipsearchError], int] = {
     EmptyIndex: 9,  # NoCatalog too: nothing indexed there yet
     DeviceUnavailable: 10,
     CatalogSchemaMismatch: 11,
+    ClusterError: 12,  # --engine ray: the cluster cannot run the job (nothing committed)
 }
 UNEXPECTED = 1  # any other exception: one line on stderr, the traceback saved to a file
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)

@@ -143,6 +143,11 @@ def _schema_older(world: World) -> list[str]:
     return ["status"]
 
 
+def _cluster_unreachable(world: World) -> list[str]:
+    # Port 1 on this machine: nothing listens, so the job is refused in seconds.
+    return ["index", str(world.pics), "--engine", "ray", "--ray-address", "127.0.0.1:1"]
+
+
 def _interrupted(world: World) -> list[str]:
     def interrupted(*_: object, **__: object) -> None:
         raise KeyboardInterrupt  # Ctrl-C in the middle of the job
@@ -166,6 +171,7 @@ CASES: dict[str, tuple[int, Callable[[World], list[str]], str]] = {
     "empty-index": (9, _empty_index, "clipsearch index"),
     "no-such-device": (10, _no_such_device, "CLIPSEARCH_DEVICE=cuda:99: "),
     "schema-older": (11, _schema_older, "run `clipsearch db upgrade`"),
+    "cluster-unreachable": (12, _cluster_unreachable, "no Ray cluster answers at 127.0.0.1:1"),
     "interrupted": (INTERRUPTED, _interrupted, "interrupted"),
 }
 
