@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from indexer.compact_large import LargeOptions, LargeReport, fold_into_large
 from indexer.crash import crash_point
 from indexer.lock import IndexLock
 from indexer.publish import cleanup_index_dir, write_shard_record
@@ -19,6 +20,7 @@ from retrieval.catalog.records import GenerationCommit
 from retrieval.catalog.schema import require_catalog
 from retrieval.catalog.tables import ShardRow
 from retrieval.index.integrity import ShardExpectation, check_shard
+from retrieval.index.kinds import LARGE_KIND
 from retrieval.labels.store import LabelStore
 from retrieval.models.identity import ModelIdentity
 
@@ -37,6 +39,8 @@ class CompactReport:
     corrupt: dict[str, str] = field(default_factory=dict)
     generation: int = 0
     seconds: float = 0.0
+    # kind ivfpq-large: the template, what the fold added and cost, and whether to retrain.
+    large: LargeReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "seconds": round(self.seconds, 3)}
@@ -52,8 +56,13 @@ def compact_index(
     grace_seconds: float = 600.0,
     progress: bool | None = None,
     use_gpu: bool | None = None,
+    large: LargeOptions | None = None,
 ) -> CompactReport:
     """Merge small shards and drop tombstoned vectors, from stored embeddings only.
+
+    With kind `ivfpq-large`, every other shard is folded into large IVF-PQ shards (see
+    indexer.compact_large): trained once, then only added to; `large` sets their size and the
+    shape of a template trained now (and `retrain` trains a new one, rewriting every shard).
 
     Candidates: every shard holding tombstones, every shard smaller than half of
     shard_size when there are two or more such, every shard whose kind differs from an
@@ -74,6 +83,34 @@ def compact_index(
             shards = catalog.shards()
             report.shards_before = len(shards)
             by_shard = catalog.tombstones_by_shard()
+            if kind == LARGE_KIND and state.model is not None:
+                report.large = LargeReport()
+                plan = fold_into_large(
+                    index_dir,
+                    state.model,
+                    shards,
+                    by_shard,
+                    report.large,
+                    report.corrupt,
+                    options=large or LargeOptions(),
+                    use_gpu=use_gpu,
+                    progress=progress,
+                )
+                report.generation = state.generation
+                report.shards_after = len(shards)
+                if plan is not None:
+                    report.dropped_vectors, report.live_vectors = plan.dropped, plan.live
+                    report.merged, report.written = sorted(plan.merged), plan.written
+                    crash_point("compact_before_commit")
+                    report.generation = catalog.commit(plan.commit)
+                    crash_point("compact_after_commit")
+                    LabelStore(catalog).carry_labelled_shards(report.merged, report.written)
+                    report.shards_after = len(shards) - len(plan.merged) + len(plan.written)
+                report.seconds = time.monotonic() - started
+                catalog.finish_job(job_id, "succeeded", report.to_dict(), report.generation)
+                if plan is not None:
+                    cleanup_index_dir(catalog, index_dir, grace_seconds)
+                return report
             candidates = _candidates(shards, set(by_shard), kind, shard_size, merge_all)
             if not candidates or state.model is None:
                 report.shards_after = len(shards)

@@ -1,5 +1,6 @@
 """Shard files on the writer's side: a new shard and the record that commits it, and the removal
-of shard directories no commit points to (orphans) or that compaction retired long enough ago."""
+of shard directories no commit points to (orphans) or that compaction retired long enough ago,
+of trained templates no active shard names, and of a killed compaction's scratch files."""
 
 from __future__ import annotations
 
@@ -15,14 +16,19 @@ from retrieval.catalog.database import Catalog
 from retrieval.catalog.records import ShardRecord
 from retrieval.catalog.tables import utcnow
 from retrieval.index.integrity import manifest_digest
-from retrieval.index.kinds import IndexParams, choose_params
+from retrieval.index.kinds import LARGE_KIND, IndexParams, choose_params
 from retrieval.index.shard import (
+    ShardManifest,
     list_shard_dirs,
     new_shard_id,
     remove_shard_dir,
     shard_path,
     write_shard,
 )
+from retrieval.index.trained import list_templates, remove_template
+
+# Scratch files of `compact --kind ivfpq-large` (vectors being folded in), in the index dir.
+STAGING_PREFIX = ".compact-staging-"
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,12 @@ def write_shard_record(
         model=model,
         use_gpu=use_gpu,
     )
+    return shard_record(index_dir, manifest, model_key)
+
+
+def shard_record(index_dir: Path, manifest: ShardManifest, model_key: str) -> ShardRecord:
+    """The catalog record that commits a written shard."""
+    shard_id = manifest.shard_id
     return ShardRecord(
         id=shard_id,
         kind=manifest.kind,
@@ -90,4 +102,25 @@ def cleanup_index_dir(catalog: Catalog, index_dir: Path, grace_seconds: float) -
         removed.append(shard_id)
     if expired:
         catalog.forget_shards(expired)
+    _cleanup_large(catalog, index_dir)
     return removed
+
+
+def _cleanup_large(catalog: Catalog, index_dir: Path) -> None:
+    """Remove trained templates that no active shard names (a retrain replaced them, or a job
+    that trained one did not commit; retired shards hold their own copy of the quantizer), and
+    the scratch files of a compaction that was killed."""
+    for stale in Path(index_dir).glob(STAGING_PREFIX + "*"):
+        stale.unlink(missing_ok=True)
+    templates = list_templates(index_dir)
+    if not templates:
+        return
+    named = {
+        str(row.params.get("trained_id"))
+        for row in catalog.shards()
+        if row.kind == LARGE_KIND and row.params
+    }
+    for trained_id in templates:
+        if trained_id not in named:
+            remove_template(index_dir, trained_id)
+            log.info("removed trained template %s (no active shard names it)", trained_id)

@@ -33,7 +33,7 @@ NOT_SETTINGS = frozenset(
         "CLIPSEARCH_SCHEMATHESIS_SEED",
     }
 )
-IndexKindName = Literal["auto", "flat", "hnsw", "ivf", "ivfpq"]
+IndexKindName = Literal["auto", "flat", "hnsw", "ivf", "ivfpq", "ivfpq-large"]
 FaissGpuName = Literal["auto", "on", "off"]
 
 
@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     index_kind: IndexKindName = "auto"
     shard_size: int = Field(default=100_000, ge=1)
+    # The large-corpus kind (index_kind ivfpq-large, built by `compact`): vectors per shard, and
+    # the shape of its trained template (0: chosen from the corpus when it is trained).
+    large_shard_size: int = Field(default=20_000_000, ge=1)
+    large_nlist: int = Field(default=0, ge=0, le=1_048_576)
+    large_pq_m: int = Field(default=0, ge=0)
     retire_grace_seconds: float = Field(default=600.0, ge=0)
     max_image_pixels: int = Field(default=100_000_000, ge=1)
     # Bytes one image may take while the indexer decodes it (retrieval.images.DecodeCost: the

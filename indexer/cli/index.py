@@ -62,9 +62,21 @@ RebuildCatalogOpt = Annotated[
     ),
 ]
 CompactKindOpt = Annotated[
-    str, typer.Option(help="Index kind for the merged shards: auto, flat, hnsw, ivf, ivfpq.")
+    str,
+    typer.Option(
+        help="Index kind for the merged shards: auto, flat, hnsw, ivf, ivfpq; ivfpq-large folds "
+        "every shard into a few large IVF-PQ shards (trained once, then only added to)."
+    ),
 ]
 MergeAllOpt = Annotated[bool, typer.Option("--all", help="Rewrite every shard.")]
+RetrainOpt = Annotated[
+    bool,
+    typer.Option(
+        "--retrain",
+        help="With --kind ivfpq-large: train a new template on the whole corpus and rewrite "
+        "every shard with it (a full rebuild; the report says when it is advised).",
+    ),
+]
 
 
 def image_roots(arguments: list[Path] | None, settings: Settings) -> list[str]:
@@ -220,6 +232,7 @@ def index(
 def compact(
     kind: CompactKindOpt = "auto",
     merge_all: MergeAllOpt = False,
+    retrain: RetrainOpt = False,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
     index_dir: IndexDirOpt = None,
@@ -227,6 +240,7 @@ def compact(
 ) -> None:
     """Merge small shards and drop deleted vectors, from stored embeddings (no re-encoding)."""
     from indexer.compact import compact_index
+    from indexer.compact_large import LargeOptions
     from retrieval.index.faiss_gpu import resolve_faiss_gpu
 
     settings = load_settings(
@@ -240,6 +254,12 @@ def compact(
         merge_all=merge_all,
         grace_seconds=settings.retire_grace_seconds,
         use_gpu=resolve_faiss_gpu(settings.faiss_gpu, settings.device),
+        large=LargeOptions(
+            shard_size=settings.large_shard_size,
+            nlist=settings.large_nlist,
+            pq_m=settings.large_pq_m,
+            retrain=retrain,
+        ),
     )
     if as_json:
         print_json(report.to_dict())
@@ -248,6 +268,18 @@ def compact(
         f"generation {report.generation}: {report.shards_before} shards -> {report.shards_after}, "
         f"dropped {report.dropped_vectors} deleted vectors, {report.live_vectors} vectors rewritten"
     )
+    if report.large is not None and report.large.trained_id:
+        large = report.large
+        trained = "trained now" if large.trained_now else "no training"
+        typer.echo(
+            f"  ivfpq-large template {large.trained_id} ({trained}; trained for "
+            f"{large.corpus_at_training} vectors, on a sample of {large.trained_on}): added "
+            f"{large.added_vectors}, carried {large.carried_vectors}; read "
+            f"{large.bytes_read / 2**30:.2f} GiB, wrote {large.bytes_written / 2**30:.2f} GiB; "
+            f"{large.large_vectors} vectors in large shards ({large.growth:.1f}x)"
+        )
+        if large.retrain_advised:
+            typer.echo(f"  retrain advised: {large.advice}")
     if report.corrupt:
         typer.echo("left out of the compaction (their vectors are never rewritten):", err=True)
         echo_corrupt_shards(report.corrupt)

@@ -24,6 +24,7 @@ from retrieval.errors import (
     LabelSetError,
     ModelMismatch,
     NotFound,
+    TrainedTemplateError,
     TrainingDataError,
     WeightsUnavailable,
 )
@@ -45,6 +46,7 @@ EXIT_CODES: dict[type[ClipsearchError], int] = {
     DeviceUnavailable: 10,
     CatalogSchemaMismatch: 11,
     ClusterError: 12,  # --engine ray: the cluster cannot run the job (nothing committed)
+    TrainedTemplateError: 6,  # like a corrupt shard: an index file that cannot be used
 }
 UNEXPECTED = 1  # any other exception: one line on stderr, the traceback saved to a file
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)

@@ -490,6 +490,10 @@ class Catalog:
                 session.execute(
                     update(ImageRow), [{"id": i, "shard_id": s} for i, s in change.reassign]
                 )
+            for old, new in change.move_shard_images:
+                session.execute(
+                    update(ImageRow).where(ImageRow.shard_id == old).values(shard_id=new)
+                )
             if change.drop_labels:
                 _drop_labels(session, change.drop_labels)
             # Ids are never reused: the counter moves past every id this generation wrote,

@@ -105,6 +105,8 @@ class GenerationCommit:
     touches: list[tuple[int, int, int]] = field(default_factory=list)  # id, size, mtime_ns
     upserts: list[ImageRecord] = field(default_factory=list)
     reassign: list[tuple[int, str]] = field(default_factory=list)  # id -> shard (compaction)
+    # Every image of one shard -> another, one UPDATE each (a large shard rewritten whole).
+    move_shard_images: list[tuple[str, str]] = field(default_factory=list)
     retire_shards: list[str] = field(default_factory=list)
     purge_ids: list[int] = field(default_factory=list)
     # Images whose labels no longer match their vector (re-encoded, or lost by a repair).
@@ -119,6 +121,7 @@ class GenerationCommit:
             or self.touches
             or self.upserts
             or self.reassign
+            or self.move_shard_images
             or self.retire_shards
             or self.purge_ids
             or self.drop_labels
