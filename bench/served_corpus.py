@@ -27,11 +27,12 @@ def query_text(i: int) -> str:
 
 
 def build_served_corpus(
-    tmp: Path, model_name: str, count: int, kind: str = "auto"
+    tmp: Path, model_name: str, count: int, kind: str = "auto", database_url: str | None = None
 ) -> tuple[dict[str, str], str]:
     """`count` random unit vectors of `model_name`'s dimension (random weights) indexed as the
-    indexer would (`kind`), with their catalog rows, under `tmp`. Returns the environment that
-    points `clipsearch serve` at it, and the index kind written."""
+    indexer would (`kind`), with their catalog rows, under `tmp` (the catalog in `database_url`,
+    an empty database, if given). Returns the environment that points `clipsearch serve` at it,
+    and the index kind written."""
     identity = load_encoder(ModelSpec(model_name, "none", device="cpu")).identity
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((count, identity.dim)).astype(np.float32)
@@ -46,7 +47,7 @@ def build_served_corpus(
         params=choose_params(kind, count, identity.dim),
         model=model,
     )
-    url = f"sqlite:///{tmp / 'catalog.db'}"
+    url = database_url or f"sqlite:///{tmp / 'catalog.db'}"
     catalog = Catalog(url)
     catalog.upgrade()
     shard = ShardRecord(
