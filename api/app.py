@@ -22,7 +22,7 @@ from api.query_cache import EmbeddingCache
 from api.routes import images, labels, search, system
 from api.routes.web import install_web
 from api.security import KeyRing
-from api.services import CATALOG_PROBLEMS, Services
+from api.services import CATALOG_PROBLEMS, Services, unready_code
 from api.text_queries import TextQueryEncoder
 from api.validation import document_setting_bounds
 from retrieval.catalog.database import Catalog
@@ -46,7 +46,7 @@ def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> S
     searcher = Searcher.from_settings(
         catalog, settings, encoder, max_decode_bytes=settings.api_max_decode_bytes
     )
-    unready_reason = None
+    unready_reason, code = None, "not_ready"
     try:
         # Fail at start-up on a model mismatch, not on a query; corrupt shards are left out
         # (served degraded, see /ready and /index), never fatal.
@@ -56,6 +56,7 @@ def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> S
         # the index dir agree again (restored, rebuilt, created by the first `clipsearch
         # index`, or migrated by `clipsearch db upgrade`).
         unready_reason = str(exc)
+        code = unready_code(exc)
     text_encoder = TextQueryEncoder(encoder, EmbeddingCache(settings.query_cache_size), None)
     services = Services(
         settings=settings,
@@ -66,6 +67,7 @@ def _build_services(settings: Settings, encoder: Encoder, metrics: Metrics) -> S
         metrics=metrics,
         keys=KeyRing.build(settings.api_keys, settings.admin_keys),
         unready_reason=unready_reason,
+        unready_code=code,
         prompts=PromptEmbedder(
             encoder,
             EmbeddingCache(settings.prompt_cache_size),

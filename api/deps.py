@@ -25,7 +25,7 @@ def get_services(request: Request) -> Services:
     if services is None or not services.ready:
         raise ApiError(503, "not_ready", "The model or the index is still loading.")
     if services.unready_reason is not None:
-        raise ApiError(503, "not_ready", services.unready_reason)
+        raise ApiError(503, services.unready_code, services.unready_reason)
     return services
 
 

@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 CATALOG_PROBLEMS = (CatalogMismatch, NoCatalog, CatalogSchemaMismatch, CatalogUnreadable)
 
 
+def unready_code(exc: Exception) -> str:
+    """What a request is told while the catalog is in this state."""
+    return "no_catalog" if isinstance(exc, NoCatalog) else "not_ready"
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -49,6 +54,9 @@ class Services:
     # Why nothing may be served although the process is up (one of CATALOG_PROBLEMS). Cleared
     # when there is a readable catalog again, and it and the index dir agree.
     unready_reason: str | None = None
+    # The code a request gets while unready: `no_catalog` before the first index (the page
+    # then says "No index yet"), else `not_ready`.
+    unready_code: str = "not_ready"
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def allowed_roots(self) -> list[str]:
@@ -73,6 +81,7 @@ class Services:
                 if self.unready_reason != str(exc):
                     log.error("not ready, serving nothing: %s", exc)
                 self.unready_reason = str(exc)
+                self.unready_code = unready_code(exc)
                 raise
             if self.unready_reason is not None:
                 log.warning(

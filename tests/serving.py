@@ -81,15 +81,17 @@ def run_cli(
     )
 
 
-def wait_ready(server: ServeProcess, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Until /ready answers 200; RuntimeError with the server's log if it exits or times out."""
+def wait_ready(
+    server: ServeProcess, timeout_s: float = READY_TIMEOUT_S, route: str = "/ready"
+) -> None:
+    """Until `route` answers 200; RuntimeError with the server's log if it exits or times out."""
     deadline = time.monotonic() + timeout_s
     with httpx.Client(base_url=server.base_url, timeout=10) as client:
         while True:
             if server.proc.poll() is not None:
                 raise RuntimeError(f"clipsearch serve exited early:\n{server.log()}")
             try:
-                if client.get("/ready").status_code == 200:
+                if client.get(route).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -98,6 +100,11 @@ def wait_ready(server: ServeProcess, timeout_s: float = READY_TIMEOUT_S) -> None
                     f"clipsearch serve not ready after {timeout_s}s:\n{server.log()}"
                 )
             time.sleep(0.3)
+
+
+def wait_healthy(server: ServeProcess, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Until the server answers /health (up, whether or not it has an index to serve)."""
+    wait_ready(server, timeout_s, "/health")
 
 
 def start_server(

@@ -32,6 +32,9 @@ const ui = {
   prefix: $("#prefix"),
   from: $("#from"),
   to: $("#to"),
+  takenFrom: $("#taken-from"),
+  takenTo: $("#taken-to"),
+  camera: $("#camera"),
   k: $("#k"),
   message: $("#message"),
   status: $("#status"),
@@ -197,6 +200,14 @@ async function refreshIndexStatus({ report = true } = {}) {
     }
     return true;
   } catch (error) {
+    if (error instanceof ApiError && error.code === "no_catalog") {
+      // Nothing indexed here yet: the server is up and says so; the poll sees the first index.
+      state.index = { live_vector_count: 0, degraded: false };
+      document.body.dataset.index = "empty";
+      setIndexStatus(() => t("index.none"));
+      showNoIndex();
+      return true;
+    }
     document.body.dataset.index = "unknown";
     const message = error.message;
     if (error instanceof Unreachable) setIndexStatus(() => t("index.unreachable"));
@@ -275,6 +286,9 @@ function readForm() {
   query.prefix = ui.prefix.value.trim();
   query.from = ui.from.value;
   query.to = ui.to.value;
+  query.takenFrom = ui.takenFrom.value;
+  query.takenTo = ui.takenTo.value;
+  query.camera = ui.camera.value.trim();
   return query;
 }
 
@@ -289,6 +303,9 @@ function fillForm(query) {
   ui.prefix.value = query.prefix;
   ui.from.value = query.from;
   ui.to.value = query.to;
+  ui.takenFrom.value = query.takenFrom;
+  ui.takenTo.value = query.takenTo;
+  ui.camera.value = query.camera;
 }
 
 function setQueryImage(file) {
@@ -392,7 +409,8 @@ async function runQuery(query, { history = "push", focusResults = false } = {}) 
     grid.clear();
     setStatus(null);
     document.body.dataset.results = "failed";
-    showFailure(error, { upload: mode === "image" });
+    if (error instanceof ApiError && error.code === "no_catalog") showNoIndex();
+    else showFailure(error, { upload: mode === "image" });
   } finally {
     if (state.search === controller) {
       state.search = null;
@@ -475,7 +493,8 @@ function searchAfterTyping() {
   }, TYPING_PAUSE_MS);
 }
 
-for (const field of [ui.label, ui.prefix, ui.from, ui.to, ui.k]) {
+const filterFields = [ui.label, ui.prefix, ui.from, ui.to, ui.takenFrom, ui.takenTo, ui.camera];
+for (const field of [...filterFields, ui.k]) {
   field.addEventListener("change", () => {
     const query = readForm();
     if (query.q || state.image || query.similar !== null) runQuery(query);

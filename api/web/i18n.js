@@ -33,6 +33,9 @@ const MESSAGES = {
     "filters.prefix": "Folder starts with",
     "filters.from": "Indexed from",
     "filters.to": "Indexed until",
+    "filters.takenFrom": "Taken from",
+    "filters.takenTo": "Taken until",
+    "filters.camera": "Camera",
     "filters.k": "Results",
     "results.region": "Results",
     "results.list": "Search results",
@@ -48,6 +51,7 @@ const MESSAGES = {
     "index.randomWeights":
       "Random weights (pretrained=none): results are meaningless. " +
       "Get real weights with “clipsearch models” and index again.",
+    "index.none": "No index yet",
     "index.unreachable": "Server unreachable",
     "index.keyNeeded": "API key needed",
     "index.unavailable": "Index status unavailable: {message}",
@@ -129,6 +133,9 @@ const MESSAGES = {
     "filters.prefix": "文件夹路径开头",
     "filters.from": "索引日期起",
     "filters.to": "索引日期止",
+    "filters.takenFrom": "拍摄日期起",
+    "filters.takenTo": "拍摄日期止",
+    "filters.camera": "相机",
     "filters.k": "结果数",
     "results.region": "结果",
     "results.list": "搜索结果",
@@ -139,6 +146,7 @@ const MESSAGES = {
     "index.noModel": "尚无模型",
     "index.randomWeights":
       "随机权重（pretrained=none）：搜索结果没有意义。请用“clipsearch models”获取真实权重后重新索引。",
+    "index.none": "尚无索引",
     "index.unreachable": "无法连接服务器",
     "index.keyNeeded": "需要 API 密钥",
     "index.unavailable": "无法获取索引状态：{message}",

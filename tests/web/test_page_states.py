@@ -10,7 +10,7 @@ import pytest
 
 from retrieval.catalog.database import Catalog
 from tests.conftest import TINY
-from tests.serving import running_server
+from tests.serving import running_server, start_server, wait_healthy
 from tests.web.conftest import OpenPage, screenshot
 from tests.web.search_page import SearchPage
 
@@ -51,6 +51,39 @@ def test_no_index_yet_says_what_to_do(
     assert sp.horizontal_overflow() == 0
     assert sp.contrast_failures() == []
     screenshot(sp.page, f"empty-{viewport}")
+
+
+@pytest.fixture(scope="module")
+def server_without_catalog(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    work = tmp_path_factory.mktemp("web-no-catalog")
+    (work / "data").mkdir()  # serve started before the first `clipsearch index`
+    serve_settings = {
+        "CLIPSEARCH_DATA_DIR": str(work / "data"),
+        "CLIPSEARCH_MODEL": TINY,
+        "CLIPSEARCH_PRETRAINED": str(tiny_checkpoint),
+        "CLIPSEARCH_DEVICE": "cpu",
+    }
+    server = start_server(serve_settings, work / "serve.log")
+    try:
+        wait_healthy(server)  # /ready stays 503 until an index exists
+        yield server.base_url
+    finally:
+        server.stop()
+
+
+def test_a_server_started_before_the_first_index_says_no_index_yet(
+    open_page: OpenPage, server_without_catalog: str
+) -> None:
+    sp = SearchPage(open_page(server_without_catalog + "/"))
+    message = sp.wait_for_message("no_index").inner_text()
+    assert "No index yet" in message and "clipsearch index" in message
+    assert sp.index_status() == "No index yet"
+    sp.search("a red circle")  # the server answers 503 no_catalog: the same words, no error
+    sp.page.wait_for_function("() => document.body.dataset.results === 'failed'")
+    assert sp.wait_for_message("no_index").is_visible()
+    assert sp.cards().count() == 0
 
 
 def test_an_unreachable_server_is_reported_and_retry_recovers(
