@@ -6,7 +6,19 @@ export const DEFAULT_K = 24;
 const MAX_K = 1000; // the API's default CLIPSEARCH_MAX_K; the server has the last word
 
 export function emptyQuery() {
-  return { q: "", similar: null, k: DEFAULT_K, label: "", set: "", prefix: "", from: "", to: "" };
+  return {
+    q: "",
+    similar: null,
+    k: DEFAULT_K,
+    label: "",
+    set: "",
+    prefix: "",
+    from: "",
+    to: "",
+    takenFrom: "",
+    takenTo: "",
+    camera: "",
+  };
 }
 
 function validDate(value) {
@@ -26,6 +38,9 @@ export function fromUrl(search) {
   query.prefix = params.get("prefix") ?? "";
   query.from = validDate(params.get("from"));
   query.to = validDate(params.get("to"));
+  query.takenFrom = validDate(params.get("taken_from"));
+  query.takenTo = validDate(params.get("taken_to"));
+  query.camera = (params.get("camera") ?? "").trim();
   return query;
 }
 
@@ -41,6 +56,9 @@ export function toUrl(query) {
   if (query.prefix) params.set("prefix", query.prefix);
   if (query.from) params.set("from", query.from);
   if (query.to) params.set("to", query.to);
+  if (query.takenFrom) params.set("taken_from", query.takenFrom);
+  if (query.takenTo) params.set("taken_to", query.takenTo);
+  if (query.camera) params.set("camera", query.camera);
   const text = params.toString();
   return text ? `?${text}` : location.pathname;
 }
@@ -62,6 +80,10 @@ export function apiFilters(query) {
   if (query.from) filters.indexed_after = localMidnight(query.from);
   // "until" includes the whole day; the API's indexed_before is exclusive.
   if (query.to) filters.indexed_before = localMidnight(query.to, 1);
+  // A capture date: EXIF DateTimeOriginal, else the file's modification time.
+  if (query.takenFrom) filters.taken_after = localMidnight(query.takenFrom);
+  if (query.takenTo) filters.taken_before = localMidnight(query.takenTo, 1);
+  if (query.camera) filters.camera = query.camera;
   if (query.label) {
     filters.labels = [query.label];
     if (query.set) filters.label_set = query.set;

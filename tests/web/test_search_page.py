@@ -270,6 +270,35 @@ def test_folder_and_date_filters_narrow_the_results(open_page: OpenPage, corpus:
     assert sp.url_params()["to"] == today.isoformat()
 
 
+def test_capture_date_and_camera_filters(open_page: OpenPage, corpus: Corpus) -> None:
+    # The corpus's pictures carry no EXIF: their capture date is the file's modification time
+    # (today), and they have no camera.
+    sp = open_search(open_page, corpus)
+    today = dt.date.today()
+    sp.set_filter("taken-from", (today + dt.timedelta(days=1)).isoformat())
+    sp.search("a blue square")
+    assert "filters" in sp.wait_for_message("no_results").inner_text()
+    assert sp.url_params() == {
+        "q": "a blue square",
+        "taken_from": (today + dt.timedelta(days=1)).isoformat(),
+    }
+
+    sp.set_filter("taken-from", "")
+    sp.set_filter("taken-to", today.isoformat())  # "until" includes the whole day
+    sp.wait_for_results("“a blue square”")
+    assert sp.cards().count() == DEFAULT_K
+    assert sp.url_params()["taken_to"] == today.isoformat()
+
+    sp.set_filter("camera", "Apple iPhone 15 Pro")
+    sp.wait_for_message("no_results")
+    assert sp.url_params()["camera"] == "Apple iPhone 15 Pro"
+
+    shared = SearchPage(open_page(sp.page.url, key=READ_KEY))  # the link keeps both filters
+    shared.wait_for_message("no_results")
+    assert shared.page.locator("#camera").input_value() == "Apple iPhone 15 Pro"
+    assert shared.page.locator("#taken-to").input_value() == today.isoformat()
+
+
 def test_thumbnails_load_only_near_the_viewport(open_page: OpenPage, corpus: Corpus) -> None:
     sp = open_search(open_page, corpus, "/?q=a+red+circle&k=96", viewport="phone")
     sp.wait_for_results("“a red circle”")
