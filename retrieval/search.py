@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.identity import pairing_problem, read_index_file, shards_missing
 from retrieval.catalog.records import IndexState, PhotoFields
-from retrieval.catalog.schema import require_catalog, unreadable
+from retrieval.catalog.schema import require_catalog, stamped_current, unreadable
 from retrieval.catalog.tables import ACTIVE
 from retrieval.config import Settings
 from retrieval.errors import BadQuery, ClipsearchError, CorruptShard, NotFound
@@ -205,11 +205,17 @@ class Searcher:
         if self.catalog.reopen_if_replaced():
             force = True  # the new file may even repeat the generation number
         # Never migrated here: a reader of an older schema is told to run `clipsearch db upgrade`.
-        try:
-            require_catalog(self.catalog, self.index_dir)
-        except ClipsearchError:
+        # Once a catalog was served, a poll asks only for its revision stamp (one query, not a
+        # table listing): a dropped table or schema fails on the state read below, and
+        # _catalog_problem then names the problem in full.
+        if self._snapshot is not None:
             self._removed_file()
-            raise
+        if self._snapshot is None or not stamped_current(self.catalog):
+            try:
+                require_catalog(self.catalog, self.index_dir)
+            except ClipsearchError:
+                self._removed_file()
+                raise
         state = self.catalog.state()
         self._require_paired(state)
         current = self._snapshot

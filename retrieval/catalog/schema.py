@@ -115,6 +115,15 @@ def read_schema(catalog: Catalog) -> CatalogSchema:
     return CatalogSchema(url, revision, tables, no_schema)
 
 
+def stamped_current(catalog: Catalog) -> bool:
+    """Whether the catalog's revision stamp is this clipsearch's head: one query, for a poll
+    that found the whole catalog current before (a SQLite file's presence is the caller's to
+    check first: connecting would create it). A database error is SQLAlchemy's."""
+    with catalog.engine.connect() as conn:
+        revision = conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+    return revision == migration_chain()[1]
+
+
 def one_line(error: BaseException) -> str:
     """A database error in the database's own words, on one line (no SQL, no link to the
     SQLAlchemy docs): `OperationalError: no such table: images`."""
