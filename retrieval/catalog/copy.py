@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.types import DateTime
 
 from retrieval.catalog.database import Catalog
-from retrieval.catalog.migrate import current_revision
+from retrieval.catalog.migrate import current_revision, head_revision
 from retrieval.errors import CatalogCopyError, CatalogNotEmpty
 
 # Alembic's own bookkeeping: the target gets its row from its own migration run.
@@ -156,16 +156,22 @@ def copy_catalog(
 ) -> CatalogCopyReport:
     """Copy every catalog table from `source` into `target`, keeping ids.
 
-    Both are migrated to the newest schema first. A target that already holds rows is
-    refused (CatalogNotEmpty) unless `force`, which replaces them in the same transaction.
-    The caller keeps writers away meanwhile (the CLI holds the indexer lock).
+    The source must be at this clipsearch's schema revision (it is read, never migrated:
+    CatalogCopyError otherwise); the target is created or migrated. A target that already
+    holds rows is refused (CatalogNotEmpty) unless `force`, which replaces them in the same
+    transaction. The caller keeps writers away meanwhile (the CLI holds the indexer lock).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     if make_url(source.url) == make_url(target.url):
         raise CatalogCopyError("The source and target are the same database.")
     started = time.monotonic()
-    source.upgrade()
+    found, head = current_revision(source.engine), head_revision()
+    if found != head:
+        raise CatalogCopyError(
+            f"The source catalog is at schema revision {found or 'none'}, not {head}: run "
+            "`clipsearch db upgrade` on it first (a copy never migrates its source)."
+        )
     target.upgrade()
     report = CatalogCopyReport(
         source=display_url(source.url),

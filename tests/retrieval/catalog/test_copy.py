@@ -12,10 +12,12 @@ from sqlalchemy import MetaData, insert, select, text
 
 from retrieval.catalog.copy import copy_catalog
 from retrieval.catalog.database import Catalog
+from retrieval.catalog.migrate import current_revision
 from retrieval.catalog.records import GenerationCommit, ImageRecord, ShardRecord
 from retrieval.catalog.tables import ACTIVE, ImageRow
 from retrieval.errors import CatalogCopyError, CatalogNotEmpty
 from tests.conftest import BOTH_DATABASES, fresh_database
+from tests.fixtures.catalogs import downgrade_catalog
 
 MODEL = {"name": "fake", "key": "fake"}
 
@@ -196,3 +198,12 @@ def test_a_write_during_the_copy_fails_verification_and_commits_nothing(
 def test_the_same_database_is_refused(source: Catalog) -> None:
     with pytest.raises(CatalogCopyError, match="same database"):
         copy_catalog(source, Catalog(source.url))
+
+
+def test_a_source_at_an_older_revision_is_refused_and_left_unmigrated(
+    source: Catalog, target: Catalog
+) -> None:
+    downgrade_catalog(source.url, "0006")
+    with pytest.raises(CatalogCopyError, match="revision 0006, not .* `clipsearch db upgrade`"):
+        copy_catalog(source, target)
+    assert current_revision(source.engine) == "0006"  # read, never migrated
