@@ -129,7 +129,12 @@ def fold_into_large(
         for row in current
         if row is not open_row and dead[row.id] >= PURGE_FRACTION * max(row.count, 1)
     ]
-    if not stage and not purge and not (open_row is not None and dead[open_row.id]):
+    # The open shard is rewritten anyway when new vectors arrive (its tombstones go for free);
+    # for deletions alone, only past PURGE_FRACTION, as any other large shard.
+    open_purge = open_row is not None and dead[open_row.id] >= PURGE_FRACTION * max(
+        open_row.count, 1
+    )
+    if not stage and not purge and not open_purge:
         if info is not None:
             _advise(report, info, sum(row.count for row in current))
         return None
@@ -150,7 +155,7 @@ def fold_into_large(
             return np.asarray(staging[order[start:stop]])
 
         plan = LargePlan(GenerationCommit(model=model), dropped=dropped)
-        targets = _targets(open_row, purge, dead, int(new_ids.size), options.shard_size)
+        targets = _targets(open_row, open_purge, purge, dead, int(new_ids.size), options.shard_size)
         placed: list[tuple[int, int, str]] = []  # (first id, last id, shard) of new vectors
         for base, start, stop in targets:
             shard_id = new_shard_id()
@@ -218,13 +223,18 @@ def _open_shard(current: list[ShardRow], dead: dict[str, int], cap: int) -> Shar
 
 
 def _targets(
-    open_row: ShardRow | None, purge: list[ShardRow], dead: dict[str, int], n_new: int, cap: int
+    open_row: ShardRow | None,
+    open_purge: bool,
+    purge: list[ShardRow],
+    dead: dict[str, int],
+    n_new: int,
+    cap: int,
 ) -> list[tuple[ShardRow | None, int, int]]:
     """(base shard or None, first, stop) of each shard to write: the new vectors [first, stop)
     in id order fill the open shard first, then new shards of `cap`."""
     targets: list[tuple[ShardRow | None, int, int]] = []
     start = 0
-    if open_row is not None and (n_new or dead[open_row.id]):
+    if open_row is not None and (n_new or open_purge):
         take = min(cap - (open_row.count - dead[open_row.id]), n_new)
         targets.append((open_row, 0, take))
         start = take

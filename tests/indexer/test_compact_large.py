@@ -182,6 +182,16 @@ def test_nothing_to_fold_commits_nothing_and_reports_growth(index: Index) -> Non
     assert again.generation == generation and not again.written
     assert again.large is not None and again.large.growth == 1.0
     assert not again.large.retrain_advised
+    # A few deletions alone do not rewrite a large shard (the selector keeps them out)...
+    index.delete(list(range(1, 21)))
+    generation = index.catalog.state().generation
+    assert not index.compact().written
+    assert index.catalog.state().generation == generation
+    # ...a tenth of it does, and the tombstoned vectors are dropped.
+    index.delete(list(range(21, 101)))
+    purged = index.compact()
+    assert len(purged.written) == 1 and purged.dropped_vectors == 100
+    assert [s.count for s in index.catalog.shards()] == [900]
 
 
 def test_retrain_is_advised_when_the_corpus_outgrows_the_template(index: Index) -> None:
