@@ -36,6 +36,15 @@ from retrieval.models.identity import ModelSpec
 from retrieval.training.shapes import generate_photos
 
 
+def photo_folder(base: Path, n: int) -> Path:
+    """`base`/N holding N generated 1024x768 photo JPEGs (made once, kept between runs)."""
+    photos = base / f"{n}"
+    if len(list(photos.glob("*.jpg"))) != n:
+        shutil.rmtree(photos, ignore_errors=True)
+        generate_photos(photos, n, seed=0)
+    return photos
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="clipsearch-tiny")
@@ -46,10 +55,7 @@ def main() -> None:
     parser.add_argument("--photos", type=Path, default=Path("bench/out/photos"))
     args = parser.parse_args()
 
-    photos = args.photos / f"{args.n}"
-    if len(list(photos.glob("*.jpg"))) != args.n:
-        shutil.rmtree(photos, ignore_errors=True)
-        generate_photos(photos, args.n, seed=0)
+    photos = photo_folder(args.photos, args.n)
     paths = sorted(str(p) for p in photos.glob("*.jpg"))
 
     encoder = load_encoder(ModelSpec(args.model, "none", device="auto"))

@@ -430,6 +430,20 @@ def index_dir_files(index_dir: Path) -> dict[str, tuple[int, int, int]]:
     return found
 
 
+def active_rows(catalog: Catalog) -> list[tuple[int, str, str | None, str | None]]:
+    """(id, path, sha256, shard id) of every active catalog row."""
+    with catalog.session() as session:
+        query = select(ImageRow.id, ImageRow.path, ImageRow.sha256, ImageRow.shard_id).where(
+            ImageRow.status == ACTIVE
+        )
+        return [(int(i), str(p), s, shard) for i, p, s, shard in session.execute(query)]
+
+
+def orphan_shard_dirs(index_dir: Path, known: set[str]) -> list[str]:
+    """Shard directories of `index_dir` that no catalog row (of `known` shard ids) names."""
+    return [name for name in list_shard_dirs(index_dir) if name not in known]
+
+
 class Reader(threading.Thread):
     """Searches the index throughout, as the API would (polling for new generations)."""
 
@@ -599,11 +613,7 @@ class Chaos:
         return found
 
     def active_rows(self) -> list[tuple[int, str, str | None, str | None]]:
-        with self.catalog.session() as session:
-            query = select(ImageRow.id, ImageRow.path, ImageRow.sha256, ImageRow.shard_id).where(
-                ImageRow.status == ACTIVE
-            )
-            return [(int(i), str(p), s, shard) for i, p, s, shard in session.execute(query)]
+        return active_rows(self.catalog)
 
     # --- the run -----------------------------------------------------------------------------
     def run(self) -> ChaosReport:
@@ -867,10 +877,9 @@ class Chaos:
         shard_rows = self.catalog.shards()
         known = self.catalog.known_shard_ids()
         if after_success and command in ("index", "compact", "repair"):
-            for name in list_shard_dirs(self.index_dir):
-                if name not in known:
-                    report.orphaned.add(name)
-                    report.note(f"after a successful {command}: orphan shard dir {name}")
+            for name in orphan_shard_dirs(self.index_dir, known):
+                report.orphaned.add(name)
+                report.note(f"after a successful {command}: orphan shard dir {name}")
 
         holder: dict[int, str] = {}
         corrupt: set[str] = set()
