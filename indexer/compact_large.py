@@ -29,7 +29,7 @@ from tqdm import tqdm
 from indexer.publish import STAGING_PREFIX, shard_record
 from retrieval.catalog.records import GenerationCommit
 from retrieval.catalog.tables import ShardRow
-from retrieval.errors import ConfigError, CorruptShard
+from retrieval.errors import ConfigError, CorruptShard, TrainedTemplateError
 from retrieval.index.integrity import ShardExpectation, manifest_digest
 from retrieval.index.kinds import LARGE_KIND, TRAIN_SEED, default_pq_m
 from retrieval.index.large import write_merged_shard
@@ -40,6 +40,7 @@ from retrieval.index.trained import (
     check_trainable,
     default_large_nlist,
     load_template,
+    read_template_info,
     train_template,
     training_sample_size,
 )
@@ -386,6 +387,31 @@ def _point_images(
             commit.reassign.extend(
                 (int(i), where[int(t)]) for i, t in zip(ids, target, strict=True)
             )
+
+
+def large_status(index_dir: Path, shards: list[ShardRow]) -> dict[str, Any] | None:
+    """For `clipsearch status`: the template of the active large shards, how far the corpus has
+    grown past what it was trained for, and whether a retrain is advised (None: no large shard)."""
+    large = [row for row in shards if row.kind == LARGE_KIND]
+    if not large:
+        return None
+    trained_id = str(_newest(large).params.get("trained_id"))
+    report = LargeReport()
+    try:
+        info = read_template_info(index_dir, trained_id)
+    except TrainedTemplateError as exc:
+        return {"trained_id": trained_id, "problem": exc.problem}
+    _advise(report, info, sum(row.count for row in large))
+    keys = ("trained_id", "trained_on", "corpus_at_training", "nlist", "pq_m")
+    status = {key: getattr(report, key) for key in keys}
+    status.update(
+        large_shards=len(large),
+        large_vectors=report.large_vectors,
+        growth=report.growth,
+        retrain_advised=report.retrain_advised,
+        advice=report.advice or None,
+    )
+    return status
 
 
 def _advise(report: LargeReport, info: TemplateInfo, large_vectors: int) -> None:

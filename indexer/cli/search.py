@@ -205,6 +205,7 @@ def status(
 
     Each shard's files are hashed unless a verified mark vouches for them (see `verify`).
     """
+    from indexer.compact_large import large_status
     from indexer.verify import corrupt_shards
 
     settings = load_settings(data_dir=data_dir, database_url=database_url, index_dir=index_dir)
@@ -223,6 +224,7 @@ def status(
     shards = catalog.shards()
     counts = catalog.counts()
     corrupt = corrupt_shards(catalog, settings.resolved_index_dir)
+    large = large_status(settings.resolved_index_dir, shards)
     info = {
         "generation": state.generation,
         "model": state.model,
@@ -235,6 +237,7 @@ def status(
         "corrupt_shards": corrupt,
         "repair": REPAIR_HINT if corrupt else None,
         "random_weights": recorded_random_weights(state.model),
+        "large_index": large,
         **where,
     }
     if as_json:
@@ -249,4 +252,13 @@ def status(
         f"{counts.get('error', 0)} failed; {len(shards)} shards "
         f"({sum(s.count for s in shards)} vectors)"
     )
+    if large is not None and "problem" in large:
+        typer.echo(f"ivfpq-large template {large['trained_id']}: {large['problem']}")
+    elif large is not None:
+        typer.echo(
+            f"ivfpq-large: {large['large_shards']} shards, {large['large_vectors']} vectors, "
+            f"{large['growth']:.1f}x the {large['corpus_at_training']} its template "
+            f"{large['trained_id']} was trained for"
+            + (f"; retrain advised: {large['advice']}" if large["retrain_advised"] else "")
+        )
     echo_corrupt_shards(corrupt, err=False)

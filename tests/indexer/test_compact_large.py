@@ -4,6 +4,7 @@ retraining in one commit each, old files kept for the grace period, tombstones p
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -237,3 +238,33 @@ def test_other_model_and_too_small_corpus_are_refused(index: Index, tmp_path: Pa
         index.compact()
     assert index.catalog.state().generation == generation
     assert list_shard_dirs(index.index_dir) == shards_before
+
+
+def test_cli_compact_and_status_report_the_template(
+    index: Index,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.indexer.cli.test_cli import run_cli
+
+    index.add_shard(1000, seed=1)
+    monkeypatch.setenv("CLIPSEARCH_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CLIPSEARCH_DATABASE_URL", f"sqlite:///{tmp_path / 'catalog.db'}")
+    monkeypatch.setenv("CLIPSEARCH_INDEX_DIR", str(index.index_dir))
+    monkeypatch.setenv("CLIPSEARCH_LARGE_NLIST", "16")
+    monkeypatch.setenv("CLIPSEARCH_LARGE_PQ_M", "8")
+    monkeypatch.setenv("CLIPSEARCH_FAISS_GPU", "off")
+    # 1000 vectors cannot train 256 PQ centroids per sub-quantizer: a one-line error, exit 2.
+    code, _, err = run_cli(["compact", "--kind", "ivfpq-large"], capsys, monkeypatch)
+    assert code == 2 and "cannot train" in err and "Traceback" not in err
+    for seed in range(2, 12):
+        index.add_shard(1000, seed=seed)
+    code, out, _ = run_cli(["compact", "--kind", "ivfpq-large"], capsys, monkeypatch)
+    assert code == 0 and "trained now" in out, out
+    code, out, _ = run_cli(["status", "--json"], capsys, monkeypatch)
+    large = json.loads(out)["large_index"]
+    assert code == 0 and large["large_vectors"] == 11_000 and large["growth"] == 1.0
+    assert not large["retrain_advised"]
+    code, out, _ = run_cli(["status"], capsys, monkeypatch)
+    assert "ivfpq-large: 1 shards, 11000 vectors, 1.0x the 11000" in out
