@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ClipsearchError(Exception):
     """Base class: every error the core raises on purpose."""
 
     code = "error"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Errors cross processes (a Ray worker's reach the indexer): rebuilt from their message
+        # and fields, whatever their __init__ takes.
+        return (_rebuilt, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuilt(cls: type[ClipsearchError], args: tuple[Any, ...], fields: dict[str, Any]) -> Any:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(fields)
+    return error
 
 
 class ConfigError(ClipsearchError):

@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import secrets
 import socket
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ import numpy as np
 from indexer.crash import CRASH_ENV, CRASH_ONCE_ENV, crash_point
 from indexer.decode import DecodedMeta, DecodeFailure, decode_for_model
 from indexer.engines import EncodedBatch, Engine
+from retrieval import errors
 from retrieval.errors import ClipsearchError, ClusterError, ConfigError, MixedModels
 
 if TYPE_CHECKING:
@@ -42,6 +45,7 @@ ADDRESS_SETTING = "CLIPSEARCH_RAY_ADDRESS"
 CONNECT_TIMEOUT_S = 5.0  # the TCP check of a cluster address: fail in seconds, not minutes
 ANSWER_TIMEOUT_S = 120.0  # the per-node checks (a busy cluster may queue them a while)
 ACTOR_START_TIMEOUT_S = 600  # every encode actor must have loaded its model by then
+ACTOR_RESTARTS = 3  # a dead actor is restarted (its batch retried) at most this often
 # What one encode actor holds besides its model: a Ray worker with torch imported and a
 # batch in flight (Ray Data measured 0.56 GiB for the tiny test model on CPU; rounded up).
 ACTOR_OVERHEAD_BYTES = 768 * 1024**2
@@ -306,8 +310,14 @@ class EncodeActor:
         }
 
 
+_REMOTE_ERROR = re.compile(r"^(retrieval\.errors\.(\w+)): (.+)$", re.MULTILINE)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _domain_error(exc: BaseException) -> ClipsearchError | None:
-    """The clipsearch error a worker raised, inside Ray's wrappers (cause, cause's cause)."""
+    """The clipsearch error a worker raised, inside Ray's wrappers: the exception itself where
+    Ray kept it (a task's cause), else rebuilt from its traceback text (an actor that failed
+    to start keeps only that), so that it keeps its class and exit code."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -315,11 +325,17 @@ def _domain_error(exc: BaseException) -> ClipsearchError | None:
         if isinstance(current, ClipsearchError):
             return current
         inner = getattr(current, "cause", None)
-        if isinstance(inner, BaseException):
-            current = inner
-            continue
-        current = current.__cause__ or current.__context__
-    return None
+        current = inner if isinstance(inner, BaseException) else current.__cause__
+    found = _REMOTE_ERROR.findall(_ANSI.sub("", str(exc)))
+    if not found:
+        return None
+    _, name, message = found[-1]
+    kind = getattr(errors, name, None)
+    if not (isinstance(kind, type) and issubclass(kind, ClipsearchError)):
+        return None
+    rebuilt = kind.__new__(kind)
+    rebuilt.args = (message,)
+    return rebuilt
 
 
 class RayEngine(Engine):
@@ -492,20 +508,27 @@ class RayEngine(Engine):
             num_cpus=1,
         )
         actor_settings = settings.model_copy(update={"torch_threads": plan.threads})
-        dataset = dataset.map_batches(
-            EncodeActor,
-            fn_constructor_kwargs={
-                "settings": actor_settings,
-                "driver_key": identity.key,
-                "driver_model": identity.describe(),
-            },
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=plan.actors),
-            num_cpus=plan.num_cpus,
-            num_gpus=plan.num_gpus or None,
-            memory=plan.memory,
-        )
+        with warnings.catch_warnings():
+            # Ray 2.60 takes max_restarts only among the remote args it deprecates for 2.64.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dataset = dataset.map_batches(
+                EncodeActor,
+                fn_constructor_kwargs={
+                    "settings": actor_settings,
+                    "driver_key": identity.key,
+                    "driver_model": identity.describe(),
+                },
+                batch_size=batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=plan.actors),
+                num_cpus=plan.num_cpus,
+                num_gpus=plan.num_gpus or None,
+                memory=plan.memory,
+                # Bounded (Ray Data's default is forever): an actor that dies on every batch
+                # (out of memory on each) fails the job instead of hanging it.
+                max_restarts=ACTOR_RESTARTS,
+                max_task_retries=ACTOR_RESTARTS,
+            )
         try:
             for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 yield self._results(block, identity)
@@ -541,7 +564,8 @@ class RayEngine(Engine):
         domain = _domain_error(exc)
         if domain is not None:
             return domain
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = _ANSI.sub("", str(exc)).strip()
+        detail = text.splitlines()[0] if text else type(exc).__name__
         return ClusterError(
             "worker_failed",
             f"the Ray encode workers failed ({type(exc).__name__}: {detail}); an actor that "
