@@ -391,7 +391,8 @@ class IndexJob:
         # encoding keeps every chunk it committed.
         pending = [_Outcome(item, reused[item.id]) for item in items if item.id in reused]
         engine = self.engine
-        described = "" if engine.name == "local" else f" ({engine.name}, {engine.encoders} actors)"
+        actors = f"{engine.encoders} actor" + ("s" if engine.encoders != 1 else "")
+        described = "" if engine.name == "local" else f" ({engine.name}, {actors})"
         bar = tqdm(
             total=len(to_encode),
             desc="encode" + described,

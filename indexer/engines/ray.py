@@ -529,13 +529,15 @@ class RayEngine(Engine):
                 max_restarts=ACTOR_RESTARTS,
                 max_task_retries=ACTOR_RESTARTS,
             )
+        received = False
         try:
             for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                received = True
                 yield self._results(block, identity)
         except ClipsearchError:
             raise
         except Exception as exc:
-            raise self._job_failed(exc) from None
+            raise self._job_failed(exc, started=received) from None
 
     def _results(self, block: dict[str, np.ndarray], identity: Any) -> EncodedBatch:
         keys = set(block["model"].tolist())
@@ -558,19 +560,25 @@ class RayEngine(Engine):
         vectors = np.ascontiguousarray(block["vector"][rows], dtype=np.float32)
         return EncodedBatch(indices, vectors, metas, failures)
 
-    def _job_failed(self, exc: Exception) -> ClipsearchError:
+    def _job_failed(self, exc: Exception, *, started: bool) -> ClipsearchError:
         """A Ray failure as the clipsearch error it is: one a worker raised (another model,
         weights missing on a node), or workers that could not start or kept dying."""
         domain = _domain_error(exc)
         if domain is not None:
             return domain
         text = _ANSI.sub("", str(exc)).strip()
-        detail = text.splitlines()[0] if text else type(exc).__name__
+        detail = f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no detail'}"
+        if not started:
+            return ClusterError(
+                "worker_failed",
+                f"the Ray encode actors could not start ({detail}): an actor that dies while "
+                "loading the model is most often out of memory (see `ray status` and the "
+                "workers' logs). Nothing was committed",
+            )
         return ClusterError(
             "worker_failed",
-            f"the Ray encode workers failed ({type(exc).__name__}: {detail}); an actor that "
-            "dies while loading the model is often out of memory. Committed shards are kept: "
-            "run the same command again to index the rest",
+            f"the Ray workers kept failing after {ACTOR_RESTARTS} restarts ({detail}). The "
+            "shards committed so far are kept: run the same command again to index the rest",
         )
 
     def close(self) -> None:

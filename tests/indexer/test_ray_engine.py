@@ -281,6 +281,23 @@ def test_a_worker_killed_mid_job_costs_a_retry(
     _assert_same(_state(settings, corpus, semantic_encoder), reference)
 
 
+def test_an_actor_that_dies_loading_the_model_is_a_clear_error(
+    tmp_path: Path,
+    cluster: Cluster,
+    corpus: Path,
+    semantic_checkpoint: Path,
+    semantic_encoder: Encoder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # SIGKILL while loading, every time, as the kernel's OOM killer does on a node too small.
+    monkeypatch.setenv("CLIPSEARCH_CRASH_AT", "ray_encoder_load")
+    settings = _settings(tmp_path, semantic_checkpoint, engine="ray", ray_address=cluster.address)
+    with pytest.raises(ClusterError, match="encode actors could not start") as caught:
+        _index(settings, corpus, semantic_encoder)
+    assert caught.value.reason == "worker_failed"
+    _committed_nothing(settings)
+
+
 def test_a_rerun_after_the_driver_was_killed_ends_as_a_clean_run(
     tmp_path: Path,
     cluster: Cluster,
