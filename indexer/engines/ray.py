@@ -97,7 +97,7 @@ def check_reachable(
     if endpoint is None:
         return
     try:
-        socket.create_connection(endpoint, timeout=timeout).close()
+        speaks_grpc = _speaks_grpc(endpoint, timeout)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise ClusterError(
@@ -106,6 +106,37 @@ def check_reachable(
             "(ray start --head) or fix the address; leave it empty to start a cluster on "
             "this machine for the job",
         ) from None
+    if not speaks_grpc:
+        raise ClusterError(
+            "unreachable",
+            f"{address} ({setting}) answers, but not as a Ray cluster's head: give the port "
+            "`ray start --head` printed (6379 unless changed), or ray://host:10001 for Ray "
+            "Client",
+        )
+
+
+# HTTP/2's client preface and an empty SETTINGS frame: a gRPC server (the head's GCS, Ray
+# Client) answers with a SETTINGS frame of its own.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_SETTINGS_FRAME = 0x04
+
+
+def _speaks_grpc(endpoint: tuple[str, int], timeout: float) -> bool:
+    """Whether the server at `endpoint` answers the HTTP/2 preface as gRPC servers do (a port
+    that something else holds, Postgres say, would hang ray.init for minutes)."""
+    with socket.create_connection(endpoint, timeout=timeout) as connection:
+        connection.settimeout(timeout)
+        connection.sendall(_HTTP2_PREFACE)
+        head = b""
+        try:
+            while len(head) < 9:
+                chunk = connection.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+        except TimeoutError:
+            return False
+    return len(head) == 9 and head[3] == _SETTINGS_FRAME
 
 
 def local_cluster_options() -> dict[str, Any]:

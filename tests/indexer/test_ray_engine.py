@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -422,20 +423,43 @@ def test_an_unreachable_cluster_is_refused_in_seconds(
     _committed_nothing(settings)
 
 
+def test_a_port_that_is_not_a_ray_head_is_refused_in_seconds(
+    tmp_path: Path, corpus: Path, semantic_checkpoint: Path, semantic_encoder: Encoder
+) -> None:
+    # Something else listens there (an SSH server, say): ray.init would retry for minutes.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def greet() -> None:
+            connection, _ = server.accept()
+            with connection:
+                connection.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+        greeter = threading.Thread(target=greet, daemon=True)
+        greeter.start()
+        address = f"127.0.0.1:{port}"
+        settings = _settings(tmp_path, semantic_checkpoint, engine="ray", ray_address=address)
+        with pytest.raises(ClusterError, match="answers, but not as a Ray cluster's head"):
+            _index(settings, corpus, semantic_encoder)
+        greeter.join(timeout=10)
+    _committed_nothing(settings)
+
+
 def test_ray_missing_names_the_extra(
-    settings: Settings,
     tmp_path: Path,
+    semantic_checkpoint: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    settings = _settings(tmp_path / "data", semantic_checkpoint)
     monkeypatch.setenv("CLIPSEARCH_DATA_DIR", str(settings.data_dir))
-    monkeypatch.setenv("CLIPSEARCH_DATABASE_URL", settings.resolved_database_url)
     photos = tmp_path / "photos"
     generate_shapes(photos, 2, seed=1)
     code, out, err = run_cli(["index", str(photos), "--engine", "ray"], capsys, monkeypatch)
     assert code == 2, out + err
     assert "pip install 'clipsearch[ray]'" in err and "CLIPSEARCH_ENGINE" in err
     assert "Traceback" not in err
+    assert not settings.data_dir.exists(), "refused before the catalog was created"
     with pytest.raises(ConfigError, match=r"clipsearch\[ray\]"):
         engine_for(settings.model_copy(update={"engine": "ray"}))
