@@ -13,7 +13,10 @@ against exact search (ground truth over the stored float16 vectors). Bytes are t
 index.faiss is what a server maps (pages it touches stay resident), embeddings.npy is read only
 for re-scoring and filters. Prints one JSON line.
 
-    python -m bench.index_scale --n 1000000
+    OMP_WAIT_POLICY=PASSIVE python -m bench.index_scale --n 1000000
+
+(Passive waiting keeps FAISS's OpenMP threads from spinning on cores shared with other jobs;
+it made training 4x faster on a loaded machine and costs nothing on a quiet one.)
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +46,11 @@ SHARD = 100_000
 CHUNK = 100_000
 
 
+def progress(name: str, value: Any) -> None:
+    """Each section as it completes, on stderr: a run cut short keeps what it measured."""
+    print(json.dumps({name: value}), file=sys.stderr, flush=True)
+
+
 def timed_queries(shards: ShardSet, q: np.ndarray, truth: np.ndarray, **opts: Any) -> dict:
     _, found = shards.search(q, K, **opts)
     shards.search(q[:5], K, **opts)  # warm-up
@@ -54,6 +63,30 @@ def timed_queries(shards: ShardSet, q: np.ndarray, truth: np.ndarray, **opts: An
         "recall_at_10": round(recall_at_k(found, truth), 4),
         "p50_ms": round(float(np.percentile(times, 50)), 2),
     }
+
+
+def _serve_rss(index_dir: Path, q: np.ndarray, *, mmap: bool) -> Any:
+    """Resident memory of a fresh process that opens the shard and runs the queries: through
+    ShardSet (index.faiss memory-mapped), or with index.faiss read into RAM by plain FAISS."""
+    import subprocess
+
+    np.save(index_dir / "q.npy", q)
+    code = f"""
+import json, faiss, numpy as np
+from pathlib import Path
+from bench.large_index import _rss_mib
+from retrieval.index.shard_set import ShardSet
+d = Path({str(index_dir)!r}); q = np.load(d / "q.npy"); start = _rss_mib()
+if {mmap!r}:
+    s = ShardSet.open(d, ["one"], threads=1); opened = _rss_mib()
+    for row in q: s.search(row[None, :], 10, nprobe=32)
+else:
+    i = faiss.read_index(str(d / "shards/one/index.faiss")); opened = _rss_mib(); i.nprobe = 32
+    for row in q: i.search(row[None, :], 40)
+print(json.dumps({{"start": start, "opened": opened, "after_queries": _rss_mib()}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _offset_rows(x: np.ndarray, lo: int) -> Any:
@@ -107,6 +140,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "load_avg_start": os.getloadavg()[0],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "generate_and_truth_s": round(time.perf_counter() - started, 1),
     }
     rows = lambda a, b: x16[a:b]  # noqa: E731
@@ -150,16 +184,28 @@ def main() -> None:
             size_b = (shard_path(work / f"m{m}", "one") / INDEX_FILE).stat().st_size
             with ShardSet.open(work / f"m{m}", ["one"], threads=1) as shards:
                 by = {str(p): timed_queries(shards, q, truth, nprobe=p) for p in nprobes}
+                by16 = {
+                    str(p): timed_queries(shards, q, truth, nprobe=p, refine_factor=16)
+                    for p in nprobes
+                }
             kinds[f"ivfpq_m{m}"] = {
                 "train_s": round(train_s, 1),
                 "trained_on": size,
                 "add_s": round(add_s, 1),
                 "index_bytes_per_million": round(size_b * 1e6 / n),
                 "one_shard_by_nprobe": by,
+                "one_shard_by_nprobe_refine_16": by16,
             }
+            progress(f"ivfpq_m{m}", kinds[f"ivfpq_m{m}"])
             if m == max(pq_ms):
                 template64, info64 = template, info
         result["ivfpq_large"] = kinds
+        big = work / f"m{max(pq_ms)}"
+        result["serving_rss_mib"] = {
+            "mmap": _serve_rss(big, q, mmap=True),
+            "in_ram": _serve_rss(big, q, mmap=False),
+        }
+        progress("serving_rss_mib", result["serving_rss_mib"])
 
         if "shards" not in skip and template64 is not None and info64 is not None:
             many = work / "many"
@@ -172,6 +218,7 @@ def main() -> None:
             with ShardSet.open(many, shard_ids) as shards:
                 by = {str(p): timed_queries(shards, q, truth, nprobe=p) for p in nprobes}
             result[f"ivfpq_large_m{max(pq_ms)}_as_{len(shard_ids)}_shards"] = by
+            progress("shards", by)
             shutil.rmtree(many)
 
         if "flat" not in skip:
@@ -192,6 +239,7 @@ def main() -> None:
                 "index_bytes_per_million": round(size_b * 1e6 / n),
                 **by_flat,
             }
+            progress("flat", result[f"flat_as_{len(shard_ids)}_shards"])
             shutil.rmtree(flat)
 
         if "hnsw" not in skip:

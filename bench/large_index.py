@@ -253,15 +253,19 @@ def phase_in_ram(work: Path, args: Any) -> dict[str, Any]:
     catalog.dispose()
     before = _rss_mib()
     held = [faiss.read_index(str(shard_path(work / "index", i) / INDEX_FILE)) for i in shard_ids]
-    return {"rss_mib": round(_rss_mib() - before, 1), "indexes": len(held)}
+    return {"rss_mib": {"before": before, "after": _rss_mib()}, "indexes": len(held)}
 
 
-def _rss_mib() -> float:
+def _rss_mib() -> dict[str, float]:
+    """Resident memory: anonymous (the process's own) and file-backed (mapped file pages it has
+    touched: clean page cache, which the kernel drops under memory pressure)."""
+    found = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssAnon", "RssFile"):
+                found[name] = round(int(value.split()[0]) / 1024, 1)
+    return found
 
 
 PHASES = {
