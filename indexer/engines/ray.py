@@ -432,7 +432,9 @@ class RayEngine(Engine):
         if address:
             options["address"] = address
         else:
-            options.update(local_cluster_options())
+            # "local": a new cluster for this job, never one a `ray start` left running here
+            # (ray.init with no address would join that one).
+            options.update(address="local", **local_cluster_options())
         try:
             ray.init(**options)
         except (ConnectionError, TimeoutError, RuntimeError) as exc:
