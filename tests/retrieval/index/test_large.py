@@ -14,7 +14,7 @@ import pytest
 
 from retrieval.errors import CorruptShard, TrainedTemplateError
 from retrieval.index.integrity import check_shard
-from retrieval.index.kinds import LARGE_KIND, IndexParams, build_index
+from retrieval.index.kinds import LARGE_KIND, IndexParams, build_index, choose_params
 from retrieval.index.large import write_merged_shard
 from retrieval.index.shard import (
     EMBEDDINGS_FILE,
@@ -265,3 +265,13 @@ def test_corrupt_files_are_detected(built, tmp_path: Path) -> None:
             use_gpu=False,
         )
     assert not (shard_path(copy, "never2") / "shard.json").exists()
+
+
+def test_the_index_job_writes_auto_shards_for_the_large_kind() -> None:
+    # Large shards come from `compact`; a batch of the index job is chosen as `auto` chooses.
+    assert choose_params(LARGE_KIND, 1000, DIM) == choose_params("auto", 1000, DIM)
+    assert choose_params(LARGE_KIND, 200_000, 512).kind == "hnsw"
+    # The per-shard kinds' parameters (shard.json, catalog rows) are as they always were.
+    assert "trained_id" not in choose_params("ivfpq", 20_000, 64).to_dict()
+    params = IndexParams(kind=LARGE_KIND, nlist=16, pq_m=8, pq_nbits=4, trained_id="t1")
+    assert IndexParams.from_dict(params.to_dict()) == params
