@@ -49,9 +49,9 @@ OPTIONS = LargeOptions(shard_size=4000, nlist=16, pq_m=8, pq_nbits=4)
 class Index:
     """A catalog and an index dir, filled with synthetic vectors as the index job would."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, url: str | None = None) -> None:
         self.index_dir = tmp_path / "index"
-        self.catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+        self.catalog = Catalog(url or f"sqlite:///{tmp_path / 'catalog.db'}")
         self.catalog.upgrade()
         self.next_id = 1
         self.vectors: dict[int, np.ndarray] = {}
@@ -113,11 +113,22 @@ def index(tmp_path: Path) -> Iterator[Index]:
         made.catalog.dispose()
 
 
+@pytest.fixture
+def index_any_db(tmp_path: Path, db_url: str) -> Iterator[Index]:
+    """As `index`, on SQLite and (where the tests have one) on Postgres."""
+    made = Index(tmp_path, db_url)
+    try:
+        yield made
+    finally:
+        made.catalog.dispose()
+
+
 def _state(index_dir: Path, shard_id: str) -> bytes:
     return trained_state_bytes(faiss.read_index(str(shard_path(index_dir, shard_id) / INDEX_FILE)))
 
 
-def test_fold_trains_once_then_grows_without_retraining(index: Index) -> None:
+def test_fold_trains_once_then_grows_without_retraining(index_any_db: Index) -> None:
+    index = index_any_db
     small = [index.add_shard(1200, seed=s) for s in range(3)]
     first = index.compact()
     assert first.large is not None and first.large.trained_now
