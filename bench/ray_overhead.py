@@ -81,6 +81,10 @@ def run_job(
     else:
         job_env["CLIPSEARCH_ENGINE"] = "ray"
         job_env["CLIPSEARCH_RAY_ADDRESS"] = cluster.address if cluster else ""
+        if cluster is None:
+            # Ray joins a cluster that `ray start` left running on this machine when given no
+            # address (its /tmp/ray/ray_current_cluster): RAY_ADDRESS=local starts a new one.
+            job_env["RAY_ADDRESS"] = "local"
     log = work / f"{data_dir.name}.log"
     started = time.monotonic()
     with open(log, "wb") as err:

@@ -107,6 +107,13 @@ class LocalRayCluster:
         self.address = f"127.0.0.1:{self.port}"
         ray = Path(sys.executable).parent / "ray"
         env = {**os.environ, **env, "RAY_USAGE_STATS_ENABLED": "0"}
+        try:
+            self._start(ray, num_cpus, env)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, ray: Path, num_cpus: int, env: dict[str, str]) -> None:
         subprocess.run(
             [
                 str(ray),
@@ -160,19 +167,14 @@ class LocalRayCluster:
 
 
 def worker_processes(pids: set[int]) -> dict[int, str]:
-    """Among `pids`, Ray's worker processes that run clipsearch's work: decode tasks and encode
-    actors (`ray::` titles other than idle workers and Ray's own agents)."""
+    """Among `pids`, Ray's worker processes that run clipsearch's work: Ray Data's decode tasks
+    and encode actors (their `ray::` titles name the map_batches stage; idle workers, Ray's
+    agents and Ray Data's own bookkeeping actors do not)."""
     found = {}
     for pid in pids:
         title = cmdline(pid)
-        if not title.startswith("ray::"):
-            continue
-        if any(
-            name in title
-            for name in ("IDLE", "DashboardAgent", "RuntimeEnvAgent", "ActorLocationTracker")
-        ):
-            continue
-        found[pid] = title
+        if title.startswith("ray::") and ("decode_batch" in title or "EncodeActor" in title):
+            found[pid] = title
     return found
 
 
