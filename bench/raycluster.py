@@ -147,8 +147,11 @@ class LocalRayCluster:
         return descendants(self.roots())
 
     def stop(self) -> None:
+        raylets = {pid for pid in self.roots() if "/raylet " in cmdline(pid) + " "}
         for _ in range(3):
-            pids = self.pids()
+            # A worker the raylet was starting while we killed is reparented away: it still
+            # names its raylet in its environment.
+            pids = self.pids() | started_by(raylets)
             if not pids:
                 break
             for pid in pids:
@@ -164,6 +167,22 @@ class LocalRayCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def started_by(raylets: set[int]) -> set[int]:
+    """Processes whose environment names one of `raylets` as their raylet (RAY_RAYLET_PID)."""
+    wanted = {f"RAY_RAYLET_PID={pid}".encode() for pid in raylets}
+    found = set()
+    for entry in os.listdir("/proc") if wanted else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                if wanted & set(handle.read().split(b"\0")):
+                    found.add(int(entry))
+        except OSError:
+            continue
+    return found
 
 
 def worker_processes(pids: set[int]) -> dict[int, str]:
