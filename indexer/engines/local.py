@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from indexer.decode import iterate_decoded
-from indexer.engines import EncodedBatch, Engine
+from indexer.engines.base import EncodedBatch, Engine
 
 if TYPE_CHECKING:
     from retrieval.config import Settings

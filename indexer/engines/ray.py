@@ -30,7 +30,7 @@ import numpy as np
 
 from indexer.crash import CRASH_ENV, CRASH_ONCE_ENV, crash_point
 from indexer.decode import DecodedMeta, DecodeFailure, decode_for_model
-from indexer.engines import EncodedBatch, Engine
+from indexer.engines.base import EncodedBatch, Engine
 from retrieval import errors
 from retrieval.errors import ClipsearchError, ClusterError, ConfigError, MixedModels
 
