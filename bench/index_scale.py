@@ -37,10 +37,14 @@ import numpy as np
 
 from bench.large_index import K, clustered_chunk, identity, recall_at_k
 from retrieval.index.kinds import IndexParams, build_index
-from retrieval.index.large import encode_with_template
 from retrieval.index.shard import INDEX_FILE, shard_path, write_shard_files
 from retrieval.index.shard_set import ShardSet
-from retrieval.index.trained import load_template, train_template, training_sample_size
+from retrieval.index.trained import (
+    encode_with_template,
+    load_template,
+    train_template,
+    training_sample_size,
+)
 
 SHARD = 100_000
 CHUNK = 100_000

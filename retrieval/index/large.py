@@ -29,9 +29,8 @@ import faiss
 import numpy as np
 
 from retrieval.errors import CorruptShard, TrainedTemplateError
-from retrieval.index.faiss_gpu import gpu_available
-from retrieval.index.integrity import UNIT_NORM_TOLERANCE
-from retrieval.index.kinds import LARGE_KIND, F32Array, IdArray, IndexParams
+from retrieval.index.integrity import unit_norm_misses
+from retrieval.index.kinds import LARGE_KIND, IdArray
 from retrieval.index.shard import (
     INDEX_FILE,
     F16Array,
@@ -41,82 +40,14 @@ from retrieval.index.shard import (
     shard_path,
     write_shard_files,
 )
-from retrieval.index.trained import TemplateInfo, load_template
-
-# Rows converted to float32 and encoded at a time: 64k rows of 512-d are 128 MiB.
-ADD_BLOCK_ROWS = 65_536
+from retrieval.index.trained import (
+    ADD_BLOCK_ROWS,
+    TemplateInfo,
+    encode_with_template,
+)
 
 # The new vectors of a merge: ascending ids, and a reader of their float16 rows [start, stop).
 RowReader = Callable[[int, int], F16Array]
-
-
-def fill_template(
-    index_dir: Path,
-    params: IndexParams,
-    x: F32Array,
-    ids: IdArray,
-    *,
-    model_key: str | None,
-    use_gpu: bool | None = None,
-) -> faiss.IndexIVFPQ:
-    """The template named by `params` filled with `x` (float32, canonical float16 values)."""
-    if params.trained_id is None:
-        raise ValueError("ivfpq-large parameters name no trained template")
-    template, info = load_template(
-        index_dir, params.trained_id, model_key=model_key, dim=x.shape[1]
-    )
-    _check_params(params, info)
-    return encode_with_template(
-        template,
-        ids,
-        lambda a, b: x[a:b],
-        use_gpu=use_gpu,
-    )
-
-
-def _check_params(params: IndexParams, info: TemplateInfo) -> None:
-    if (params.nlist, params.pq_m, params.pq_nbits) != (info.nlist, info.pq_m, info.pq_nbits):
-        raise TrainedTemplateError(
-            info.trained_id,
-            f"the shard says nlist={params.nlist}, pq_m={params.pq_m}, pq_nbits="
-            f"{params.pq_nbits}; the template has {info.nlist}, {info.pq_m}, {info.pq_nbits}",
-        )
-
-
-def encode_with_template(
-    template: faiss.IndexIVFPQ,
-    ids: IdArray,
-    rows: Callable[[int, int], np.ndarray],
-    *,
-    use_gpu: bool | None = None,
-) -> Any:
-    """A copy of the empty trained `template` holding the vectors `rows` gives for `ids`.
-
-    Vectors are added in blocks (float32, at most ADD_BLOCK_ROWS at a time), on GPU 0 where
-    FAISS sees one; the template is not modified and nothing is trained.
-    """
-    gpu = gpu_available() if use_gpu is None else use_gpu
-    filled = faiss.clone_index(template)
-    device_index = None
-    resources = None
-    if gpu and ids.size:
-        resources = faiss.StandardGpuResources()
-        options = faiss.GpuClonerOptions()
-        options.useFloat16 = True  # lookup tables only: codes and codebooks are unchanged
-        try:
-            device_index = faiss.index_cpu_to_gpu(resources, 0, filled, options)
-        except RuntimeError:
-            if use_gpu:
-                raise
-            device_index = None
-    target = device_index if device_index is not None else filled
-    for start in range(0, int(ids.size), ADD_BLOCK_ROWS):
-        stop = min(start + ADD_BLOCK_ROWS, int(ids.size))
-        x = np.ascontiguousarray(rows(start, stop), dtype=np.float32)
-        target.add_with_ids(x, np.ascontiguousarray(ids[start:stop]))
-    if device_index is not None:
-        filled = faiss.index_gpu_to_cpu(device_index)
-    return filled
 
 
 def read_index_verified(index_dir: Path, shard_id: str, manifest: ShardManifest) -> faiss.Index:
@@ -270,8 +201,6 @@ def _merged_blocks(
 
 
 def _check_unit(vectors: F16Array) -> None:
-    x = vectors.astype(np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-    bad = ~np.isfinite(norms) | (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
+    _, bad = unit_norm_misses(vectors)
     if bad.any():
         raise CorruptShard(f"embeddings.npy holds {int(bad.sum())} vectors not of unit length")

@@ -47,6 +47,7 @@ from retrieval.index.kinds import (
     build_index,
     resolve_params,
 )
+from retrieval.index.trained import fill_template
 
 IdArray = npt.NDArray[np.int64]
 F32Array = npt.NDArray[np.float32]
@@ -204,8 +205,6 @@ def write_shard(
     x = emb16.astype(np.float32)
     index: faiss.Index
     if resolved.kind == LARGE_KIND:
-        from retrieval.index.large import fill_template  # it imports this module
-
         index = fill_template(
             index_dir, resolved, x, ids_sorted, model_key=model_json.get("key"), use_gpu=use_gpu
         )

@@ -27,6 +27,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,7 @@ from retrieval.index.kinds import (
     MIN_POINTS_PER_CENTROID,
     TRAIN_SEED,
     F32Array,
+    IdArray,
     IndexParams,
 )
 
@@ -329,3 +331,76 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Rows converted to float32 and encoded at a time: 64k rows of 512-d are 128 MiB.
+ADD_BLOCK_ROWS = 65_536
+
+
+def fill_template(
+    index_dir: Path,
+    params: IndexParams,
+    x: F32Array,
+    ids: IdArray,
+    *,
+    model_key: str | None,
+    use_gpu: bool | None = None,
+) -> faiss.IndexIVFPQ:
+    """The template named by `params` filled with `x` (float32, canonical float16 values)."""
+    if params.trained_id is None:
+        raise ValueError("ivfpq-large parameters name no trained template")
+    template, info = load_template(
+        index_dir, params.trained_id, model_key=model_key, dim=x.shape[1]
+    )
+    check_template_params(params, info)
+    return encode_with_template(
+        template,
+        ids,
+        lambda a, b: x[a:b],
+        use_gpu=use_gpu,
+    )
+
+
+def check_template_params(params: IndexParams, info: TemplateInfo) -> None:
+    if (params.nlist, params.pq_m, params.pq_nbits) != (info.nlist, info.pq_m, info.pq_nbits):
+        raise TrainedTemplateError(
+            info.trained_id,
+            f"the shard says nlist={params.nlist}, pq_m={params.pq_m}, pq_nbits="
+            f"{params.pq_nbits}; the template has {info.nlist}, {info.pq_m}, {info.pq_nbits}",
+        )
+
+
+def encode_with_template(
+    template: faiss.IndexIVFPQ,
+    ids: IdArray,
+    rows: Callable[[int, int], np.ndarray],
+    *,
+    use_gpu: bool | None = None,
+) -> Any:
+    """A copy of the empty trained `template` holding the vectors `rows` gives for `ids`.
+
+    Vectors are added in blocks (float32, at most ADD_BLOCK_ROWS at a time), on GPU 0 where
+    FAISS sees one; the template is not modified and nothing is trained.
+    """
+    gpu = gpu_available() if use_gpu is None else use_gpu
+    filled = faiss.clone_index(template)
+    device_index = None
+    resources = None
+    if gpu and ids.size:
+        resources = faiss.StandardGpuResources()
+        options = faiss.GpuClonerOptions()
+        options.useFloat16 = True  # lookup tables only: codes and codebooks are unchanged
+        try:
+            device_index = faiss.index_cpu_to_gpu(resources, 0, filled, options)
+        except RuntimeError:
+            if use_gpu:
+                raise
+            device_index = None
+    target = device_index if device_index is not None else filled
+    for start in range(0, int(ids.size), ADD_BLOCK_ROWS):
+        stop = min(start + ADD_BLOCK_ROWS, int(ids.size))
+        x = np.ascontiguousarray(rows(start, stop), dtype=np.float32)
+        target.add_with_ids(x, np.ascontiguousarray(ids[start:stop]))
+    if device_index is not None:
+        filled = faiss.index_gpu_to_cpu(device_index)
+    return filled
