@@ -239,12 +239,18 @@ def check_shard(
     return check
 
 
-def _not_unit_rows(block: np.ndarray, first_row: int) -> str | None:
-    """A problem when a stored vector is not finite or not of unit length."""
-    x = block.astype(np.float32)
+def unit_norm_misses(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The norms of a block of stored vectors (any float type), and which of them are not
+    finite or not of unit length (beyond float16 rounding)."""
+    x = block.astype(np.float32, copy=False)
     with np.errstate(over="ignore", invalid="ignore"):
         norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-    bad = ~np.isfinite(norms) | (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
+    return norms, ~np.isfinite(norms) | (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
+
+
+def _not_unit_rows(block: np.ndarray, first_row: int) -> str | None:
+    """A problem when a stored vector is not finite or not of unit length."""
+    norms, bad = unit_norm_misses(block)
     if not bad.any():
         return None
     row = int(np.flatnonzero(bad)[0])

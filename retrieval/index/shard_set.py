@@ -25,9 +25,9 @@ from retrieval.errors import CorruptShard, EmptyIndex, ModelMismatch
 from retrieval.index.faiss_gpu import DevicePlacement
 from retrieval.index.integrity import (
     COSINE_BOUND,
-    UNIT_NORM_TOLERANCE,
     ShardExpectation,
     open_checked,
+    unit_norm_misses,
 )
 from retrieval.index.kinds import IVF_KINDS, PQ_KINDS
 from retrieval.index.marks import VerifiedMarks
@@ -507,9 +507,7 @@ def impossible_result(shard: Shard, q: F32Array, scores: F32Array, labels: IdArr
 
 def _not_unit(x: F32Array, ids: IdArray) -> str | None:
     """Why stored vectors cannot be sound (not finite, or not of unit length), or None."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        norms = np.linalg.norm(x, axis=1)
-    bad = ~np.isfinite(norms) | (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
+    norms, bad = unit_norm_misses(x)
     if not bad.any():
         return None
     first = int(np.flatnonzero(bad)[0])
