@@ -172,6 +172,13 @@ def load_encoder(spec: ModelSpec) -> Encoder:
 
 def load_torch_encoder(spec: ModelSpec) -> Encoder:
     """The model loaded in torch, each tower run by the runtime `spec.runtime` chooses."""
+    from retrieval.models.exported.loading import torch_installed, torch_missing
+
+    if not torch_installed():
+        error = torch_missing("CLIPSEARCH_RUNTIME", f"CLIPSEARCH_RUNTIME={spec.runtime.name}")
+        raise ConfigError(
+            error.setting, f"{error.detail}, or set CLIPSEARCH_RUNTIME=onnx to run its ONNX export"
+        )
     import torch
 
     from retrieval.models.runtimes.choice import choose_runtimes

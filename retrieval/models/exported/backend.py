@@ -23,7 +23,6 @@ from retrieval.models.runtimes.onnx_store import REBUILD_ADVICE, ExportManifest
 from retrieval.models.weights import sha256_file
 
 PORTABLE = "portable"  # the manifest section of what runs the export without torch
-TORCH_EXTRA = "torch"
 
 
 def portable_section(manifest: ExportManifest) -> dict[str, Any] | None:
@@ -35,12 +34,9 @@ def portable_section(manifest: ExportManifest) -> dict[str, Any] | None:
 
 
 def needs_torch(purpose: str) -> ConfigError:
-    """The error of a command or setting that needs torch where it is not installed."""
-    return ConfigError(
-        "CLIPSEARCH_RUNTIME",
-        f"{purpose} needs torch, not installed here; install it with: "
-        f"pip install 'clipsearch[{TORCH_EXTRA}]'",
-    )
+    from retrieval.models.exported.loading import torch_missing
+
+    return torch_missing("CLIPSEARCH_RUNTIME", f"{purpose} (this model runs from its export)")
 
 
 class ExportBackend(ModelBackend):

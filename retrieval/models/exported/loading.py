@@ -38,6 +38,24 @@ def torch_installed() -> bool:
         return False
 
 
+TORCH_EXTRA = "torch"  # the pip extra that installs torch, torchvision and open_clip
+
+
+def torch_missing(setting: str, purpose: str) -> ConfigError:
+    """The error of a command or setting that needs torch where it is not installed."""
+    return ConfigError(
+        setting,
+        f"{purpose} needs torch, not installed here; install it with: "
+        f"pip install 'clipsearch[{TORCH_EXTRA}]'",
+    )
+
+
+def require_torch(setting: str, purpose: str) -> None:
+    """`torch_missing` unless torch is installed (before anything imports it)."""
+    if not torch_installed():
+        raise torch_missing(setting, purpose)
+
+
 def runs_from_export(spec: ModelSpec) -> bool:
     """Whether the settings run the model from its export: onnx, or auto where there is no
     torch to compare it with."""
@@ -118,9 +136,9 @@ def load_exported(spec: ModelSpec) -> Encoder | None:
     from retrieval.models.runtimes.base import Runtimes
     from retrieval.models.runtimes.choice import RUNTIME_SETTING, onnx_weights
     from retrieval.models.runtimes.onnx_runner import OnnxRuntime
-    from retrieval.models.runtimes.packages import RUNTIME_PACKAGES, require_packages
+    from retrieval.models.runtimes.packages import EXPORTED_PACKAGES, require_packages
 
-    require_packages(RUNTIME_PACKAGES, RUNTIME_SETTING, f"{RUNTIME_SETTING}={spec.runtime.name}")
+    require_packages(EXPORTED_PACKAGES, RUNTIME_SETTING, f"{RUNTIME_SETTING}={spec.runtime.name}")
     if spec.precision in ("fp16", "bf16"):
         raise ConfigError(
             "CLIPSEARCH_PRECISION",
