@@ -80,10 +80,12 @@ class BertTokenizer:
         from tokenizers.models import WordPiece
 
         self.context_length = int(spec["context_length"])
-        vocabulary = {
-            line.strip(): n
-            for n, line in enumerate(vocab.read_text(encoding="utf-8").splitlines(keepends=True))
-        }
+        # One token a line, as BERT's reader takes them: `readline` (only "\n" ends a line, not
+        # the other breaks `splitlines` knows), stripped; a repeated token keeps its last line.
+        lines = vocab.read_text(encoding="utf-8").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        vocabulary = {line.strip(): n for n, line in enumerate(lines)}
         self.cls, self.sep = vocabulary["[CLS]"], vocabulary["[SEP]"]
         tokenizer = Tokenizer(
             WordPiece(vocabulary, unk_token="[UNK]", max_input_chars_per_word=200)
