@@ -98,24 +98,34 @@ def _manifests(root: Path) -> list[Path]:
 def find_export(spec: ModelSpec, *, strict_versions: bool) -> tuple[Path, ExportManifest] | None:
     """The newest sound-looking export of the model the spec names (its folder and manifest), or
     None. Unreadable manifests are passed over (the torch path reports them)."""
-    from retrieval.models.runtimes.onnx_store import FORMAT, read_manifest, runtime_versions
+    found, _ = _search(spec, strict_versions=strict_versions)
+    return found
+
+
+def _search(
+    spec: ModelSpec, *, strict_versions: bool
+) -> tuple[tuple[Path, ExportManifest] | None, Path | None]:
+    """(`find_export`'s answer, the folder of an export of the model in an older format)."""
+    from retrieval.models.runtimes.onnx_store import FORMAT, ExportManifest, runtime_versions
 
     wanted = _Wanted(spec)
     versions = runtime_versions() if strict_versions else None
+    older = None
     for path in _manifests(exports_dir(spec.cache_dir)):
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            if raw.get("format") != FORMAT:
-                continue
-            manifest = read_manifest(path.parent)
-        except (OSError, ValueError, ExportUnusable, AttributeError):
+            manifest = ExportManifest.from_dict(raw)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        if manifest is None or not wanted.matches(manifest.identity):
+        if not wanted.matches(manifest.identity):
+            continue
+        if raw.get("format") != FORMAT:
+            older = older or path.parent
             continue
         if versions is not None and manifest.versions != versions:
             continue
-        return path.parent, manifest
-    return None
+        return (path.parent, manifest), older
+    return None, older
 
 
 def _device(spec: ModelSpec, has_torch: bool) -> str:
@@ -147,13 +157,19 @@ def load_exported(spec: ModelSpec) -> Encoder | None:
         )
     has_torch = torch_installed()
     weights = onnx_weights(spec.runtime)
-    found = find_export(spec, strict_versions=has_torch)
+    found, older = _search(spec, strict_versions=has_torch)
     folder = exports_dir(spec.cache_dir)
     if found is None:
         if has_torch:
             return None
+        which = (
+            f"only an export made by an older clipsearch ({older}, without the tokenizer and "
+            "preprocessing a torch-free install runs)"
+            if older is not None
+            else "no ONNX export"
+        )
         raise WeightsUnavailable(
-            f"Model {spec.name} ({spec.pretrained or 'none'}) has no ONNX export in {folder}, "
+            f"Model {spec.name} ({spec.pretrained or 'none'}) has {which} in {folder}, "
             "and torch, which makes one, is not installed here. Where torch is installed "
             "(pip install 'clipsearch[torch,onnx]'), run `clipsearch export` with the same "
             f"model, then copy the folder it prints into {folder}."
