@@ -178,3 +178,23 @@ def test_commands_that_need_torch_name_its_extra(
     assert done.stderr.startswith(f"error: {line}, not installed here; install it with: ")
     assert "pip install 'clipsearch[torch]'" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+def test_the_service_modules_import_without_torch() -> None:
+    # What index, search, serve, label and classify import, torch blocked: a module that
+    # imports torch at import time fails here in seconds (the test above takes a minute).
+    modules = (
+        "api.app, indexer.cli.app, indexer.pipeline, indexer.engines.local, indexer.labelling, "
+        "retrieval.models.encoder, retrieval.models.exported.loading, retrieval.labels.scoring"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(NO_TORCH), str(REPO)])}
+    done = subprocess.run(
+        [sys.executable, "-c", f"import {modules}; import sys; print(sorted(sys.modules))"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "'torch'" not in done.stdout and "'open_clip'" not in done.stdout
