@@ -6,11 +6,16 @@ Each file comes back either as a preprocessed tensor with its decoded size and f
 
 from __future__ import annotations
 
+import collections
 import functools
+import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from indexer.workers import die_with_parent
 from retrieval.errors import ImageError
@@ -96,17 +101,27 @@ def decode_for_model(
         return None, DecodeFailure("decode_failed", f"{type(exc).__name__}: {exc}")
 
 
-def _collate(batch: list[tuple[int, Any, DecodedMeta | DecodeFailure]]) -> DecodedBatch:
+def _stack(tensors: list[Any]) -> Any:
+    """One batch of preprocessed images: numpy arrays (an export's preprocessing) or tensors."""
+    if isinstance(tensors[0], np.ndarray):
+        return np.stack(tensors)
     import torch
 
+    return torch.stack(tensors)
+
+
+def _collate(batch: list[tuple[int, Any, DecodedMeta | DecodeFailure]]) -> DecodedBatch:
     good = [(i, t, meta) for i, t, meta in batch if isinstance(meta, DecodedMeta)]
     bad = [(i, meta) for i, _, meta in batch if isinstance(meta, DecodeFailure)]
     return DecodedBatch(
         indices=[i for i, _, _ in good],
-        tensors=torch.stack([t for _, t, _ in good]) if good else None,
+        tensors=_stack([t for _, t, _ in good]) if good else None,
         metas=[meta for _, _, meta in good],
         failures=bad,
     )
+
+
+PREFETCH_BATCHES = 4  # as the DataLoader's prefetch_factor
 
 
 def _worker_init(_: int, parent_pid: int) -> None:
@@ -117,6 +132,47 @@ def _worker_init(_: int, parent_pid: int) -> None:
     # Each loader process decodes one image at a time; torch threads there only compete
     # with the encoder for the same cores.
     torch.set_num_threads(1)
+
+
+_POOL_DATASET: _DecodeDataset | None = None  # a decoding pool process's dataset (set once)
+
+
+def _pool_init(dataset: _DecodeDataset, parent_pid: int) -> None:
+    global _POOL_DATASET
+    die_with_parent(parent_pid)
+    _POOL_DATASET = dataset
+
+
+def _pool_item(index: int) -> tuple[int, Any, DecodedMeta | DecodeFailure]:
+    assert _POOL_DATASET is not None
+    return _POOL_DATASET[index]
+
+
+def _pool_batches(dataset: _DecodeDataset, batch_size: int, workers: int) -> Iterator[DecodedBatch]:
+    """The DataLoader's batches without torch: a pool of `workers` processes (forked, so the
+    dataset is not pickled per image), a few batches ahead of the encoder, in order."""
+    starts = iter(range(0, len(dataset), batch_size))
+    if workers == 0:
+        for start in starts:
+            end = min(start + batch_size, len(dataset))
+            yield _collate([dataset[i] for i in range(start, end)])
+        return
+    context = multiprocessing.get_context("fork")
+    with context.Pool(workers, _pool_init, (dataset, os.getpid())) as pool:
+        pending: collections.deque[Any] = collections.deque()
+
+        def submit() -> None:
+            start = next(starts, None)
+            if start is not None:
+                end = min(start + batch_size, len(dataset))
+                pending.append(pool.map_async(_pool_item, range(start, end), chunksize=1))
+
+        for _ in range(PREFETCH_BATCHES):
+            submit()
+        while pending:
+            batch = pending.popleft().get()
+            submit()
+            yield _collate(batch)
 
 
 def iterate_decoded(
@@ -132,10 +188,14 @@ def iterate_decoded(
     """Decoded batches of `paths`, in order; `workers=0` decodes in this process.
 
     `max_bytes` is the decode budget of one image (retrieval.images.DecodeCost); an image over
-    it fails as too_large without being decoded."""
+    it fails as too_large without being decoded. torch's DataLoader decodes where the model runs
+    in torch; a process that runs an export (no torch imported) uses `_pool_batches`."""
+    dataset = _DecodeDataset(paths, preprocess, max_pixels, min_side, max_bytes)
+    if sys.modules.get("torch") is None:
+        yield from _pool_batches(dataset, batch_size, workers)
+        return
     from torch.utils.data import DataLoader
 
-    dataset = _DecodeDataset(paths, preprocess, max_pixels, min_side, max_bytes)
     loader: Any = DataLoader(
         dataset,  # type: ignore[arg-type]
         batch_size=batch_size,

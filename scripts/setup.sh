@@ -16,7 +16,7 @@ want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "installing clipsearch and its dependencies into .venv (torch comes from local disk when available)"
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[postgres,chinese,hf,onnx,ray,test,dev]'
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[torch,postgres,chinese,hf,onnx,export,ray,test,dev]'
     echo "$want" > "$stamp"
 fi
 

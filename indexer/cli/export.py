@@ -51,6 +51,7 @@ def export(
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
+    from retrieval.models.exported.loading import require_torch
     from retrieval.models.runtimes.choice import ensure_export
     from retrieval.models.runtimes.onnx_store import read_manifest
     from retrieval.models.runtimes.packages import EXPORT_PACKAGES, require_packages
@@ -62,6 +63,7 @@ def export(
         database_url=database_url,
         quantize=quantize,
     )
+    require_torch("clipsearch export", "exporting a model to ONNX")
     require_packages(EXPORT_PACKAGES, "clipsearch export", "exporting a model to ONNX")
     # The model is loaded in torch, fp32 on the CPU: an export is made from fp32 weights.
     choice = existing_index_model(settings)

@@ -154,6 +154,9 @@ def finetune(
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune the CLIP model contrastively and write a checkpoint plus a JSON report."""
+    from retrieval.models.exported.loading import require_torch
+
+    require_torch("clipsearch finetune", "fine-tuning")
     from retrieval.models.encoder import model_spec
     from retrieval.models.prompts import resolve_templates
     from retrieval.training.config import FinetuneConfig
@@ -296,6 +299,9 @@ def evaluate(
     if fidelity:
         if retrieval_set is not None or ann:
             raise ConfigError("eval", "--fidelity goes with --zero-shot alone")
+        from retrieval.models.exported.loading import require_torch
+
+        require_torch("eval", "--fidelity (it compares each runtime with torch fp32)")
         from indexer.cli.fidelity import echo_fidelity, fidelity_report
 
         measured = fidelity_report(

@@ -9,11 +9,11 @@ sigmoid(scale * cosine + bias) per class (so they need not sum to one).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from retrieval.labels.definitions import LabelSet
 from retrieval.models.backend import ScoreRule
@@ -70,6 +70,29 @@ def score_block(
     survivors keep their order.
     """
     k = min(top_k, classes.count)
+    if sys.modules.get("torch") is not None:  # the torch runtime's process: its kernels, as before
+        labels, scores, cos = _top_torch(vectors, classes, k)
+    else:  # an export's (CLIPSEARCH_RUNTIME=onnx): no torch to import
+        labels, scores, cos = _top_numpy(vectors, classes, k)
+    keep = np.ones(labels.shape, dtype=bool)
+    if min_probability is not None:
+        keep &= scores >= min_probability[labels]
+    if min_cosine is not None:
+        keep &= cos >= min_cosine[labels]
+    if not keep.all():
+        # Move the survivors to the front of each row, in their order (a stable sort).
+        order = np.argsort(~keep, axis=1, kind="stable")
+        labels, scores, cos, keep = (
+            np.take_along_axis(a, order, axis=1) for a in (labels, scores, cos, keep)
+        )
+    return BlockLabels(labels, scores, cos, keep)
+
+
+def _top_torch(
+    vectors: np.ndarray, classes: ClassEmbeddings, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import torch
+
     scale = classes.logit_scale
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(vectors)).float()
@@ -85,21 +108,41 @@ def score_block(
             best = top_logits[:, :1]
             total = logits.sub_(best).exp_().sum(dim=1, keepdim=True)
             probs = torch.exp(top_logits - best) / total
-    labels = top_idx.numpy().astype(np.int64)
-    scores = probs.numpy().astype(np.float32)
-    cos = (top_logits / scale).numpy().astype(np.float32)
-    keep = np.ones(labels.shape, dtype=bool)
-    if min_probability is not None:
-        keep &= scores >= min_probability[labels]
-    if min_cosine is not None:
-        keep &= cos >= min_cosine[labels]
-    if not keep.all():
-        # Move the survivors to the front of each row, in their order (a stable sort).
-        order = np.argsort(~keep, axis=1, kind="stable")
-        labels, scores, cos, keep = (
-            np.take_along_axis(a, order, axis=1) for a in (labels, scores, cos, keep)
-        )
-    return BlockLabels(labels, scores, cos, keep)
+    return (
+        top_idx.numpy().astype(np.int64),
+        probs.numpy().astype(np.float32),
+        (top_logits / scale).numpy().astype(np.float32),
+    )
+
+
+def _top_numpy(
+    vectors: np.ndarray, classes: ClassEmbeddings, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_top_torch` in numpy (float32 throughout; equal to it up to float rounding)."""
+    scale = np.float32(classes.logit_scale)
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    logits = x @ (classes.vectors.astype(np.float32) * scale).T
+    if k < logits.shape[1]:
+        part = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(logits.shape[1]), logits.shape)
+    part_logits = np.take_along_axis(logits, part, axis=1)
+    order = np.argsort(-part_logits, axis=1, kind="stable")
+    top_idx = np.take_along_axis(part, order, axis=1)
+    top_logits = np.take_along_axis(part_logits, order, axis=1)
+    if classes.logit_bias is not None:
+        probs = 1.0 / (1.0 + np.exp(-(top_logits + np.float32(classes.logit_bias))))
+    else:
+        best = top_logits[:, :1]
+        logits -= best
+        np.exp(logits, out=logits)
+        total = logits.sum(axis=1, keepdims=True)
+        probs = np.exp(top_logits - best) / total
+    return (
+        top_idx.astype(np.int64),
+        probs.astype(np.float32),
+        (top_logits / scale).astype(np.float32),
+    )
 
 
 def rank_labels(vector: np.ndarray, classes: ClassEmbeddings) -> list[tuple[int, float, float]]:

@@ -13,13 +13,15 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image
 
 from retrieval.errors import ConfigError
 from retrieval.models.identity import CN_CLIP, HF, OPEN_CLIP, ModelIdentity, ModelSpec
+
+if TYPE_CHECKING:  # torch is imported by the families that run in it, never here (see exported/)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -38,12 +40,14 @@ FAMILY_MODULES: dict[str, Family] = {
 
 @dataclass(frozen=True)
 class TokenBatch:
-    """Token ids (n, L) and, for towers that read one, the attention mask (1 = a real token)."""
+    """Token ids (n, L) and, for towers that read one, the attention mask (1 = a real token):
+    torch tensors from a torch backend, int64 numpy arrays from an export's tokenizer."""
 
-    ids: torch.Tensor
-    mask: torch.Tensor | None = None
+    ids: Any  # torch.Tensor, or numpy.ndarray
+    mask: Any = None
 
     def to(self, device: str) -> TokenBatch:
+        """On a torch device (torch tensors only)."""
         mask = self.mask.to(device) if self.mask is not None else None
         return TokenBatch(self.ids.to(device), mask)
 
@@ -69,20 +73,6 @@ class ExportTowers:
     text_mask: bool
 
 
-class MethodTower(torch.nn.Module):
-    """One tower of a model as a module of its own: `forward(pixels)` or `forward(ids)` calls
-    one method of the model."""
-
-    def __init__(self, model: torch.nn.Module, method: str) -> None:
-        super().__init__()
-        self.model = model
-        self.method = method
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        features: torch.Tensor = getattr(self.model, self.method)(inputs)
-        return features
-
-
 @dataclass(frozen=True)
 class ScoreRule:
     """How scaled cosines become label probabilities: a softmax over the labels (CLIP), or an
@@ -101,8 +91,8 @@ class ModelBackend(ABC):
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        preprocess: Callable[[Image.Image], torch.Tensor],
+        model: torch.nn.Module,  # an export's backend has none (see exported.backend)
+        preprocess: Callable[[Image.Image], Any],
         identity: ModelIdentity,
     ) -> None:
         self.model = model
@@ -149,8 +139,16 @@ class ModelBackend(ABC):
         """Which part a parameter (a name from `model.named_parameters()`) belongs to:
         "image", "text", or "shared" (the logit scale and bias)."""
 
+    def stack(self, pixels: Sequence[Any]) -> Any:
+        """One batch (N, 3, H, W) of preprocessed images, as the towers' runtime takes it."""
+        import torch
+
+        return torch.stack(list(pixels))
+
     def logit_scale_parameter(self) -> torch.nn.Parameter:
         """The learnable log of the logit scale (training clamps it at ln 100)."""
+        import torch
+
         parameter = getattr(self.model, "logit_scale", None)
         if not isinstance(parameter, torch.nn.Parameter):
             raise TypeError(f"{type(self.model).__name__} has no logit_scale parameter")
@@ -158,6 +156,8 @@ class ModelBackend(ABC):
 
     def logit_bias_parameter(self) -> torch.nn.Parameter | None:
         """The learnable logit bias of a sigmoid (SigLIP) model; None for a softmax model."""
+        import torch
+
         parameter = getattr(self.model, "logit_bias", None)
         return parameter if isinstance(parameter, torch.nn.Parameter) else None
 

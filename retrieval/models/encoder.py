@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from retrieval.errors import ConfigError
@@ -18,9 +18,10 @@ from retrieval.models.device import resolve_device
 from retrieval.models.identity import ModelIdentity, ModelSource, ModelSpec
 from retrieval.models.recorded import spec_of
 from retrieval.models.runtimes.base import Runtimes, TorchRuntime
-from retrieval.models.runtimes.choice import choose_runtimes
 
 if TYPE_CHECKING:
+    import torch
+
     from retrieval.config import Settings
 
 log = logging.getLogger(__name__)
@@ -41,20 +42,22 @@ class Encoder:
     Returns L2-normalised float32 rows. One encoder serves many threads (API workers): calls
     into the model hold a lock, since torch modules are not re-entrant-safe for every backend,
     and batching is done upstream anyway. Each tower is run by its runtime (torch unless
-    told otherwise: see `retrieval.models.runtimes`).
+    told otherwise: see `retrieval.models.runtimes`). The backend may be an export's, which
+    runs without torch (`retrieval.models.exported`): then batches are numpy arrays.
     """
 
     def __init__(
         self,
         backend: ModelBackend,
         device: str,
-        dtype: torch.dtype,
+        dtype: torch.dtype | None,
         runtimes: Runtimes | None = None,
     ) -> None:
         self.backend = backend
         self.device = device
         self.dtype = dtype
         if runtimes is None:
+            assert dtype is not None, "a torch backend runs in a torch dtype"
             torch_runtime = TorchRuntime(backend, device, dtype)
             runtimes = Runtimes(torch_runtime, torch_runtime)
         self.runtimes = runtimes
@@ -65,7 +68,7 @@ class Encoder:
         return self.backend.model
 
     @property
-    def preprocess(self) -> Callable[[Image.Image], torch.Tensor]:
+    def preprocess(self) -> Callable[[Image.Image], Any]:
         return self.backend.preprocess
 
     @property
@@ -84,36 +87,46 @@ class Encoder:
     def logit_scale(self) -> float:
         return self.score_rule.logit_scale
 
-    def _normalised(self, features: torch.Tensor) -> np.ndarray:
-        features = features.float()
+    def _normalised(self, features: Any) -> np.ndarray:
+        if isinstance(features, np.ndarray):  # from ONNX Runtime
+            rows = features.astype(np.float32, copy=False)
+            norms = np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), np.float32(1e-12))
+            return np.ascontiguousarray(rows / norms, dtype=np.float32)
+        features = features.float()  # a torch tensor
         features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return np.ascontiguousarray(features.cpu().numpy(), dtype=np.float32)
 
-    @torch.inference_mode()
-    def encode_image_tensors(self, batch: torch.Tensor) -> np.ndarray:
-        """Embed a preprocessed batch (N, 3, H, W)."""
+    def _no_grad(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:  # an export: no torch here
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.inference_mode()
+
+    def encode_image_tensors(self, batch: Any) -> np.ndarray:
+        """Embed a preprocessed batch (N, 3, H, W): a torch tensor, or for an export's backend
+        a float32 numpy array."""
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        with self._lock:
+        with self._no_grad(), self._lock:
             features = self.runtimes.image.encode_image(batch)
         return self._normalised(features)
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self.encode_image_tensors(torch.stack([self.preprocess(im) for im in images]))
+        return self.encode_image_tensors(self.backend.stack([self.preprocess(im) for im in images]))
 
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
         return self.backend.tokenize(texts)
 
-    @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], *, trim: bool = True) -> np.ndarray:
         """Embed texts. With trim (default) the text tower runs only as far as its family can
         without changing the result (see `ModelBackend.encode_text`)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         tokens = self.tokenize(texts)
-        with self._lock:
+        with self._no_grad(), self._lock:
             features = self.runtimes.text.encode_text(tokens, trim=trim)
         return self._normalised(features)
 
@@ -136,7 +149,40 @@ def load_encoder(spec: ModelSpec) -> Encoder:
     """Load the model once, through its family, and its runtimes. Raises WeightsUnavailable
     with instructions when weights are missing, ConfigError when the family's package (or the
     runtime's) is not installed, DeviceUnavailable when the CUDA device named is not there,
-    ExportUnusable when CLIPSEARCH_RUNTIME=onnx meets a corrupt export and may not fall back."""
+    ExportUnusable when CLIPSEARCH_RUNTIME=onnx meets a corrupt export and may not fall back.
+
+    CLIPSEARCH_RUNTIME=onnx runs the model's export alone, torch or no torch (`exported`):
+    where torch is installed and there is no sound export yet, the model is loaded in torch
+    once to make it, then dropped."""
+    from retrieval.models.exported.loading import load_exported, runs_from_export
+
+    if runs_from_export(spec):
+        exported = load_exported(spec)
+        if exported is not None:
+            return exported
+        built = load_torch_encoder(spec)
+        if all(
+            runtime.name.startswith("onnx")
+            for runtime in (built.runtimes.image, built.runtimes.text)
+        ):
+            return load_exported(spec) or built
+        return built  # a corrupt export, torch running instead
+    return load_torch_encoder(spec)
+
+
+def load_torch_encoder(spec: ModelSpec) -> Encoder:
+    """The model loaded in torch, each tower run by the runtime `spec.runtime` chooses."""
+    from retrieval.models.exported.loading import torch_installed, torch_missing
+
+    if not torch_installed():
+        error = torch_missing("CLIPSEARCH_RUNTIME", f"CLIPSEARCH_RUNTIME={spec.runtime.name}")
+        raise ConfigError(
+            error.setting, f"{error.detail}, or set CLIPSEARCH_RUNTIME=onnx to run its ONNX export"
+        )
+    import torch
+
+    from retrieval.models.runtimes.choice import choose_runtimes
+
     device = resolve_device(spec.device)
     precision = resolve_precision(spec.precision, device)
     backend = load_backend(spec, device, precision)
@@ -159,6 +205,10 @@ def encoder_from_settings(settings: Settings) -> Encoder:
 
     Applies CLIPSEARCH_TORCH_THREADS first: torch's thread pool is per process.
     """
-    if settings.torch_threads:
+    from retrieval.models.exported.loading import torch_installed
+
+    if settings.torch_threads and torch_installed():
+        import torch
+
         torch.set_num_threads(settings.torch_threads)
     return load_encoder(model_spec(settings))

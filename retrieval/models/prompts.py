@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +16,13 @@ PLACEHOLDER = "{}"
 DEFAULT_PROMPT = "a photo of a {}."
 
 
+@cache
 def _open_clip_templates(name: str) -> tuple[str, ...]:
-    from open_clip import zero_shot_metadata
-
-    # open_clip keeps its templates as lambdas; applied to the placeholder they give the
-    # template text back, which can be stored, printed and compared.
-    return tuple(template(PLACEHOLDER) for template in getattr(zero_shot_metadata, name))
+    """open_clip's ImageNet prompt sets (`zero_shot_metadata`: OpenAI's 80, and 7 of them), kept
+    as data beside this module so that labels need neither open_clip nor torch; a test holds
+    them equal to open_clip's."""
+    sets = json.loads((Path(__file__).with_name("templates.json")).read_text(encoding="utf-8"))
+    return tuple(sets[name])
 
 
 # Chinese captions in the spirit of the openai set, for models with a Chinese text tower
@@ -48,8 +51,8 @@ ZH_TEMPLATES = (
 ZH_PROMPT = "一张{}的照片。"
 
 TEMPLATE_SET_SOURCES: dict[str, Callable[[], tuple[str, ...]]] = {
-    "openai": lambda: _open_clip_templates("OPENAI_IMAGENET_TEMPLATES"),  # 80 prompts
-    "simple": lambda: _open_clip_templates("SIMPLE_IMAGENET_TEMPLATES"),  # 7 of them
+    "openai": lambda: _open_clip_templates("openai"),  # 80 prompts
+    "simple": lambda: _open_clip_templates("simple"),  # 7 of them
     "photo": lambda: (DEFAULT_PROMPT,),
     "zh": lambda: ZH_TEMPLATES,
     "zh-photo": lambda: (ZH_PROMPT,),

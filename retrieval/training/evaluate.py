@@ -223,8 +223,6 @@ def embed_set_images(
         except ImageError as exc:
             return index, exc
 
-    import torch
-
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(dataset.samples), batch_size):
             indices = range(start, min(start + batch_size, len(dataset.samples)))
@@ -236,7 +234,8 @@ def embed_set_images(
                 kept.append(index)
                 tensors.append(item)
             if tensors:
-                chunks.append(encoder.encode_image_tensors(torch.stack(tensors)))
+                # The backend's own batch: torch tensors, or an export's numpy arrays.
+                chunks.append(encoder.encode_image_tensors(encoder.backend.stack(tensors)))
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)
     return EmbeddedSet(embeddings, kept, warnings)
 

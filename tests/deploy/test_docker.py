@@ -199,7 +199,8 @@ def _extras() -> dict[str, list[str]]:
 def _pins() -> dict[str, str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pins = {}
-    for text in project["dependencies"]:
+    # torch is an extra (the torch-free install runs exports without it); the images install it.
+    for text in project["optional-dependencies"]["torch"]:
         requirement = Requirement(text)
         if requirement.name in ("torch", "torchvision"):
             (spec,) = requirement.specifier

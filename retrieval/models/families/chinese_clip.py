@@ -29,7 +29,6 @@ from torchvision.transforms import Normalize
 from retrieval.errors import ConfigError, WeightsUnavailable
 from retrieval.models.backend import (
     ExportTowers,
-    MethodTower,
     ModelBackend,
     ScoreRule,
     TokenBatch,
@@ -38,6 +37,7 @@ from retrieval.models.cache import cached_repo_file, clip_cache_dir
 from retrieval.models.identity import CN_CLIP, ModelIdentity, ModelSpec
 from retrieval.models.recommended import nearest_names
 from retrieval.models.sources import WeightsSource, source_for
+from retrieval.models.towers import MethodTower
 from retrieval.models.weights import (
     BUNDLED_CONFIG_DIR,
     RANDOM_INIT,

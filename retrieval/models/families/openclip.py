@@ -16,7 +16,6 @@ from open_clip.transformer import text_global_pool
 from retrieval.errors import WeightsUnavailable
 from retrieval.models.backend import (
     ExportTowers,
-    MethodTower,
     ModelBackend,
     ScoreRule,
     TokenBatch,
@@ -29,6 +28,7 @@ from retrieval.models.cache import (
 )
 from retrieval.models.identity import OPEN_CLIP, ModelIdentity, ModelSpec
 from retrieval.models.recommended import nearest_names
+from retrieval.models.towers import MethodTower
 from retrieval.models.weights import (
     hf_names,
     host_resolves,

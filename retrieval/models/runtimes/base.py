@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from retrieval.models.backend import ModelBackend, TokenBatch
+
+if TYPE_CHECKING:
+    import torch
 
 
 class TowerRuntime(ABC):
@@ -24,11 +26,12 @@ class TowerRuntime(ABC):
     name: str  # as CLIPSEARCH_RUNTIME spells it (onnx-int8 for quantized weights)
 
     @abstractmethod
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Features of a preprocessed batch (N, 3, H, W), on the CPU in float32."""
+    def encode_image(self, pixels: Any) -> Any:
+        """Features of a preprocessed batch (N, 3, H, W), on the CPU in float32: a torch tensor
+        or a numpy array (ONNX Runtime, which takes either)."""
 
     @abstractmethod
-    def encode_text(self, tokens: TokenBatch, *, trim: bool) -> torch.Tensor:
+    def encode_text(self, tokens: TokenBatch, *, trim: bool) -> Any:
         """Features of a token batch (on the CPU); `trim` as in `ModelBackend.encode_text`."""
 
     def describe(self) -> str:

@@ -15,8 +15,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from retrieval.errors import ConfigError, ExportUnusable, ModelMismatch
 from retrieval.models.backend import ModelBackend, load_backend
@@ -28,6 +27,9 @@ from retrieval.models.runtimes.packages import (
     missing_packages,
     require_packages,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,8 @@ def ensure_export(
 def fp32_cpu_backend(spec: ModelSpec, backend: ModelBackend) -> ModelBackend:
     """The backend itself when it is fp32 on the CPU; else the same model loaded so (an export
     is made from fp32 weights, never from half-precision copies)."""
+    import torch
+
     tensors = [*backend.model.parameters(), *backend.model.buffers()]
     if all(
         t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point())

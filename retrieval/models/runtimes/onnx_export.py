@@ -249,6 +249,9 @@ def export_model(
         exported[tower] = TowerExport(
             names, {"fp32": TowerGraph(path.name, agreement.max_abs_diff, agreement.cosine_min)}
         )
+    from retrieval.models.exported.backend import PORTABLE
+    from retrieval.models.exported.describe import portable_parts
+
     manifest = ExportManifest(
         identity=backend.identity,
         versions=runtime_versions(),
@@ -256,6 +259,7 @@ def export_model(
         files=file_records(out),
         context_length=context,
         seconds=time.perf_counter() - started,
+        extra={PORTABLE: portable_parts(backend, out)},
     )
     if quantize:
         manifest = quantize_export(backend, out, manifest, samples, references, say)

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from retrieval.errors import ConfigError, ExportUnusable
 from retrieval.models.backend import ModelBackend, TokenBatch
@@ -58,6 +57,13 @@ def open_session(path: Path, providers: Sequence[Any], threads: int) -> Any:
         raise ExportUnusable(
             str(path.parent), f"ONNX Runtime cannot load {path.name} ({first})", REBUILD_ADVICE
         ) from None
+
+
+def as_numpy(values: Any, dtype: type) -> np.ndarray:
+    """A CPU numpy array of a numpy array or a torch tensor (ONNX Runtime's feed)."""
+    if not isinstance(values, np.ndarray):
+        values = values.detach().cpu().numpy()
+    return np.ascontiguousarray(values, dtype=dtype)
 
 
 class OnnxRuntime(TowerRuntime):
@@ -110,19 +116,21 @@ class OnnxRuntime(TowerRuntime):
             self.weights,
         )
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        feed = {"pixels": pixels.detach().to("cpu", torch.float32).numpy()}
-        return torch.from_numpy(self.sessions["image"].run(None, feed)[0])
+    def encode_image(self, pixels: Any) -> np.ndarray:
+        feed = {"pixels": as_numpy(pixels, np.float32)}
+        features: np.ndarray = self.sessions["image"].run(None, feed)[0]
+        return features
 
-    def encode_text(self, tokens: TokenBatch, *, trim: bool) -> torch.Tensor:
+    def encode_text(self, tokens: TokenBatch, *, trim: bool) -> np.ndarray:
         if trim:
             tokens = self.backend.trimmed(tokens)
-        feed = {"ids": tokens.ids.detach().cpu().numpy().astype(np.int64)}
+        feed = {"ids": as_numpy(tokens.ids, np.int64)}
         if "mask" in self.manifest.towers["text"].inputs:
             if tokens.mask is None:
                 raise ValueError("this export's text tower needs an attention mask")
-            feed["mask"] = tokens.mask.detach().cpu().numpy().astype(np.int64)
-        return torch.from_numpy(self.sessions["text"].run(None, feed)[0])
+            feed["mask"] = as_numpy(tokens.mask, np.int64)
+        features: np.ndarray = self.sessions["text"].run(None, feed)[0]
+        return features
 
     def describe(self) -> str:
         session = next(iter(self.sessions.values()), None)

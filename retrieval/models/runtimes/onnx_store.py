@@ -31,7 +31,9 @@ from retrieval.models.identity import ModelIdentity
 from retrieval.models.weights import sha256_file
 
 MANIFEST = "export.json"
-FORMAT = 1  # bump when what an export holds changes: every cached export is then rebuilt
+# Bump when what an export holds changes: every cached export is then rebuilt. 2: the `portable`
+# section (preprocessing, tokenizer files, trimming, score rule), to run without torch.
+FORMAT = 2
 TOWERS = ("image", "text")
 # What decides how a graph is written and checked; another version of any makes a new export.
 VERSIONED_PACKAGES = ("torch", "onnx", "onnxscript", "onnxruntime")

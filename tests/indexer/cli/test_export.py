@@ -77,16 +77,16 @@ def test_export_rebuilds_a_corrupt_export(
     )
 
 
-@pytest.mark.parametrize("package", ["onnxscript", "onnxruntime"])
+@pytest.mark.parametrize(("package", "extra"), [("onnxscript", "export"), ("onnxruntime", "onnx")])
 def test_export_without_its_packages_names_the_extra(
-    package: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    package: str, extra: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, package, None)  # as if not installed
     code, out, err = run_cli(["export"], capsys, monkeypatch)
     assert code == 2
     assert err == (
         "error: Invalid setting clipsearch export: exporting a model to ONNX needs the package "
-        f"{package}, not installed here; install it with: pip install 'clipsearch[onnx]'\n"
+        f"{package}, not installed here; install it with: pip install 'clipsearch[{extra}]'\n"
     )
 
 

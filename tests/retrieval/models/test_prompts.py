@@ -44,3 +44,16 @@ def test_an_unknown_set_lists_the_chinese_sets_too() -> None:
         resolve_templates("zh-tw")
     with pytest.raises(ConfigError, match="exactly once"):
         resolve_templates("一张{}和{}的照片")
+
+
+def test_the_openai_and_simple_sets_are_open_clips_own() -> None:
+    # Kept as data (templates.json), so that labels need no open_clip; they must not drift.
+    from open_clip import zero_shot_metadata
+
+    from retrieval.models.prompts import resolve_templates
+
+    for name, source in (
+        ("openai", zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES),
+        ("simple", zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES),
+    ):
+        assert resolve_templates(name) == tuple(template("{}") for template in source)

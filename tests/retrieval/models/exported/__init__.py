@@ -1,0 +1,1 @@
+"""Tests of running a model from its ONNX export alone (retrieval/models/exported)."""
