@@ -63,6 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kills", choices=["both", "worker", "driver"], default="both")
     parser.add_argument(
         "--max-minutes", type=float, default=1e9, help="start no run after this many minutes"
     )
@@ -297,7 +298,12 @@ def main() -> None:
             if mine.duplicated or mine.orphaned:
                 kind.note(f"duplicated {mine.duplicated[:3]}, orphaned {mine.orphaned[:3]}")
             if found:
-                kind.note(f"{data_dir.name}: {found}")
+                # What `clipsearch verify` makes of it: a shard the reader leaves out?
+                verified = commands.run(["verify"], env(data_dir))
+                kind.note(
+                    f"{data_dir.name}: {found}; verify exit {verified.code}: "
+                    f"{verified.output[-600:]}"
+                )
             else:
                 kind.identical_after_rerun += 1
 
@@ -365,8 +371,10 @@ def main() -> None:
         for run in range(args.runs):
             if time.monotonic() - started > 60 * args.max_minutes:
                 break
-            worker_run(run)
-            driver_run(run)
+            if args.kills in ("both", "worker"):
+                worker_run(run)
+            if args.kills in ("both", "driver"):
+                driver_run(run)
         results = {
             "worker_kills": workers.to_dict(),
             "driver_kills": drivers.to_dict(),
