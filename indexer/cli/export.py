@@ -51,10 +51,9 @@ def export(
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    from retrieval.models.exported.loading import require_torch
     from retrieval.models.runtimes.choice import ensure_export
     from retrieval.models.runtimes.onnx_store import read_manifest
-    from retrieval.models.runtimes.packages import EXPORT_PACKAGES, require_packages
+    from retrieval.models.runtimes.packages import EXPORT_PACKAGES, require_packages, require_torch
 
     settings = load_settings(
         model=model,

@@ -154,7 +154,7 @@ def finetune(
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune the CLIP model contrastively and write a checkpoint plus a JSON report."""
-    from retrieval.models.exported.loading import require_torch
+    from retrieval.models.runtimes.packages import require_torch
 
     require_torch("clipsearch finetune", "fine-tuning")
     from retrieval.models.encoder import model_spec
@@ -299,7 +299,7 @@ def evaluate(
     if fidelity:
         if retrieval_set is not None or ann:
             raise ConfigError("eval", "--fidelity goes with --zero-shot alone")
-        from retrieval.models.exported.loading import require_torch
+        from retrieval.models.runtimes.packages import require_torch
 
         require_torch("eval", "--fidelity (it compares each runtime with torch fp32)")
         from indexer.cli.fidelity import echo_fidelity, fidelity_report

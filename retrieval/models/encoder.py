@@ -154,10 +154,10 @@ def load_encoder(spec: ModelSpec) -> Encoder:
     CLIPSEARCH_RUNTIME=onnx runs the model's export alone, torch or no torch (`exported`):
     where torch is installed and there is no sound export yet, the model is loaded in torch
     once to make it, then dropped."""
-    from retrieval.models.exported.loading import load_exported, runs_from_export
+    from retrieval.models.exported.loading import runs_from_export
 
     if runs_from_export(spec):
-        exported = load_exported(spec)
+        exported = _from_export(spec)
         if exported is not None:
             return exported
         built = load_torch_encoder(spec)
@@ -165,14 +165,22 @@ def load_encoder(spec: ModelSpec) -> Encoder:
             runtime.name.startswith("onnx")
             for runtime in (built.runtimes.image, built.runtimes.text)
         ):
-            return load_exported(spec) or built
+            return _from_export(spec) or built
         return built  # a corrupt export, torch running instead
     return load_torch_encoder(spec)
 
 
+def _from_export(spec: ModelSpec) -> Encoder | None:
+    """An encoder of the model's export alone, or None (see `load_exported`)."""
+    from retrieval.models.exported.loading import load_exported
+
+    found = load_exported(spec)
+    return None if found is None else Encoder(found.backend, found.device, None, found.runtimes)
+
+
 def load_torch_encoder(spec: ModelSpec) -> Encoder:
     """The model loaded in torch, each tower run by the runtime `spec.runtime` chooses."""
-    from retrieval.models.exported.loading import torch_installed, torch_missing
+    from retrieval.models.runtimes.packages import torch_installed, torch_missing
 
     if not torch_installed():
         error = torch_missing("CLIPSEARCH_RUNTIME", f"CLIPSEARCH_RUNTIME={spec.runtime.name}")
@@ -205,7 +213,7 @@ def encoder_from_settings(settings: Settings) -> Encoder:
 
     Applies CLIPSEARCH_TORCH_THREADS first: torch's thread pool is per process.
     """
-    from retrieval.models.exported.loading import torch_installed
+    from retrieval.models.runtimes.packages import torch_installed
 
     if settings.torch_threads and torch_installed():
         import torch

@@ -20,6 +20,7 @@ from retrieval.models.exported import text
 from retrieval.models.exported.preprocess import ImagePreprocess, PreprocessUnsupported
 from retrieval.models.identity import ModelIdentity
 from retrieval.models.runtimes.onnx_store import REBUILD_ADVICE, ExportManifest
+from retrieval.models.runtimes.packages import torch_missing
 from retrieval.models.weights import sha256_file
 
 PORTABLE = "portable"  # the manifest section of what runs the export without torch
@@ -34,8 +35,6 @@ def portable_section(manifest: ExportManifest) -> dict[str, Any] | None:
 
 
 def needs_torch(purpose: str) -> ConfigError:
-    from retrieval.models.exported.loading import torch_missing
-
     return torch_missing("CLIPSEARCH_RUNTIME", f"{purpose} (this model runs from its export)")
 
 

@@ -10,7 +10,6 @@ nothing here could make another.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -21,39 +20,15 @@ from typing import TYPE_CHECKING
 from retrieval.errors import ConfigError, ExportUnusable, WeightsUnavailable
 from retrieval.models.cache import exports_dir
 from retrieval.models.identity import HF, ModelIdentity, ModelSource, ModelSpec, parse_model_name
+from retrieval.models.runtimes.packages import torch_installed
 from retrieval.models.weights import RANDOM_INIT, sha256_file
 
 if TYPE_CHECKING:
-    from retrieval.models.encoder import Encoder
+    from retrieval.models.exported.backend import ExportBackend
+    from retrieval.models.runtimes.base import Runtimes
     from retrieval.models.runtimes.onnx_store import ExportManifest
 
 log = logging.getLogger(__name__)
-
-
-def torch_installed() -> bool:
-    """Whether torch can be imported here (without importing it)."""
-    try:
-        return importlib.util.find_spec("torch") is not None
-    except (ImportError, ValueError):  # blocked, or set to None in sys.modules
-        return False
-
-
-TORCH_EXTRA = "torch"  # the pip extra that installs torch, torchvision and open_clip
-
-
-def torch_missing(setting: str, purpose: str) -> ConfigError:
-    """The error of a command or setting that needs torch where it is not installed."""
-    return ConfigError(
-        setting,
-        f"{purpose} needs torch, not installed here; install it with: "
-        f"pip install 'clipsearch[{TORCH_EXTRA}]'",
-    )
-
-
-def require_torch(setting: str, purpose: str) -> None:
-    """`torch_missing` unless torch is installed (before anything imports it)."""
-    if not torch_installed():
-        raise torch_missing(setting, purpose)
 
 
 def runs_from_export(spec: ModelSpec) -> bool:
@@ -136,12 +111,20 @@ def _device(spec: ModelSpec, has_torch: bool) -> str:
     return "cpu" if spec.device in ("auto", "cpu") else spec.device
 
 
-def load_exported(spec: ModelSpec) -> Encoder | None:
-    """An encoder of the model's export alone (`ExportBackend` + `OnnxRuntime`), or None where
+@dataclass(frozen=True)
+class ExportedModel:
+    """A model's export ready to run alone: what `retrieval.models.encoder` wraps."""
+
+    backend: ExportBackend
+    device: str
+    runtimes: Runtimes
+
+
+def load_exported(spec: ModelSpec) -> ExportedModel | None:
+    """The model's export alone (`ExportBackend` + `OnnxRuntime`), or None where
     torch is installed and must act first: there is no sound export yet (it makes one), the
     export cannot run without torch, or it is corrupt and CLIPSEARCH_ONNX_FALLBACK=torch (it
     then runs torch, with a warning). Without torch each of these is an error."""
-    from retrieval.models.encoder import Encoder
     from retrieval.models.exported.backend import ExportBackend, portable_section
     from retrieval.models.runtimes.base import Runtimes
     from retrieval.models.runtimes.choice import RUNTIME_SETTING, onnx_weights
@@ -205,4 +188,4 @@ def load_exported(spec: ModelSpec) -> Encoder | None:
             return None  # the torch path says so and runs torch
         raise
     log.info("%s runs on %s, from %s", identity.describe(), runtime.describe(), folder)
-    return Encoder(backend, device, None, Runtimes(runtime, runtime))
+    return ExportedModel(backend, device, Runtimes(runtime, runtime))

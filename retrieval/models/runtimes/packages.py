@@ -1,4 +1,5 @@
-"""The optional packages ONNX exports need, and the error that names the extra installing them."""
+"""The optional packages (torch; what ONNX exports need), and the errors that name the extra
+installing them."""
 
 from __future__ import annotations
 
@@ -31,3 +32,29 @@ def require_packages(packages: Sequence[str], setting: str, purpose: str) -> Non
             f"{', '.join(missing)}, not installed here; install "
             f"{'them' if len(missing) > 1 else 'it'} with: pip install 'clipsearch[{extra}]'",
         )
+
+
+def torch_installed() -> bool:
+    """Whether torch can be imported here (without importing it)."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # blocked, or set to None in sys.modules
+        return False
+
+
+TORCH_EXTRA = "torch"  # the pip extra that installs torch, torchvision and open_clip
+
+
+def torch_missing(setting: str, purpose: str) -> ConfigError:
+    """The error of a command or setting that needs torch where it is not installed."""
+    return ConfigError(
+        setting,
+        f"{purpose} needs torch, not installed here; install it with: "
+        f"pip install 'clipsearch[{TORCH_EXTRA}]'",
+    )
+
+
+def require_torch(setting: str, purpose: str) -> None:
+    """`torch_missing` unless torch is installed (before anything imports it)."""
+    if not torch_installed():
+        raise torch_missing(setting, purpose)
