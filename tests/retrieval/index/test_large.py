@@ -24,7 +24,7 @@ from retrieval.index.shard import (
     shard_path,
     write_shard,
 )
-from retrieval.index.shard_set import ShardSet
+from retrieval.index.shard_set import LARGE_REFINE_FACTOR, ShardSet
 from retrieval.index.trained import (
     TEMPLATE_FILE,
     load_template,
@@ -154,6 +154,15 @@ def test_nprobe_is_the_search_depth(built) -> None:
                 np.mean([len(set(a) & set(b)) for a, b in zip(found, truth, strict=True)])
             )
         assert recalls[0] < recalls[1]
+
+
+def test_a_large_shard_rescores_at_least_16_candidates_per_result(built) -> None:
+    index_dir, _, _, ids, x, _ = built
+    with ShardSet.open(index_dir, ["grown"]) as shards:
+        queries = x[::10]
+        floor = shards.search(queries, 10, nprobe=NLIST, refine_factor=1)
+        asked = shards.search(queries, 10, nprobe=NLIST, refine_factor=LARGE_REFINE_FACTOR)
+    np.testing.assert_array_equal(floor[1], asked[1])  # 1 is raised to the floor
 
 
 def test_served_memory_mapped(built) -> None:
