@@ -281,8 +281,21 @@ def plan_actors(
     )
 
 
-def decode_batch(
-    batch: dict[str, np.ndarray],
+def decode_batch(batch: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
+    """A Ray Data CPU task over rows that each hold one encode batch of the local engine (its
+    positions and paths): each becomes one row holding that batch decoded (pickled). So every
+    actor encodes exactly the batches the local engine encodes (the same float32 sums, the same
+    float16 vectors stored), whatever blocks Ray Data cuts the dataset into."""
+    groups = [
+        pickle.dumps(_decode_paths(np.asarray(index, np.int64), list(path), **options), protocol=5)
+        for index, path in zip(batch["index"], batch["path"], strict=True)
+    ]
+    return {"group": np.array(groups, dtype=object)}
+
+
+def _decode_paths(
+    indices: np.ndarray,
+    paths: list[str],
     *,
     preprocess: Any,
     shape: tuple[int, ...],
@@ -290,13 +303,13 @@ def decode_batch(
     min_side: int | None,
     max_bytes: int | None,
 ) -> dict[str, np.ndarray]:
-    """A Ray Data CPU task: decode and preprocess each path as the local engine does (the same
-    function, so a bad file fails with the same reason); a failed file keeps a zero tensor."""
-    count = len(batch["path"])
+    """Decode and preprocess each path as the local engine does (the same function, so a bad
+    file fails with the same reason); a failed file keeps a zero tensor."""
+    count = len(paths)
     pixels = np.zeros((count, *shape), dtype=np.float32)
     ok = np.zeros(count, dtype=bool)
     metas = []
-    for n, path in enumerate(batch["path"]):
+    for n, path in enumerate(paths):
         tensor, meta = decode_for_model(
             str(path), preprocess, max_pixels=max_pixels, min_side=min_side, max_bytes=max_bytes
         )
@@ -305,7 +318,7 @@ def decode_batch(
             ok[n] = True
         metas.append(pickle.dumps(meta))
     # object: a bytes dtype would drop the pickles' trailing NUL bytes.
-    return {"index": batch["index"], "pixels": pixels, "ok": ok, "meta": np.array(metas, object)}
+    return {"index": indices, "pixels": pixels, "ok": ok, "meta": np.array(metas, object)}
 
 
 class EncodeActor:
@@ -325,9 +338,14 @@ class EncodeActor:
         self.key = identity.key
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each row is one decoded encode batch; its images come out one row each."""
+        crash_point("ray_encode")
+        parts = [self._encode(pickle.loads(raw)) for raw in batch["group"]]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def _encode(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        crash_point("ray_encode")
         ok = batch["ok"]
         vectors = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)
         if ok.any():
@@ -523,10 +541,15 @@ class RayEngine(Engine):
         identity = job["identity"]
         paths: list[str] = job["paths"]
         batch_size = settings.batch_size
-        items = [{"index": n, "path": path} for n, path in enumerate(paths)]
-        dataset = ray.data.from_items(
-            items, override_num_blocks=max(1, min(len(items) // batch_size, 1000))
-        )
+        # One row per encode batch of the local engine (see decode_batch).
+        items = [
+            {
+                "index": list(range(first, min(first + batch_size, len(paths)))),
+                "path": paths[first : first + batch_size],
+            }
+            for first in range(0, len(paths), batch_size)
+        ]
+        dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
         dataset = dataset.map_batches(
             decode_batch,
             fn_kwargs={
@@ -536,7 +559,7 @@ class RayEngine(Engine):
                 "min_side": identity.image_size if settings.jpeg_draft else None,
                 "max_bytes": settings.max_decode_bytes,
             },
-            batch_size=batch_size,
+            batch_size=1,  # a row is a whole encode batch
             batch_format="numpy",
             num_cpus=1,
         )
@@ -551,7 +574,7 @@ class RayEngine(Engine):
                     "driver_key": identity.key,
                     "driver_model": identity.describe(),
                 },
-                batch_size=batch_size,
+                batch_size=1,  # one decoded encode batch per call
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=plan.actors),
                 num_cpus=plan.num_cpus,
