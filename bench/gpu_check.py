@@ -6,11 +6,20 @@
      against the CPU build (recall@10 of each against exact search, before any re-scoring),
      and ShardSet searches through the real `FaissGpu` placement, with tombstones, against the
      CPU searches;
-  3. `bench/index_throughput.py` on the GPU (full job, model alone, naive loop).
+  3. `bench/index_throughput.py` on the GPU (full job, model alone, naive loop);
+  4. runtimes: ViT-B-32 (random weights) in torch fp32 and fp16, ONNX Runtime's CUDA provider
+     in fp16 and its TensorRT provider in fp16, each loaded through the product's loader
+     (CLIPSEARCH_RUNTIME, CLIPSEARCH_PRECISION): the image tower's img/s at --batch-size on
+     preprocessed tensors (the model-only limit), `clipsearch index`'s img/s on --runtime-photos
+     photo-sized JPEGs with that encoder, their ratio, the load time (TensorRT's twice: the
+     second start reads the engines the first built), and the cosine of image and text
+     embeddings against torch fp32 on the CPU. A runtime whose package is missing
+     (onnxruntime-gpu, TensorRT's libraries) is reported as skipped with the reason.
 
-Prints one JSON line (also written to --out/gpu_check.json). On a machine without CUDA it says
-so and checks only what needs no GPU. `scripts/device_check.sh` installs the carried wheels and
-runs this on a GPU machine without network access.
+Prints one JSON line (also written to --out/gpu_check.json). On a machine without CUDA it
+checks nothing: it prints one line saying so (`no GPU: ...`) on stderr and exits 1.
+`scripts/device_check.sh` installs the carried wheels and runs this on a GPU machine without
+network access.
 
     python bench/gpu_check.py --out /tmp/gpu-check
 """
@@ -25,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +45,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from indexer.pipeline import IndexJob  # noqa: E402
+from retrieval.catalog.database import Catalog  # noqa: E402
+from retrieval.config import load_settings  # noqa: E402
+from retrieval.errors import ClipsearchError  # noqa: E402
 from retrieval.images import decode_image  # noqa: E402
-from retrieval.index.faiss_gpu import FaissGpu, gpu_available
-from retrieval.index.kinds import IndexParams, build_index
-from retrieval.index.shard import write_shard
-from retrieval.index.shard_set import ShardSet
-from retrieval.models.encoder import load_encoder
-from retrieval.models.identity import ModelSpec
-from retrieval.training.shapes import generate_photos
+from retrieval.index.faiss_gpu import FaissGpu, gpu_available  # noqa: E402
+from retrieval.index.kinds import IndexParams, build_index  # noqa: E402
+from retrieval.index.shard import write_shard  # noqa: E402
+from retrieval.index.shard_set import ShardSet  # noqa: E402
+from retrieval.models.encoder import Encoder, load_encoder  # noqa: E402
+from retrieval.models.identity import ModelSpec, RuntimeSpec  # noqa: E402
+from retrieval.training.shapes import generate_photos  # noqa: E402
 
 TEXTS = ["a photo of a dog", "a red car on a street", "a bowl of fruit", "mountains at dusk"]
 
@@ -67,15 +82,21 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"min_cosine": float(cos.min()), "max_abs_diff": float(np.abs(a - b).max())}
 
 
-def fidelity(work: Path, photos: list[Path]) -> dict[str, Any]:
-    """The same checkpoint on the CPU and on CUDA, through load_encoder."""
+def random_checkpoint(work: Path) -> Path:
+    """ViT-B-32 with random weights, saved like a user's checkpoint (made once per run)."""
     import open_clip
 
-    torch.manual_seed(0)
     checkpoint = work / "vit-b-32-random.pt"
-    model = open_clip.create_model("ViT-B-32", pretrained=None)
-    torch.save({"state_dict": model.state_dict()}, checkpoint)
-    del model
+    if not checkpoint.exists():
+        torch.manual_seed(0)
+        model = open_clip.create_model("ViT-B-32", pretrained=None)
+        torch.save({"state_dict": model.state_dict()}, checkpoint)
+    return checkpoint
+
+
+def fidelity(work: Path, photos: list[Path]) -> dict[str, Any]:
+    """The same checkpoint on the CPU and on CUDA, through load_encoder."""
+    checkpoint = random_checkpoint(work)
     images = [decode_image(p, max_pixels=100_000_000).image for p in photos]
     out: dict[str, Any] = {}
     reference = load_encoder(ModelSpec("ViT-B-32", str(checkpoint), device="cpu", precision="fp32"))
@@ -197,6 +218,110 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+# The runtimes compared: (CLIPSEARCH_RUNTIME, CLIPSEARCH_PRECISION).
+RUNTIMES = {
+    "torch_fp32": ("torch", "fp32"),
+    "torch_fp16": ("torch", "fp16"),
+    "onnx_cuda_fp16": ("onnx", "fp16"),
+    "tensorrt_fp16": ("tensorrt", "fp16"),
+}
+
+
+def _same(encoder: Encoder) -> Encoder:
+    return encoder
+
+
+def _model_img_per_s(encoder: Encoder, batch: int, size: int, batches: int = 10) -> float:
+    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    encoder.encode_image_tensors(pixels)  # warm-up (cuDNN, engine profiles)
+    started = time.perf_counter()
+    for _ in range(batches):
+        encoder.encode_image_tensors(pixels)  # returns numpy: the device has finished
+    return batch * batches / (time.perf_counter() - started)
+
+
+def _index_img_per_s(
+    encoder: Encoder, photos: Path, count: int, data_dir: Path, args: argparse.Namespace
+) -> float:
+    settings = load_settings(
+        data_dir=data_dir,
+        model="ViT-B-32",
+        pretrained=encoder.identity.pretrained,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
+    catalog = Catalog(settings.resolved_database_url)
+    started = time.perf_counter()
+    report = IndexJob(settings, catalog, partial(_same, encoder), progress=False).run([photos])
+    seconds = time.perf_counter() - started
+    catalog.dispose()
+    if report.encoded != count:
+        raise RuntimeError(f"indexed {report.encoded} of {count} photos")
+    return count / seconds
+
+
+def runtimes(work: Path, photos: list[Path], args: argparse.Namespace) -> dict[str, Any]:
+    """Each runtime's model-only and end-to-end img/s and its fidelity to torch fp32 on the CPU."""
+    checkpoint = random_checkpoint(work)
+    cache = work / "model-cache"  # the exports and TensorRT engines of this run
+    images = [decode_image(p, max_pixels=100_000_000).image for p in photos]
+    base = ModelSpec("ViT-B-32", str(checkpoint), device="cpu", precision="fp32", cache_dir=cache)
+    reference = load_encoder(base)
+    ref_images, ref_texts = reference.encode_images(images), reference.encode_texts(TEXTS)
+    size = reference.identity.image_size
+    del reference
+    folder = work / "runtime-photos"
+    generate_photos(folder, args.runtime_photos, seed=7)
+    out: dict[str, Any] = {
+        "model": "ViT-B-32 (random weights)",
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "photos": args.runtime_photos,
+    }
+    for name, (runtime, precision) in RUNTIMES.items():
+        spec = replace(
+            base,
+            device="cuda",
+            precision=precision,
+            runtime=RuntimeSpec(runtime, fallback="refuse"),
+        )
+        try:
+            started = time.perf_counter()
+            encoder = load_encoder(spec)
+            loaded = {"load_s": round(time.perf_counter() - started, 1)}
+            if runtime == "tensorrt":  # again: the engines come from the cache this time
+                del encoder
+                started = time.perf_counter()
+                encoder = load_encoder(spec)
+                loaded["second_load_s"] = round(time.perf_counter() - started, 1)
+        except ClipsearchError as exc:
+            out[name] = f"skipped: {exc}"
+            continue
+        model = _model_img_per_s(encoder, args.batch_size, size)
+        indexed = _index_img_per_s(encoder, folder, args.runtime_photos, work / f"idx-{name}", args)
+        out[name] = {
+            "runs_on": encoder.runtimes.describe(),
+            "model_img_per_s": round(model, 1),
+            "index_img_per_s": round(indexed, 1),
+            "index_vs_model": round(indexed / model, 2),
+            **loaded,
+            "images": _cosines(encoder.encode_images(images), ref_images),
+            "texts": _cosines(encoder.encode_texts(TEXTS), ref_texts),
+        }
+        del encoder
+        torch.cuda.empty_cache()
+    return out
+
+
+def no_gpu_reason() -> str | None:
+    """Why this machine has nothing for the check to run on; None where torch sees a GPU."""
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        return "torch sees no CUDA device (this torch build has no CUDA support)"
+    return "torch sees no CUDA device (no GPU, no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides it)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/out/gpu-check"))
@@ -206,7 +331,15 @@ def main() -> None:
     parser.add_argument("--vectors", type=int, default=100_000, help="vectors for the FAISS checks")
     parser.add_argument("--photos", type=Path, default=Path("/tmp/clipsearch-photos"))
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument(
+        "--runtime-photos", type=int, default=1000, help="photos each runtime indexes"
+    )
+    parser.add_argument("--skip-runtimes", action="store_true")
     args = parser.parse_args()
+    reason = no_gpu_reason()
+    if reason is not None:
+        print(f"no GPU: {reason}; bench/gpu_check.py checks nothing here", file=sys.stderr)
+        raise SystemExit(1)
     args.out.mkdir(parents=True, exist_ok=True)
 
     report: dict[str, Any] = {"bench": "gpu_check", "environment": environment()}
@@ -215,15 +348,14 @@ def main() -> None:
         photo_dir = work / "photos"
         generate_photos(photo_dir, 16, seed=5)
         photos = sorted(photo_dir.glob("*.jpg"))
-        if torch.cuda.is_available():
-            report["fidelity"] = fidelity(work, photos)
-        else:
-            report["fidelity"] = "skipped: torch sees no CUDA device"
+        report["fidelity"] = fidelity(work, photos)
+        if not args.skip_runtimes:
+            report["runtimes"] = runtimes(work, photos, args)
         if gpu_available():
             report["faiss_gpu"] = faiss_on_gpu(work, args.vectors)
         else:
             report["faiss_gpu"] = "skipped: this FAISS build has no GPU support or sees no GPU"
-    if torch.cuda.is_available() and not args.skip_throughput:
+    if not args.skip_throughput:
         report["throughput"] = throughput(args)
     line = json.dumps(report)
     (args.out / "gpu_check.json").write_text(line + "\n")

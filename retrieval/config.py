@@ -99,8 +99,9 @@ class Settings(BaseSettings):
     # box shared with the nightly indexer, 1 keeps a query from spinning against the other process.
     torch_threads: int = Field(default=0, ge=0, le=1024)
     # What runs the towers: torch, onnx (ONNX Runtime on an export cached by model identity;
-    # `clipsearch export` builds it ahead), or auto (measured once per machine, per tower).
-    runtime: Literal["auto", "torch", "onnx"] = "torch"
+    # `clipsearch export` builds it ahead), tensorrt (ONNX Runtime's TensorRT provider on the
+    # same export, a CUDA device), or auto (measured once per machine, per tower).
+    runtime: Literal["auto", "torch", "onnx", "tensorrt"] = "torch"
     quantize: Literal["none", "int8"] = "none"  # int8: ONNX Runtime's dynamic int8 weights
     onnx_fallback: Literal["torch", "refuse"] = "torch"  # a corrupt export: run torch, or refuse
     batch_size: int = Field(default=64, ge=1, le=8192)

@@ -62,7 +62,7 @@ def parse_model_name(name: str) -> tuple[str, str]:
     return family, rest.strip()
 
 
-RUNTIMES = ("auto", "torch", "onnx")  # CLIPSEARCH_RUNTIME
+RUNTIMES = ("auto", "torch", "onnx", "tensorrt")  # CLIPSEARCH_RUNTIME
 QUANTIZATIONS = ("none", "int8")  # CLIPSEARCH_QUANTIZE
 FALLBACKS = ("torch", "refuse")  # CLIPSEARCH_ONNX_FALLBACK
 
@@ -71,7 +71,7 @@ FALLBACKS = ("torch", "refuse")  # CLIPSEARCH_ONNX_FALLBACK
 class RuntimeSpec:
     """What runs the towers once the model is loaded (see `retrieval.models.runtimes`)."""
 
-    name: str = "torch"  # auto (measured, per tower), torch, onnx (ONNX Runtime)
+    name: str = "torch"  # auto (measured, per tower), torch, onnx (ONNX Runtime), tensorrt
     quantize: str = "none"  # int8: ONNX Runtime's dynamic int8 weights (MatMul, Gemm)
     # What `onnx` does when the model's export is corrupt: run torch (with a warning), or refuse.
     fallback: str = "torch"

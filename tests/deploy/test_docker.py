@@ -223,7 +223,11 @@ def test_gpu_image_installs_the_gpu_extra_and_replaces_faiss_cpu() -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
-    (gpu_requirement,) = (Requirement(text) for text in extras["gpu"])
+    requirements = [Requirement(text) for text in extras["gpu"]]
+    (gpu_requirement,) = (r for r in requirements if r.name.startswith("faiss"))
+    # ONNX Runtime's GPU build, in place of onnxruntime (never both): not in the CPU install.
+    assert "onnxruntime-gpu" in {r.name for r in requirements}
+    assert "onnxruntime-gpu" not in {Requirement(t).name for t in extras["onnx"]}
     version = arg_defaults(DOCKERFILES[1])["FAISS_GPU_VERSION"]
     assert gpu_requirement.specifier.contains(version)
     runs = " ".join(i.argument for i in instructions(DOCKERFILES[1]) if i.keyword == "RUN")

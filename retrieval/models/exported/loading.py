@@ -132,13 +132,18 @@ def load_exported(spec: ModelSpec) -> ExportedModel | None:
     from retrieval.models.runtimes.packages import EXPORTED_PACKAGES, require_packages
 
     require_packages(EXPORTED_PACKAGES, RUNTIME_SETTING, f"{RUNTIME_SETTING}={spec.runtime.name}")
+    has_torch = torch_installed()
+    if has_torch and spec.precision in ("fp16", "auto") and spec.device != "cpu":
+        from retrieval.models.device import resolve_device
+
+        if resolve_device(spec.device).startswith("cuda"):
+            return None  # fp16 on CUDA: the torch path makes and checks the fp16 graphs (`gpu`)
     if spec.precision in ("fp16", "bf16"):
         raise ConfigError(
             "CLIPSEARCH_PRECISION",
             f"{spec.precision} is a torch precision; CLIPSEARCH_RUNTIME=onnx runs fp32 weights "
             "(int8 with CLIPSEARCH_QUANTIZE=int8). Use auto or fp32.",
         )
-    has_torch = torch_installed()
     weights = onnx_weights(spec.runtime)
     found, older = _search(spec, strict_versions=has_torch)
     folder = exports_dir(spec.cache_dir)

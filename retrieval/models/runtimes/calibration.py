@@ -1,11 +1,12 @@
 """`CLIPSEARCH_RUNTIME=auto`: each tower runs where it was measured fastest on this machine.
 
-Both runtimes meet the fidelity bar before they compete: an fp32 export is kept only within
-1e-5 of torch fp32 (unit embeddings), int8 graphs only run when CLIPSEARCH_QUANTIZE=int8 asks
-for them, and torch runs in the precision the settings name. The measurement (a text query,
-trimmed, at batch 1; a batch of images) takes a few seconds at the first start and is kept in
-the export's folder, keyed by what decides it: the CPU, the thread count, the device and the
-precision.
+Every runtime meets the fidelity bar before it competes: an fp32 export is kept only within
+1e-5 of torch fp32 (unit embeddings), an fp16 one (CUDA) only at cosine 0.999 or more, int8
+graphs only run when CLIPSEARCH_QUANTIZE=int8 asks for them, and torch runs in the precision
+the settings name. A runtime other than torch must be `MARGIN` faster to be chosen. The
+measurement (a text query, trimmed, at batch 1; a batch of images) takes a few seconds at
+the first start and is kept in the export's folder, keyed by what decides it: the CPU, the
+thread count, the device and the precision.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ TEXT_RUNS = 9
 IMAGE_RUNS = 3
 # ONNX Runtime must be this much faster to be chosen: within it, torch (the reference) stays.
 MARGIN = 0.95
+NAMES = {"onnx": "ONNX Runtime", "tensorrt": "TensorRT"}
 
 
 def _cpu_name() -> str:
@@ -49,13 +51,12 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_key(torch_runtime: TowerRuntime, onnx_runtime: TowerRuntime, threads: int) -> str:
+def machine_key(runtimes: dict[str, TowerRuntime], threads: int) -> str:
     material = [
         _cpu_name(),
         os.cpu_count(),
         threads or torch.get_num_threads(),
-        torch_runtime.describe(),
-        onnx_runtime.describe(),
+        *(runtime.describe() for runtime in runtimes.values()),
     ]
     return hashlib.sha256(json.dumps(material).encode()).hexdigest()[:16]
 
@@ -91,11 +92,13 @@ def measure(backend: ModelBackend, runtimes: dict[str, TowerRuntime]) -> dict[st
 
 
 def winners(measured: dict[str, Any]) -> dict[str, str]:
-    """The runtime of each tower: onnx where it is at least 1/MARGIN times as fast."""
+    """The runtime of each tower: the fastest, where it is at least 1/MARGIN times as fast as
+    torch; else torch."""
     chosen = {}
     for tower, key in (("text", "text_ms"), ("image", "image_batch_ms")):
         times = measured[key]
-        chosen[tower] = "onnx" if times["onnx"] <= MARGIN * times["torch"] else "torch"
+        name = min(times, key=times.__getitem__)
+        chosen[tower] = name if times[name] <= MARGIN * times["torch"] else "torch"
     return chosen
 
 
@@ -114,17 +117,24 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 
 def fastest(
-    backend: ModelBackend, torch_runtime: TowerRuntime, onnx_runtime: Any, spec: ModelSpec
-) -> Any:
-    """The Runtimes `auto` picks: measured now, or read from the export's calibration."""
-    folder = Path(onnx_runtime.folder)
-    key = machine_key(torch_runtime, onnx_runtime, spec.runtime.threads)
+    backend: ModelBackend,
+    torch_runtime: TowerRuntime,
+    candidates: dict[str, Any],
+    spec: ModelSpec,
+) -> Runtimes:
+    """The Runtimes `auto` picks among torch and `candidates` (ONNX Runtime sessions by kind:
+    onnx, tensorrt): measured now, or read from the export's calibration."""
+    folder = Path(next(iter(candidates.values())).folder)
+    by_name: dict[str, Any] = {"torch": torch_runtime, **candidates}
+    key = machine_key(by_name, spec.runtime.threads)
     path = folder / CALIBRATION
     cached = _read(path)
     entry = cached.get(key)
     if not isinstance(entry, dict) or "chosen" not in entry:
-        log.warning("CLIPSEARCH_RUNTIME=auto: measuring torch and ONNX Runtime on this machine")
-        measured = measure(backend, {"torch": torch_runtime, "onnx": onnx_runtime})
+        names = [NAMES.get(name, name) for name in by_name]
+        listed = f"{', '.join(names[:-1])} and {names[-1]}"
+        log.warning("CLIPSEARCH_RUNTIME=auto: measuring %s on this machine", listed)
+        measured = measure(backend, by_name)
         entry = {**measured, "chosen": winners(measured), "measured_at": time.time()}
         cached[key] = entry
         try:
@@ -132,10 +142,8 @@ def fastest(
         except OSError as exc:  # a read-only cache: measure again next time
             log.warning("cannot keep the runtime measurement in %s: %s", path, exc)
     chosen = entry["chosen"]
-    by_name = {"torch": torch_runtime, "onnx": onnx_runtime}
-    onnx_towers = [tower for tower in ("image", "text") if chosen.get(tower) == "onnx"]
-    onnx = onnx_runtime.only(onnx_towers)
-    by_name["onnx"] = onnx
+    for name, runtime in candidates.items():  # each keeps only the towers it runs
+        by_name[name] = runtime.only([t for t in ("image", "text") if chosen.get(t) == name])
     runtimes = Runtimes(by_name[chosen.get("image", "torch")], by_name[chosen.get("text", "torch")])
     log.info("CLIPSEARCH_RUNTIME=auto chose %s (%s)", runtimes.describe(), entry)
     return runtimes

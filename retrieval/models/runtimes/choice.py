@@ -4,8 +4,11 @@
 - `onnx`: ONNX Runtime on the model's export, made now if the cache has none for this model
   and these versions (a stale one is rebuilt); a corrupt export falls back to torch with a
   warning, or is refused (CLIPSEARCH_ONNX_FALLBACK).
-- `auto`: ONNX Runtime where it is installed and measured faster on this machine, per tower;
-  the measurement is made once and kept beside the export (`calibration`).
+- `tensorrt` (a CUDA device): ONNX Runtime's TensorRT provider on the same export, its engines
+  cached beside it (`gpu`).
+- `auto`: per tower, the fastest of torch and the runtimes installed for this device (ONNX
+  Runtime; on a CUDA device also TensorRT where onnxruntime-gpu has it), measured on this
+  machine; the measurement is made once and kept beside the export (`calibration`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from retrieval.errors import ConfigError, ExportUnusable, ModelMismatch
 from retrieval.models.backend import ModelBackend, load_backend
@@ -42,8 +45,27 @@ class ExportResult:
     built: bool  # False: the cached export was used
 
 
-def onnx_weights(runtime: RuntimeSpec) -> str:
-    return "int8" if runtime.quantize == "int8" else "fp32"
+def onnx_weights(runtime: RuntimeSpec, precision: str = "fp32") -> str:
+    """Which graphs of the export run: int8 when quantized; on a CUDA device in fp16, the
+    fp16 graphs (ONNX Runtime's CUDA provider; TensorRT makes its own fp16 from fp32)."""
+    if runtime.quantize == "int8":
+        return "int8"
+    return "fp16" if precision == "fp16" and runtime.name != "tensorrt" else "fp32"
+
+
+def _add_graphs(
+    weights: str, spec: ModelSpec, backend: ModelBackend, folder: Path, manifest: Any
+) -> Any:
+    """The manifest with the `weights` graphs (int8, fp16) added to the export in `folder`."""
+    from retrieval.models.runtimes.onnx_export import quantize_export
+
+    require_packages(EXPORT_PACKAGES, RUNTIME_SETTING, f"making the {weights} graphs")
+    fp32 = fp32_cpu_backend(spec, backend)
+    if weights == "fp16":
+        from retrieval.models.runtimes.gpu import half_export
+
+        return half_export(fp32, folder, manifest)
+    return quantize_export(fp32, folder, manifest)
 
 
 def ensure_export(
@@ -53,11 +75,13 @@ def ensure_export(
     rebuild_corrupt: bool,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    weights: str | None = None,
 ) -> ExportResult:
     """The model's verified export in the cache (built if missing or stale, with the int8
-    graphs when CLIPSEARCH_QUANTIZE=int8). A corrupt one raises ExportUnusable unless
-    `rebuild_corrupt` (`clipsearch export` rebuilds it; a loading service does not)."""
-    from retrieval.models.runtimes.onnx_export import build_folder, export_model, quantize_export
+    graphs when CLIPSEARCH_QUANTIZE=int8, the fp16 ones for `weights` fp16). A corrupt one
+    raises ExportUnusable unless `rebuild_corrupt` (`clipsearch export` rebuilds it; a loading
+    service does not)."""
+    from retrieval.models.runtimes.onnx_export import build_folder, export_model
     from retrieval.models.runtimes.onnx_store import (
         check_files,
         export_folder,
@@ -70,7 +94,7 @@ def ensure_export(
 
     identity = backend.identity
     folder = export_folder(identity, spec.cache_dir)
-    weights = onnx_weights(spec.runtime)
+    weights = weights or onnx_weights(spec.runtime)
     with export_lock(identity, spec.cache_dir):
         reason = "forced" if force else None
         if reason is None:
@@ -82,12 +106,11 @@ def ensure_export(
                     reason = stale_reason(manifest, identity)
                     if reason is None:
                         check_files(folder, manifest, manifest.graph_files("fp32"))
-                        if weights == "int8" and not manifest.graph_files("int8"):
-                            require_packages(EXPORT_PACKAGES, RUNTIME_SETTING, "quantizing")
-                            fp32 = fp32_cpu_backend(spec, backend)
-                            write_manifest(folder, quantize_export(fp32, folder, manifest))
-                        elif weights == "int8":
-                            check_files(folder, manifest, manifest.graph_files("int8"))
+                        if weights != "fp32" and not manifest.graph_files(weights):
+                            added = _add_graphs(weights, spec, backend, folder, manifest)
+                            write_manifest(folder, added)
+                        elif weights != "fp32":
+                            check_files(folder, manifest, manifest.graph_files(weights))
                         return ExportResult(folder, built=False)
             except ExportUnusable:
                 if not rebuild_corrupt:
@@ -103,7 +126,9 @@ def ensure_export(
         fp32 = fp32_cpu_backend(spec, backend)
         build = build_folder(folder)
         try:
-            export_model(fp32, build, quantize=weights == "int8", progress=progress)
+            manifest = export_model(fp32, build, quantize=weights == "int8", progress=progress)
+            if weights == "fp16":
+                write_manifest(build, _add_graphs(weights, spec, fp32, build, manifest))
             publish(build, folder)
         finally:
             shutil.rmtree(build, ignore_errors=True)
@@ -126,6 +151,30 @@ def fp32_cpu_backend(spec: ModelSpec, backend: ModelBackend) -> ModelBackend:
     return loaded
 
 
+def _check_settings(runtime: RuntimeSpec, device: str, precision: str) -> None:
+    """ConfigError for a runtime setting this device or precision cannot run."""
+    on_cuda = device.startswith("cuda")
+    if runtime.name == "tensorrt" and not on_cuda:
+        raise ConfigError(
+            RUNTIME_SETTING,
+            f"tensorrt needs a CUDA device (the device is {device}); use onnx or auto on a CPU",
+        )
+    if runtime.name in ("onnx", "tensorrt"):
+        if precision == "bf16" or (precision == "fp16" and not on_cuda):
+            raise ConfigError(
+                "CLIPSEARCH_PRECISION",
+                f"{precision} is a torch precision; CLIPSEARCH_RUNTIME={runtime.name} runs fp32 "
+                "weights (fp16 on a CUDA device, int8 with CLIPSEARCH_QUANTIZE=int8). "
+                "Use auto or fp32.",
+            )
+    if runtime.quantize == "int8" and on_cuda and runtime.name != "torch":
+        raise ConfigError(
+            "CLIPSEARCH_QUANTIZE",
+            "int8 is ONNX Runtime's CPU quantization; on a CUDA device use fp16 "
+            "(CLIPSEARCH_PRECISION=fp16 or auto) instead",
+        )
+
+
 def choose_runtimes(
     spec: ModelSpec, backend: ModelBackend, device: str, precision: str, dtype: torch.dtype
 ) -> Runtimes:
@@ -137,34 +186,64 @@ def choose_runtimes(
     if runtime.name == "auto" and missing_packages(RUNTIME_PACKAGES):
         log.info("CLIPSEARCH_RUNTIME=auto: onnxruntime is not installed; running torch")
         return Runtimes(torch_runtime, torch_runtime)
-    if runtime.name == "onnx":
-        require_packages(RUNTIME_PACKAGES, RUNTIME_SETTING, "CLIPSEARCH_RUNTIME=onnx")
-        if precision in ("fp16", "bf16"):
-            raise ConfigError(
-                "CLIPSEARCH_PRECISION",
-                f"{precision} is a torch precision; CLIPSEARCH_RUNTIME=onnx runs fp32 weights "
-                "(int8 with CLIPSEARCH_QUANTIZE=int8). Use auto or fp32.",
-            )
-    try:
-        onnx_runtime = open_onnx_runtime(spec, backend, device)
-    except ExportUnusable as exc:
-        if runtime.name == "onnx" and runtime.fallback == "refuse":
-            raise
-        log.warning("%s Running torch instead.", exc)
+    if runtime.name in ("onnx", "tensorrt"):
+        require_packages(RUNTIME_PACKAGES, RUNTIME_SETTING, f"CLIPSEARCH_RUNTIME={runtime.name}")
+    _check_settings(runtime, device, precision)
+    kinds = [runtime.name] if runtime.name != "auto" else _auto_kinds(device)
+    candidates: dict[str, TowerRuntime] = {}
+    for kind in kinds:
+        try:
+            candidates[kind] = open_onnx_runtime(spec, backend, device, kind, precision)
+        except ExportUnusable as exc:
+            if runtime.name != "auto" and runtime.fallback == "refuse":
+                raise
+            log.warning("%s Running torch instead.", exc)
+            return Runtimes(torch_runtime, torch_runtime)
+        except ConfigError as exc:
+            if runtime.name != "auto":
+                raise
+            log.info("CLIPSEARCH_RUNTIME=auto leaves out %s: %s", kind, exc)
+    if runtime.name != "auto":
+        chosen = candidates[runtime.name]
+        return Runtimes(chosen, chosen)
+    if not candidates:
         return Runtimes(torch_runtime, torch_runtime)
-    if runtime.name == "onnx":
-        return Runtimes(onnx_runtime, onnx_runtime)
     from retrieval.models.runtimes.calibration import fastest
 
-    return fastest(backend, torch_runtime, onnx_runtime, spec)
+    return fastest(backend, torch_runtime, candidates, spec)
 
 
-def open_onnx_runtime(spec: ModelSpec, backend: ModelBackend, device: str) -> TowerRuntime:
-    """ONNX Runtime sessions of the model's cached export (built first where needed)."""
+def _auto_kinds(device: str) -> list[str]:
+    """What `auto` measures beside torch: ONNX Runtime, and TensorRT where a CUDA device and
+    onnxruntime-gpu's TensorRT provider are there."""
+    if not device.startswith("cuda"):
+        return ["onnx"]
+    import onnxruntime as ort
+
+    from retrieval.models.runtimes.gpu import TENSORRT_PROVIDER
+
+    trt = TENSORRT_PROVIDER in ort.get_available_providers()
+    return ["onnx", "tensorrt"] if trt else ["onnx"]
+
+
+def open_onnx_runtime(
+    spec: ModelSpec,
+    backend: ModelBackend,
+    device: str,
+    kind: str = "onnx",
+    precision: str = "fp32",
+) -> TowerRuntime:
+    """ONNX Runtime sessions of the model's cached export (built first where needed): `kind`
+    onnx on the device's provider, or tensorrt."""
     from retrieval.models.runtimes.onnx_runner import OnnxRuntime
     from retrieval.models.runtimes.onnx_store import read_manifest
 
-    result = ensure_export(spec, backend, rebuild_corrupt=False)
+    if device.startswith("cuda"):
+        from retrieval.models.runtimes.gpu import require_provider
+
+        require_provider(kind, device)
+    weights = onnx_weights(replace(spec.runtime, name=kind), precision)
+    result = ensure_export(spec, backend, rebuild_corrupt=False, weights=weights)
     manifest = read_manifest(result.folder)
     if manifest is None:  # published a moment ago, then removed
         raise ExportUnusable(str(result.folder), "its manifest is gone", "Start again.")
@@ -176,7 +255,9 @@ def open_onnx_runtime(spec: ModelSpec, backend: ModelBackend, device: str) -> To
         backend,
         result.folder,
         manifest,
-        weights=onnx_weights(spec.runtime),
+        weights=weights,
         device=device,
         threads=spec.runtime.threads,
+        kind=kind,
+        fp16=precision == "fp16",
     )

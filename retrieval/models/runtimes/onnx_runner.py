@@ -1,5 +1,5 @@
-"""Running an export's towers with ONNX Runtime: the CPU provider, or CUDA (TensorRT first where
-the installed onnxruntime has it) for a CUDA device."""
+"""Running an export's towers with ONNX Runtime: the CPU provider, or on a CUDA device the CUDA
+provider (`onnx`) or TensorRT (`tensorrt`; see `gpu`)."""
 
 from __future__ import annotations
 
@@ -10,40 +10,33 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.errors import ConfigError, ExportUnusable
+from retrieval.errors import ExportUnusable
 from retrieval.models.backend import ModelBackend, TokenBatch
 from retrieval.models.runtimes.base import TowerRuntime
 from retrieval.models.runtimes.onnx_store import REBUILD_ADVICE, ExportManifest
 
 log = logging.getLogger(__name__)
 
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-
 
 def providers_for(device: str, setting: str = "CLIPSEARCH_RUNTIME") -> list[Any]:
     """ONNX Runtime's execution providers for a resolved device (`cpu`, `cuda`, `cuda:N`)."""
-    import onnxruntime as ort
-
     if not device.startswith("cuda"):
         return ["CPUExecutionProvider"]
-    available = set(ort.get_available_providers())
-    gpu = [name for name in GPU_PROVIDERS if name in available]
-    if not gpu:
-        raise ConfigError(
-            setting,
-            f"the device is {device}, but the installed onnxruntime runs on the CPU only "
-            "(install onnxruntime-gpu in its place), or use CLIPSEARCH_RUNTIME=torch",
-        )
-    options = {"device_id": int(device[5:]) if device.startswith("cuda:") else 0}
-    return [(name, options) for name in gpu] + ["CPUExecutionProvider"]
+    from retrieval.models.runtimes.gpu import cuda_providers
+
+    return cuda_providers(device, setting)
 
 
-def open_session(path: Path, providers: Sequence[Any], threads: int) -> Any:
-    """An InferenceSession of one graph; ExportUnusable when ONNX Runtime cannot load it."""
+def open_session(path: Path, providers: Sequence[Any], threads: int, *, fp16: bool = False) -> Any:
+    """An InferenceSession of one graph; ExportUnusable when ONNX Runtime cannot load it.
+    `fp16`: a half-precision graph, optimised short of the CPU layout rewrites (with them,
+    onnxruntime 1.32 crashes creating the session of an fp16 graph)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings are about graph rewrites
+    if fp16:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     # Its worker threads would spin between runs, on the cores that torch (a tower `auto` left
     # there), the indexer's decoders or another process need: measured on 2 cores, a torch
     # query run after ONNX Runtime ones took 795 ms instead of 122.
@@ -68,7 +61,8 @@ def as_numpy(values: Any, dtype: type) -> np.ndarray:
 
 class OnnxRuntime(TowerRuntime):
     """An export's towers in ONNX Runtime sessions (either may be absent: `auto` may keep one
-    tower on torch). Texts are trimmed by the backend, exactly as torch trims them."""
+    tower on torch). Texts are trimmed by the backend, exactly as torch trims them. Batches
+    above `max_batch` (TensorRT's profile) run in parts."""
 
     def __init__(
         self,
@@ -77,13 +71,18 @@ class OnnxRuntime(TowerRuntime):
         manifest: ExportManifest,
         sessions: dict[str, Any],
         weights: str = "fp32",
+        *,
+        kind: str = "onnx",
+        max_batch: int = 0,
     ) -> None:
         self.backend = backend
         self.folder = folder
         self.manifest = manifest
         self.sessions = sessions
         self.weights = weights
-        self.name = "onnx" if weights == "fp32" else f"onnx-{weights}"
+        self.kind = kind  # onnx, tensorrt: as CLIPSEARCH_RUNTIME names it
+        self.max_batch = max_batch
+        self.name = kind if weights == "fp32" else f"{kind}-{weights}"
 
     @classmethod
     def open(
@@ -96,15 +95,66 @@ class OnnxRuntime(TowerRuntime):
         device: str,
         threads: int,
         towers: Sequence[str] = ("image", "text"),
+        kind: str = "onnx",
+        fp16: bool = False,
     ) -> OnnxRuntime:
+        """`kind` onnx: the `weights` graphs on the CPU or CUDA provider, as `device` says;
+        tensorrt: the fp32 graphs through TensorRT (fp16 kernels with `fp16`)."""
+        if kind == "tensorrt":
+            return cls._open_tensorrt(backend, folder, manifest, device, threads, towers, fp16)
         providers = providers_for(device)
         sessions = {
             tower: open_session(
-                folder / manifest.towers[tower].graphs[weights].file, providers, threads
+                folder / manifest.towers[tower].graphs[weights].file,
+                providers,
+                threads,
+                fp16=weights == "fp16",
             )
             for tower in towers
         }
         return cls(backend, folder, manifest, sessions, weights)
+
+    @classmethod
+    def _open_tensorrt(
+        cls,
+        backend: ModelBackend,
+        folder: Path,
+        manifest: ExportManifest,
+        device: str,
+        threads: int,
+        towers: Sequence[str],
+        fp16: bool,
+    ) -> OnnxRuntime:
+        from retrieval.models.runtimes.gpu import (
+            MAX_BATCH,
+            check_tensorrt_loaded,
+            engine_cache,
+            profile_shapes,
+            tensorrt_providers,
+        )
+
+        cache = engine_cache(folder, device, fp16)
+        if not any(cache.glob("*.engine")):
+            log.warning(
+                "building TensorRT engines for %s in %s; this takes minutes, once per model "
+                "and GPU",
+                backend.identity.describe(),
+                cache,
+            )
+        sessions = {}
+        for tower in towers:
+            export = manifest.towers[tower]
+            profile = profile_shapes(
+                tower, export.inputs, backend.identity.image_size, manifest.context_length
+            )
+            graph = folder / export.graphs["fp32"].file
+            providers = tensorrt_providers(device, fp16=fp16, cache=cache, profile=profile)
+            sessions[tower] = open_session(graph, providers, threads)
+            check_tensorrt_loaded(sessions[tower], graph)
+        weights = "fp16" if fp16 else "fp32"
+        return cls(
+            backend, folder, manifest, sessions, weights, kind="tensorrt", max_batch=MAX_BATCH
+        )
 
     def only(self, towers: Sequence[str]) -> OnnxRuntime:
         """The same runtime holding only these towers' sessions (the others are released)."""
@@ -114,12 +164,27 @@ class OnnxRuntime(TowerRuntime):
             self.manifest,
             {name: self.sessions[name] for name in towers},
             self.weights,
+            kind=self.kind,
+            max_batch=self.max_batch,
         )
 
-    def encode_image(self, pixels: Any) -> np.ndarray:
-        feed = {"pixels": as_numpy(pixels, np.float32)}
-        features: np.ndarray = self.sessions["image"].run(None, feed)[0]
+    def _parts(self, rows: int) -> list[slice]:
+        step = self.max_batch or rows
+        return [slice(start, start + step) for start in range(0, rows, step)]
+
+    def _run(self, tower: str, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """The session's features for `feed`, in parts of at most `max_batch` rows."""
+        session = self.sessions[tower]
+        rows = len(next(iter(feed.values())))
+        parts = [
+            session.run(None, {name: value[part] for name, value in feed.items()})[0]
+            for part in self._parts(rows)
+        ]
+        features: np.ndarray = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return features
+
+    def encode_image(self, pixels: Any) -> np.ndarray:
+        return self._run("image", {"pixels": as_numpy(pixels, np.float32)})
 
     def encode_text(self, tokens: TokenBatch, *, trim: bool) -> np.ndarray:
         if trim:
@@ -129,8 +194,7 @@ class OnnxRuntime(TowerRuntime):
             if tokens.mask is None:
                 raise ValueError("this export's text tower needs an attention mask")
             feed["mask"] = as_numpy(tokens.mask, np.int64)
-        features: np.ndarray = self.sessions["text"].run(None, feed)[0]
-        return features
+        return self._run("text", feed)
 
     def describe(self) -> str:
         session = next(iter(self.sessions.values()), None)
