@@ -62,7 +62,7 @@ def _add_graphs(
     require_packages(EXPORT_PACKAGES, RUNTIME_SETTING, f"making the {weights} graphs")
     fp32 = fp32_cpu_backend(spec, backend)
     if weights == "fp16":
-        from retrieval.models.runtimes.gpu import half_export
+        from retrieval.models.runtimes.onnx_export import half_export
 
         return half_export(fp32, folder, manifest)
     return quantize_export(fp32, folder, manifest)

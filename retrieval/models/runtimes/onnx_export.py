@@ -316,3 +316,49 @@ def build_folder(folder: Path) -> Path:
         shutil.rmtree(build)
     build.mkdir(parents=True)
     return build
+
+
+def half_graph(source: Path, target: Path) -> None:
+    """Write an fp16 copy of an fp32 graph (float32 inputs and outputs, fp16 inside), its
+    weights in `<target>.data` beside it."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(source))  # with its external weights
+    half = convert_float_to_float16(model, keep_io_types=True)
+    onnx.save(
+        half,
+        str(target),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=f"{target.name}.data",
+    )
+
+
+def half_export(backend: ModelBackend, folder: Path, manifest: ExportManifest) -> ExportManifest:
+    """Add fp16 graphs to an export, each verified on the CPU against torch fp32 (unit
+    embeddings, cosine at least FP16_COSINE_MIN); returns the new manifest (the caller writes
+    it). ExportUnusable when a tower's half-precision copy is further off than that."""
+    from dataclasses import replace
+
+    from retrieval.models.runtimes.gpu import FP16_COSINE_MIN
+    from retrieval.models.runtimes.onnx_store import TowerGraph, file_records
+
+    samples = sample_inputs(backend)
+    references = torch_references(backend, samples)
+    for tower, export in manifest.towers.items():
+        target = folder / f"{tower}.fp16.onnx"
+        half_graph(folder / export.graphs["fp32"].file, target)
+        session = open_session(target, CPU, 0, fp16=True)
+        agreement = graph_agreement(backend, session, tower, export.inputs, samples, references)
+        if agreement.cosine_min < FP16_COSINE_MIN:
+            raise ExportUnusable(
+                str(folder),
+                f"the fp16 {tower} tower is at cosine {agreement.cosine_min:.5f} from torch fp32 "
+                f"(at least {FP16_COSINE_MIN} needed)",
+                "Use CLIPSEARCH_PRECISION=fp32 or CLIPSEARCH_RUNTIME=torch for this model.",
+            )
+        manifest = manifest.with_graph(
+            tower, "fp16", TowerGraph(target.name, agreement.max_abs_diff, agreement.cosine_min)
+        )
+    return replace(manifest, files=file_records(folder))
