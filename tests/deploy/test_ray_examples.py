@@ -39,7 +39,7 @@ CLUSTER_FILE = EXAMPLES / "cluster-aws.yaml"
 CLUSTER_ENV = EXAMPLES / "clipsearch-ray.env"
 SETTING_VARIABLES = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
 RAY_SERVICES = ("ray-head", "ray-worker")
-CLIPSEARCH_SERVICES = (*RAY_SERVICES, "api")
+IMAGE_SERVICES = (*RAY_SERVICES, "api")
 
 
 def _project() -> dict[str, Any]:
@@ -118,7 +118,7 @@ def _mounts(service: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def test_compose_ray_services_and_required_variables(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"postgres", *CLIPSEARCH_SERVICES}
+    assert set(compose["services"]) == {"postgres", *IMAGE_SERVICES}
     with pytest.raises(MissingVariable, match="PHOTOS_DIR|POSTGRES_PASSWORD"):
         _resolve(yaml.safe_load(COMPOSE_RAY.read_text()), {})
     for name in variables_used(COMPOSE_RAY.read_text()):
@@ -135,13 +135,13 @@ def test_compose_ray_builds_one_image_with_the_ray_extra(compose: dict[str, Any]
     extras = build["args"]["EXTRAS"].split(",")
     assert "ray" in extras and set(extras) <= set(_project()["optional-dependencies"])
     # One image, so one Ray version, in the head, the workers and the API.
-    assert {services[name]["image"] for name in CLIPSEARCH_SERVICES} == {"clipsearch:ray"}
+    assert {services[name]["image"] for name in IMAGE_SERVICES} == {"clipsearch:ray"}
 
 
 def test_compose_ray_mounts_the_same_paths_everywhere(compose: dict[str, Any]) -> None:
     services = compose["services"]
     seen: dict[str, set[tuple[str, ...]]] = {}
-    for name in CLIPSEARCH_SERVICES:
+    for name in IMAGE_SERVICES:
         env = _environment(services[name])
         mounts = _mounts(services[name])
         for key in ("CLIPSEARCH_DATA_DIR", "CLIPSEARCH_MODEL_CACHE_DIR"):
@@ -197,7 +197,7 @@ def test_compose_ray_workers_join_the_head(compose: dict[str, Any]) -> None:
         _resolve(yaml.safe_load(COMPOSE_RAY.read_text()), env)
 
 
-@pytest.mark.parametrize("name", CLIPSEARCH_SERVICES)
+@pytest.mark.parametrize("name", IMAGE_SERVICES)
 def test_compose_ray_environment_is_real_valid_settings(
     compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
