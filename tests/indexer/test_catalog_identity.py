@@ -42,8 +42,16 @@ def pics(tmp_path: Path) -> Path:
     return tmp_path / "pics"
 
 
-def _index(settings: Settings, catalog: Catalog, encoder: Encoder, pics: Path, **kw: bool) -> None:
-    IndexJob(settings, catalog, lambda: encoder, progress=False, **kw).run([pics])
+def _index(
+    settings: Settings,
+    catalog: Catalog,
+    encoder: Encoder,
+    pics: Path,
+    rebuild_catalog: bool = False,
+) -> None:
+    IndexJob(
+        settings, catalog, lambda: encoder, progress=False, rebuild_catalog=rebuild_catalog
+    ).run([pics])
 
 
 def _lost(catalog: Catalog) -> Catalog:
