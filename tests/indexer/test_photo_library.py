@@ -12,7 +12,7 @@ import pytest
 from alembic import command
 from PIL import Image
 
-from indexer import pipeline
+from indexer.engines import local as local_engine
 from indexer.pipeline import IndexJob
 from retrieval.catalog.database import Catalog
 from retrieval.catalog.migrate import alembic_config
@@ -157,7 +157,7 @@ def test_a_catalog_from_before_0007_is_backfilled_from_headers_alone(
     def no_decoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("pixels were decoded")
 
-    monkeypatch.setattr(pipeline, "iterate_decoded", no_decoding)
+    monkeypatch.setattr(local_engine, "iterate_decoded", no_decoding)
     report = IndexJob(settings, catalog, NoEncoder(), progress=False).run([library])
     assert report.photo_info_read == report.unchanged == 4
     assert (report.encoded, report.decoded) == (0, 0)
