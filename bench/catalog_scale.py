@@ -31,8 +31,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.scratch_postgres import scratch_database  # noqa: E402
 from retrieval.catalog.database import Catalog  # noqa: E402
 from retrieval.catalog.records import (  # noqa: E402
     GenerationCommit,
@@ -55,7 +55,6 @@ from retrieval.filters import SearchFilters, ids_passing  # noqa: E402
 from retrieval.labels.definitions import LabelSet, LabelSpec  # noqa: E402
 from retrieval.labels.store import LabelStore  # noqa: E402
 
-ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 DB_NAME = "clipsearch_bench_catalog"
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 SHARD = 100_000
@@ -69,25 +68,6 @@ MODEL = {"key": "bench-synthetic", "name": "synthetic", "pretrained": "none"}
 
 def _path(i: int) -> str:
     return f"/photos/d{i % 100:02d}/s{(i // 100) % 100:02d}/img_{i:09d}.jpg"
-
-
-def _admin() -> Any:
-    import psycopg
-
-    return psycopg.connect(ADMIN_URL, autocommit=True)
-
-
-@contextmanager
-def _database() -> Iterator[str]:
-    with _admin() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {DB_NAME}")
-    host = ADMIN_URL.split("://", 1)[1].rsplit("/", 1)[0]
-    try:
-        yield f"postgresql+psycopg://{host}/{DB_NAME}"
-    finally:
-        with _admin() as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
 
 
 def _rss_mib() -> float:
@@ -217,7 +197,7 @@ def main() -> None:
     load_start = os.getloadavg()
     started = time.perf_counter()
     result: dict[str, Any] = {"bench": "catalog_scale", "images": rows, "repeats": REPEATS}
-    with _database() as url:
+    with scratch_database(DB_NAME) as url:
         catalog = Catalog(url)
         catalog.upgrade()
         result["fill"] = _fill(catalog, url, rows)

@@ -46,6 +46,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.scratch_postgres import admin, scratch_database  # noqa: E402
 from bench.served_corpus import build_served_corpus, query_text  # noqa: E402
 
 MODEL = "ViT-B-32"
@@ -53,7 +54,6 @@ VECTORS = int(os.environ.get("BENCH_VECTORS", "50000"))
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "16"))
 SECONDS = float(os.environ.get("BENCH_SECONDS", "6"))
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
-ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 DB_NAME = "clipsearch_bench_replicas"
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -262,14 +262,8 @@ def _load(port: int, seconds: float, offset: int, path: str = "/search/text") ->
 # --- Postgres -------------------------------------------------------------------------------
 
 
-def _admin() -> Any:
-    import psycopg
-
-    return psycopg.connect(ADMIN_URL, autocommit=True)
-
-
 def _db_backends() -> list[int]:
-    with _admin() as conn:
+    with admin() as conn:
         rows = conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = %s", (DB_NAME,)
         ).fetchall()
@@ -277,7 +271,7 @@ def _db_backends() -> list[int]:
 
 
 def _db_stats() -> dict[str, int]:
-    with _admin() as conn:
+    with admin() as conn:
         row = conn.execute(
             "SELECT numbackends, xact_commit + xact_rollback, tup_returned + tup_fetched "
             "FROM pg_stat_database WHERE datname = %s",
@@ -285,19 +279,6 @@ def _db_stats() -> dict[str, int]:
         ).fetchone()
     assert row is not None
     return {"backends": int(row[0]), "xacts": int(row[1]), "tuples": int(row[2])}
-
-
-@contextmanager
-def _database() -> Iterator[str]:
-    with _admin() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {DB_NAME}")
-    host = ADMIN_URL.split("://", 1)[1].rsplit("/", 1)[0]
-    try:
-        yield f"postgresql+psycopg://{host}/{DB_NAME}"
-    finally:
-        with _admin() as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
 
 
 def _catalog_costs(url: str, index_dir: Path) -> dict[str, Any]:
@@ -450,7 +431,7 @@ def main() -> None:
 
     load_start = os.getloadavg()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, _database() as url:
+    with tempfile.TemporaryDirectory() as tmp, scratch_database(DB_NAME) as url:
         env, kind = build_served_corpus(Path(tmp), MODEL, VECTORS, "auto", database_url=url)
         env.update(
             {
