@@ -26,7 +26,6 @@ import io
 import json
 import os
 import re
-import shutil
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -40,6 +39,13 @@ import numpy as np
 import numpy.typing as npt
 
 from retrieval.errors import CorruptShard
+from retrieval.index.durable import (
+    child_dirs,
+    fsync_dir,
+    fsync_file,
+    remove_dir_manifest_first,
+    sha256_of,
+)
 from retrieval.index.kinds import (
     ALL_KINDS,
     LARGE_KIND,
@@ -151,28 +157,13 @@ def shard_path(index_dir: Path, shard_id: str) -> Path:
 
 def list_shard_dirs(index_dir: Path) -> list[str]:
     """Names of all shard directories, complete or not (orphans included), sorted."""
-    root = Path(index_dir) / SHARDS_DIR
-    if not root.is_dir():
-        return []
-    return sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    return child_dirs(Path(index_dir) / SHARDS_DIR)
 
 
 def remove_shard_dir(index_dir: Path, shard_id: str) -> bool:
-    """Delete a shard directory (an orphan or a retired shard). False if it was already gone."""
-    path = shard_path(index_dir, shard_id)
-    if not path.exists():
-        return False
-    # shard.json goes first and durably: a removal cut short then leaves a directory that reads
-    # as incomplete (an orphan, deleted again next time), never as a shard with missing files.
-    try:
-        (path / MANIFEST_FILE).unlink()
-    except FileNotFoundError:
-        pass
-    else:
-        _fsync_dir(path)
-    shutil.rmtree(path)
-    _fsync_dir(path.parent)
-    return True
+    """Delete a shard directory (an orphan or a retired shard), shard.json first. False if it
+    was already gone."""
+    return remove_dir_manifest_first(shard_path(index_dir, shard_id), MANIFEST_FILE)
 
 
 def write_shard(
@@ -250,7 +241,7 @@ def write_shard_files(
     shard_dir.mkdir()  # FileExistsError: never overwrite another shard, orphan or not
 
     faiss.write_index(index, str(shard_dir / INDEX_FILE))
-    _fsync_file(shard_dir / INDEX_FILE)
+    fsync_file(shard_dir / INDEX_FILE)
     written = _save_npy_blocks(shard_dir / EMBEDDINGS_FILE, blocks, (n, dim), np.float16)
     if written != n:
         raise ValueError(f"the embedding blocks hold {written} rows, the shard {n} ids")
@@ -272,10 +263,10 @@ def write_shard_files(
         f.flush()
         os.fsync(f.fileno())
     # The new files' names live in the shard directory, the shard's name in shards/.
-    _fsync_dir(shard_dir)
-    _fsync_dir(shards_root)
+    fsync_dir(shard_dir)
+    fsync_dir(shards_root)
     if created_root:
-        _fsync_dir(shards_root.parent)
+        fsync_dir(shards_root.parent)
     return manifest
 
 
@@ -331,31 +322,9 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_file(path: Path) -> None:
-    # FAISS writes through its own FILE*; fsync on a second descriptor flushes the same inode.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _file_entry(path: Path) -> dict[str, Any]:
     # Hashing what is on disk (after fsync), not what we meant to write.
-    return {"sha256": _sha256(path), "bytes": path.stat().st_size}
+    return {"sha256": sha256_of(path), "bytes": path.stat().st_size}
 
 
 def read_manifest(shard_dir: Path) -> ShardManifest:
@@ -393,7 +362,7 @@ def _checked_manifest(
             raise CorruptShard(f"{path}: missing") from None
         if size != entry["bytes"]:
             raise CorruptShard(f"{path}: {size} bytes, shard.json says {entry['bytes']}")
-        if verify and _sha256(path) != entry["sha256"]:
+        if verify and sha256_of(path) != entry["sha256"]:
             raise CorruptShard(f"{path}: sha256 differs from shard.json")
     return shard_dir, manifest
 
@@ -492,7 +461,7 @@ def iter_embedding_blocks(
         raise ValueError("rows_per_block must be >= 1")
     shard_dir, manifest = _checked_manifest(index_dir, shard_id)
     n, dim = manifest.count, manifest.dim
-    if _sha256(shard_dir / IDS_FILE) != manifest.files[IDS_FILE]["sha256"]:
+    if sha256_of(shard_dir / IDS_FILE) != manifest.files[IDS_FILE]["sha256"]:
         raise CorruptShard(f"{shard_dir / IDS_FILE}: sha256 differs from shard.json")
     ids = _load_ids(shard_dir, n)
     path = shard_dir / EMBEDDINGS_FILE

@@ -21,10 +21,8 @@ differs from its sha256 (checked before FAISS parses a byte).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -37,6 +35,13 @@ import faiss
 import numpy as np
 
 from retrieval.errors import TrainedTemplateError
+from retrieval.index.durable import (
+    child_dirs,
+    fsync_dir,
+    fsync_file,
+    remove_dir_manifest_first,
+    sha256_of,
+)
 from retrieval.index.faiss_gpu import gpu_available
 from retrieval.index.kinds import (
     LARGE_KIND,
@@ -115,24 +120,12 @@ def template_dir(index_dir: Path, trained_id: str) -> Path:
 
 def list_templates(index_dir: Path) -> list[str]:
     """Names of all template directories, complete or not, sorted."""
-    root = Path(index_dir) / TRAINED_DIR
-    if not root.is_dir():
-        return []
-    return sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    return child_dirs(Path(index_dir) / TRAINED_DIR)
 
 
 def remove_template(index_dir: Path, trained_id: str) -> bool:
     """Delete a template directory (trained.json first); False if it was already gone."""
-    path = template_dir(index_dir, trained_id)
-    if not path.exists():
-        return False
-    try:
-        (path / TEMPLATE_MANIFEST).unlink()
-    except FileNotFoundError:
-        pass
-    shutil.rmtree(path)
-    _fsync_dir(path.parent)
-    return True
+    return remove_dir_manifest_first(template_dir(index_dir, trained_id), TEMPLATE_MANIFEST)
 
 
 def default_large_nlist(n: int) -> int:
@@ -210,7 +203,7 @@ def train_template(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.mkdir()
     faiss.write_index(index, str(path / TEMPLATE_FILE))
-    _fsync_file(path / TEMPLATE_FILE)
+    fsync_file(path / TEMPLATE_FILE)
     info = TemplateInfo(
         trained_id=trained_id,
         nlist=nlist,
@@ -223,15 +216,15 @@ def train_template(
         created_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
         seconds=round(seconds, 3),
         on_gpu=on_gpu,
-        sha256=_sha256(path / TEMPLATE_FILE),
+        sha256=sha256_of(path / TEMPLATE_FILE),
         bytes=(path / TEMPLATE_FILE).stat().st_size,
     )
     with open(path / TEMPLATE_MANIFEST, "x", encoding="utf-8") as f:
         f.write(info.to_json())
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(path)
-    _fsync_dir(path.parent)
+    fsync_dir(path)
+    fsync_dir(path.parent)
     return info
 
 
@@ -283,7 +276,7 @@ def load_template(
         size = path.stat().st_size
     except FileNotFoundError:
         raise TrainedTemplateError(trained_id, f"{path} is missing") from None
-    if size != info.bytes or _sha256(path) != info.sha256:
+    if size != info.bytes or sha256_of(path) != info.sha256:
         raise TrainedTemplateError(trained_id, f"{path} differs from its sha256 in trained.json")
     try:
         index = faiss.read_index(str(path))
@@ -310,27 +303,6 @@ def trained_state_bytes(index: faiss.Index) -> bytes:
     pq = faiss.downcast_index(index).pq  # type: ignore[attr-defined]  # IndexIVFPQ
     codebooks = faiss.vector_to_array(pq.centroids)
     return np.asarray(centroids).tobytes() + codebooks.tobytes()
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # Rows converted to float32 and encoded at a time: 64k rows of 512-d are 128 MiB.
